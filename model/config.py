@@ -1,0 +1,142 @@
+"""GLM-5 model configuration, with Hugging Face field names.
+
+One dataclass describes the architecture; its fields are exactly the ones in the HF
+`config.json` of `GlmMoeDsaForCausalLM` (see ../shared/design/GLM5.md), so a config
+round-trips through `to_hf_dict`/`from_hf_dict` and the exporter writes it unchanged.
+Run-time choices (parallel layout, precision, loss weights) live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class GLM5Config:
+    vocab_size: int = 154880
+    hidden_size: int = 6144
+    intermediate_size: int = 12288  # dense MLP of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 78
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 64
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    routed_scaling_factor: float = 2.5
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    first_k_dense_replace: int = 3
+    q_lora_rank: int = 2048
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 192
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 256
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 32
+    indexer_rope_interleave: bool = True
+    rope_interleave: bool = True
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 202752
+    num_nextn_predict_layers: int = 1
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    eos_token_id: list[int] | int | None = field(default_factory=lambda: [154820, 154827, 154829])
+    pad_token_id: int | None = 154820
+    bos_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+
+    # HF constants this config does not vary (written to config.json as-is).
+    model_type = "glm_moe_dsa"
+    architectures = ("GlmMoeDsaForCausalLM",)
+
+    def __post_init__(self):
+        self.validate()
+
+    # --- derived sizes ----------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """0-based decoder layer index; the MTP layer (index num_hidden_layers) is MoE."""
+        return layer_index >= self.first_k_dense_replace
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"GLM5Config: {msg}")
+
+        need(self.scoring_func == "sigmoid", f"scoring_func={self.scoring_func!r}: only 'sigmoid' is supported")
+        need(self.n_group == 1 and self.topk_group == 1, "group-limited routing (n_group/topk_group > 1) is not supported")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace={self.first_k_dense_replace} must be within [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(self.num_experts_per_tok <= self.n_routed_experts,
+             f"num_experts_per_tok={self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
+        need(self.num_key_value_heads == self.num_attention_heads,
+             "MLA needs num_key_value_heads == num_attention_heads")
+        need(self.index_head_dim > self.qk_rope_head_dim,
+             f"index_head_dim={self.index_head_dim} must exceed qk_rope_head_dim={self.qk_rope_head_dim}")
+        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers must be 0 or 1")
+        need(not self.tie_word_embeddings, "GLM-5 unties embeddings and output head (tie_word_embeddings=false)")
+        need(self.hidden_act == "silu", "hidden_act must be 'silu' (SwiGLU)")
+
+    # --- HF config.json ---------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_type"] = self.model_type
+        d["architectures"] = list(self.architectures)
+        d["head_dim"] = self.qk_rope_head_dim  # what HF stores (it overwrites head_dim with the rope dim)
+        d["qk_head_dim"] = self.qk_head_dim
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        # Every layer runs its own indexer (megatron-core has no IndexShare): MAPPING.md D4.
+        d["indexer_types"] = ["full"] * self.num_hidden_layers
+        d["mlp_layer_types"] = (["dense"] * self.first_k_dense_replace
+                                + ["sparse"] * self.num_moe_layers)
+        d["use_cache"] = True
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "GLM5Config":
+        if d.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected {cls.model_type!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+        if "dtype" in d and "torch_dtype" not in d:
+            kwargs["torch_dtype"] = d["dtype"]
+        return cls(**kwargs)
+
+    def save_hf_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_hf_json(cls, path: str | Path) -> "GLM5Config":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            return cls.from_hf_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no HF config at {p}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+    def replace(self, **changes) -> "GLM5Config":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,148 @@
+"""GLM5Config + run options -> megatron-core's MLATransformerConfig.
+
+Every GLM-5 trap of MAPPING.md D5 is set here explicitly: plain RoPE (not yarn) with theta 1e6,
+mscale_all_dim 0, the nope/rope/v head dims, no linear biases, sigmoid routing in fp32 with the
+expert bias and the 2.5 scaling factor, no capacity factor, the dense-then-MoE layer pattern,
+SwiGLU, untied head, and the MTP layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from model.config import GLM5Config
+
+
+@dataclass
+class ModelOptions:
+    """Run-time choices that are not part of the architecture (Megatron-LM flag names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8 (TE only)
+    use_te: bool = False
+    dsa_indexer_topk: int | None = None  # overrides the config's index_topk
+    dsa_indexer_loss_coeff: float = 0.0
+    dsa_indexer_use_sparse_loss: bool = False
+    mtp_loss_scaling_factor: float = 0.3
+    moe_router_bias_update_rate: float = 1e-3
+    moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
+    moe_grouped_gemm: bool = False
+    moe_permute_fusion: bool = False
+    recompute_granularity: str | None = None
+    recompute_modules: list[str] | None = None
+    gradient_accumulation_fusion: bool = False
+    overlap_p2p_comm: bool = False
+    deterministic_mode: bool = False
+
+
+FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
+
+
+def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfig:
+    moe_pattern = [0] * c.first_k_dense_replace + [1] * c.num_moe_layers
+    load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
+    kwargs = dict(
+        # parallel layout
+        tensor_model_parallel_size=o.tensor_model_parallel_size,
+        pipeline_model_parallel_size=o.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=o.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=o.expert_model_parallel_size,
+        expert_tensor_parallel_size=o.expert_tensor_parallel_size,
+        context_parallel_size=o.context_parallel_size,
+        sequence_parallel=o.sequence_parallel,
+        # precision
+        params_dtype=o.params_dtype,
+        pipeline_dtype=o.params_dtype,
+        bf16=o.bf16,
+        fp8="e4m3" if o.fp8_recipe else None,
+        fp8_recipe=FP8_RECIPES.get(o.fp8_recipe, "delayed") if o.fp8_recipe else "delayed",
+        # sizes
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_key_value_heads,
+        kv_channels=c.qk_head_dim,
+        # MLA (D5)
+        multi_latent_attention=True,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_head_dim=c.qk_nope_head_dim,
+        qk_pos_emb_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim,
+        rope_type="rope",
+        rotary_base=c.rope_theta,
+        mscale_all_dim=0.0,
+        mscale=1.0,
+        rotary_scaling_factor=1.0,
+        apply_rope_fusion=False,
+        # DSA
+        experimental_attention_variant="dsa",
+        dsa_indexer_n_heads=c.index_n_heads,
+        dsa_indexer_head_dim=c.index_head_dim,
+        dsa_indexer_topk=o.dsa_indexer_topk or c.index_topk,
+        dsa_indexer_loss_coeff=o.dsa_indexer_loss_coeff,
+        dsa_indexer_use_sparse_loss=o.dsa_indexer_use_sparse_loss,
+        # block
+        normalization="RMSNorm",
+        layernorm_epsilon=c.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=c.attention_dropout,
+        init_method_std=c.initializer_range,
+        # MoE
+        num_moe_experts=c.n_routed_experts,
+        moe_layer_freq=moe_pattern,
+        moe_ffn_hidden_size=c.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=c.n_shared_experts * c.moe_intermediate_size,
+        moe_router_topk=c.num_experts_per_tok,
+        moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=c.routed_scaling_factor,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=o.moe_router_bias_update_rate,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type=load_balancing,
+        moe_aux_loss_coeff=o.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=o.moe_grouped_gemm,
+        moe_permute_fusion=o.moe_permute_fusion,
+        # MTP
+        mtp_num_layers=c.num_nextn_predict_layers or None,
+        mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
+        # loss normalized by the global token count (layout-independent losses)
+        calculate_per_token_loss=True,
+        # we initialize weights ourselves, layout-invariantly (model/init.py)
+        perform_initialization=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=o.gradient_accumulation_fusion,
+        recompute_granularity=o.recompute_granularity,
+        recompute_modules=o.recompute_modules,
+        overlap_p2p_comm=o.overlap_p2p_comm,
+        deterministic_mode=o.deterministic_mode,
+        transformer_impl="transformer_engine" if o.use_te else "local",
+    )
+    if o.recompute_modules is None:
+        kwargs.pop("recompute_modules")
+    return MLATransformerConfig(**kwargs)
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary so each TP shard of the embedding and head is equal."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple

@@ -1,0 +1,43 @@
+"""Named GLM-5 configurations (a flavor dict, like TorchTitan's `deepseekv3_configs`).
+
+- `glm5`: exactly the released GLM-5 config (744B total, 40B active).
+- `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
+- `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
+  experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.
+"""
+
+from __future__ import annotations
+
+from model.config import GLM5Config
+
+PRESETS: dict[str, GLM5Config] = {
+    "glm5": GLM5Config(),
+    "glm5-proxy": GLM5Config(
+        hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+        num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=8192,
+        n_routed_experts=8, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=2048,
+        index_n_heads=32, index_head_dim=128, index_topk=2048,
+        num_nextn_predict_layers=1, vocab_size=154880,
+    ),
+    "tiny": GLM5Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=4, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        index_n_heads=2, index_head_dim=16, index_topk=16,
+        num_nextn_predict_layers=1, max_position_embeddings=4096,
+        eos_token_id=[0], pad_token_id=0, bos_token_id=None,
+    ),
+}
+
+# The sequence length each preset is meant to train at (a default for --seq-length).
+DEFAULT_SEQ_LENGTH = {"glm5": 4096, "glm5-proxy": 4096, "tiny": 64}
+
+
+def get_preset(name: str) -> GLM5Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"--preset {name!r} is unknown; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,130 @@
+"""GLM-5 layer specs: one function builds every layer from a backend provider.
+
+The backend (local torch modules on CPU, Transformer Engine on GPU) only chooses which linear and
+norm classes fill the slots; the structure is the same, so the parameter names -- and therefore
+checkpoints and the HF export map -- are the same on both. Layers 0..first_k_dense_replace-1 get a
+dense SwiGLU MLP, the rest (and the MTP layer) an MoE block with one shared expert.
+Norms stay separate modules (not TE's fused LayerNormLinear) so the D1 fix below has a place.
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.experimental_attention_variant.dsa import (
+    DSAIndexerSubmodules,
+    DSAttentionSubmodules,
+)
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    get_mtp_layer_spec_for_backend,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from model.modules.dsa import GLMIndexer, GLMSparseAttention
+from model.modules.linear import DuplicatedLinear
+from model.modules.norms import RMSNorm, fixed_eps_norm
+
+LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (MAPPING.md D2)
+
+
+class LocalBackend(LocalSpecProvider):
+    """megatron-core's local provider, with a sequence-parallel-capable RMSNorm and the replicated
+    linear the DSA indexer needs."""
+
+    def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
+        return RMSNorm
+
+    def linear(self) -> type:
+        return DuplicatedLinear
+
+    def down_projection(self) -> type:
+        # MLA accepts ColumnParallelLinear here (it gathers the sharded output itself).
+        return ColumnParallelLinear
+
+
+def te_backend():
+    from megatron.core.extensions.transformer_engine import TELinear, TENorm
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    class TEBackend(TESpecProvider):
+        def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
+            return TENorm
+
+        def down_projection(self) -> type:
+            return TELinear  # replicated over TP, as MLA expects for TE
+
+    return TEBackend()
+
+
+def get_backend(use_te: bool):
+    return te_backend() if use_te else LocalBackend()
+
+
+def attention_spec(backend) -> ModuleSpec:
+    latent_norm = fixed_eps_norm(backend.layer_norm(), LATENT_NORM_EPS)
+    indexer = ModuleSpec(
+        module=GLMIndexer,
+        submodules=DSAIndexerSubmodules(linear_wq_b=backend.linear(), linear_wk=backend.linear(),
+                                        linear_weights_proj=backend.linear()),
+    )
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_down_proj=backend.down_projection(),
+            # D1: a separate q_layernorm, so the indexer receives the *normalized* query latent.
+            q_layernorm=latent_norm,
+            linear_q_up_proj=backend.column_parallel_linear(),
+            linear_kv_down_proj=backend.down_projection(),
+            kv_layernorm=latent_norm,
+            linear_kv_up_proj=backend.column_parallel_linear(),
+            core_attention=ModuleSpec(module=GLMSparseAttention,
+                                      submodules=DSAttentionSubmodules(indexer=indexer)),
+            linear_proj=backend.row_parallel_linear(),
+        ),
+    )
+
+
+def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
+    if moe:
+        return get_moe_module_spec_for_backend(backend, num_experts=True, moe_grouped_gemm=grouped_gemm)
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
+
+
+def layer_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
+    norm = backend.layer_norm()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention_spec(backend),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp_spec(backend, moe, grouped_gemm),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlockSubmodules:
+    """The specs of the decoder layers `layer_ids` (0-based, this pipeline stage's)."""
+    grouped = bool(tconfig.moe_grouped_gemm)
+    specs = [layer_spec(backend, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped) for i in layer_ids]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm())
+
+
+def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | None:
+    if not tconfig.mtp_num_layers:
+        return None
+    moe_layer = layer_spec(backend, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm))
+    mtp_layer = get_mtp_layer_spec_for_backend(transformer_layer_spec=moe_layer, backend=backend)
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * tconfig.mtp_num_layers)

@@ -1,0 +1,103 @@
+"""ParallelDims: the one validated description of the parallel layout.
+
+Every constraint is checked here, before anything is allocated, with an error that names the
+flag and the numbers. Later code asks this object for degrees instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import GLM5Config
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; the message names the flags to change."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel; megatron's default is tp
+    sequence_parallel: bool = False
+    layers_per_virtual_stage: int | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp if self.etp is not None else self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        return (self.tp * self.cp * self.dp) // (self.expert_tp * self.ep)
+
+    def vpp(self, num_layers: int) -> int | None:
+        if self.layers_per_virtual_stage is None:
+            return None
+        return num_layers // (self.pp * self.layers_per_virtual_stage)
+
+    def describe(self) -> str:
+        return (f"world={self.world_size} TP={self.tp}{'+SP' if self.sequence_parallel else ''} "
+                f"PP={self.pp} CP={self.cp} DP={self.dp} EP={self.ep} ETP={self.expert_tp}")
+
+    def validate(self, cfg: GLM5Config, seq_length: int, micro_batch_size: int, global_batch_size: int) -> None:
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise LayoutError(msg)
+
+        for flag, v in [("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
+                        ("--context-parallel-size", self.cp), ("--expert-model-parallel-size", self.ep),
+                        ("--expert-tensor-parallel-size", self.expert_tp)]:
+            need(v >= 1, f"{flag} {v} must be >= 1")
+        model_parallel = self.tp * self.pp * self.cp
+        need(self.world_size % model_parallel == 0,
+             f"world size {self.world_size} is not divisible by --tensor-model-parallel-size {self.tp} x "
+             f"--pipeline-model-parallel-size {self.pp} x --context-parallel-size {self.cp} = {model_parallel}")
+        need(cfg.num_attention_heads % self.tp == 0,
+             f"num_attention_heads {cfg.num_attention_heads} is not divisible by --tensor-model-parallel-size {self.tp}")
+        need(self.cp == 1, f"--context-parallel-size {self.cp}: context parallelism for MLA+DSA is not available yet "
+                           "(megatron-core refuses it with DSA); use 1")
+        need(not self.sequence_parallel or self.tp > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.sequence_parallel:
+            need(seq_length % self.tp == 0,
+                 f"--seq-length {seq_length} is not divisible by --tensor-model-parallel-size {self.tp} "
+                 "(required by --sequence-parallel)")
+        need(cfg.n_routed_experts % self.ep == 0,
+             f"n_routed_experts {cfg.n_routed_experts} is not divisible by --expert-model-parallel-size {self.ep}")
+        need((self.tp * self.cp * self.dp) % (self.expert_tp * self.ep) == 0,
+             f"--expert-model-parallel-size {self.ep} x --expert-tensor-parallel-size {self.expert_tp} = "
+             f"{self.ep * self.expert_tp} does not divide TP x CP x DP = {self.tp * self.cp * self.dp}")
+        need(cfg.moe_intermediate_size % self.expert_tp == 0,
+             f"moe_intermediate_size {cfg.moe_intermediate_size} is not divisible by "
+             f"--expert-tensor-parallel-size {self.expert_tp}")
+        need(cfg.intermediate_size % self.tp == 0,
+             f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
+        need(cfg.num_hidden_layers % self.pp == 0,
+             f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
+             f"{self.pp} (the MTP layer goes on the last stage)")
+        if self.layers_per_virtual_stage is not None:
+            need(self.pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+            per_stage = cfg.num_hidden_layers // self.pp
+            need(per_stage % self.layers_per_virtual_stage == 0,
+                 f"layers per pipeline stage {per_stage} (num_hidden_layers {cfg.num_hidden_layers} / "
+                 f"--pipeline-model-parallel-size {self.pp}) is not divisible by "
+                 f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage}")
+        need(micro_batch_size >= 1, f"--micro-batch-size {micro_batch_size} must be >= 1")
+        need(global_batch_size % (micro_batch_size * self.dp) == 0,
+             f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
+             f"data-parallel size {self.dp} = {micro_batch_size * self.dp}")
+        if self.layers_per_virtual_stage is not None:
+            n_micro = global_batch_size // (micro_batch_size * self.dp)
+            need(n_micro % self.pp == 0,
+                 f"interleaved pipelining needs the number of micro-batches ({n_micro} = --global-batch-size / "
+                 f"(--micro-batch-size x DP)) divisible by --pipeline-model-parallel-size {self.pp}")
+        need(seq_length <= cfg.max_position_embeddings,
+             f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")

@@ -1,0 +1,1 @@
+"""Training: config, the loop, losses, schedules, checkpointing and logging."""

@@ -1,0 +1,149 @@
+"""Command-line flags (Megatron-LM's names) -> TrainConfig, validated before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from model.config import GLM5Config
+from model.mcore_config import FP8_RECIPES, ModelOptions
+from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
+from parallel.dims import ParallelDims
+from pretrain.config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a GLM-5 model on megatron-core.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)}")
+    g.add_argument("--model-config", default=None, help="an HF config.json (overrides --preset)")
+    g.add_argument("--seq-length", type=int, default=None, help="default: the preset's")
+    g.add_argument("--dsa-indexer-topk", type=int, default=None, help="override index_topk")
+    g.add_argument("--dsa-indexer-loss-coeff", type=float, default=0.0)
+    g.add_argument("--dsa-indexer-use-sparse-loss", action="store_true")
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3)
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-grouped-gemm", action="store_true", help="TE grouped GEMM for experts (GPU)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--overlap-p2p-comm", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp8-recipe", choices=sorted(FP8_RECIPES), default=None)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--mock-data", action="store_true", help="deterministic synthetic batches from --seed")
+    g.add_argument("--data-path", nargs="+", default=[], help="manifest.json paths, optionally weighted")
+    g.add_argument("--tokenizer", default=None, help="HF tokenizer dir, checked against the manifests")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--skip-bad-shards", action="store_true")
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    return p
+
+
+def _model_config(args) -> GLM5Config:
+    if args.model_config:
+        return GLM5Config.load_hf_json(args.model_config)
+    return get_preset(args.preset)
+
+
+def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args, world_size)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def config_from_args(args, world_size: int) -> TrainConfig:
+    cfg = _model_config(args)
+    seq_length = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
+    if args.mock_data == bool(args.data_path):
+        raise ValueError("give exactly one of --mock-data and --data-path")
+    if args.fp8_recipe and not torch.cuda.is_available():
+        raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; none is present")
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
+    dims = ParallelDims(
+        world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+        cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+    )
+    dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
+    use_te = torch.cuda.is_available() and _te_available()
+    options = ModelOptions(
+        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
+        expert_model_parallel_size=dims.ep, expert_tensor_parallel_size=dims.expert_tp,
+        context_parallel_size=dims.cp, sequence_parallel=dims.sequence_parallel,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
+        fp8_recipe=args.fp8_recipe, use_te=use_te,
+        dsa_indexer_topk=args.dsa_indexer_topk, dsa_indexer_loss_coeff=args.dsa_indexer_loss_coeff,
+        dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
+        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
+        recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
+    )
+    return TrainConfig(
+        model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, seed=args.seed, mock_data=args.mock_data,
+        data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
+        skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
+        tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
+        distributed_timeout_s=args.distributed_timeout_minutes * 60,
+    )
+
+
+def _te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        return True
+    except ImportError:
+        return False

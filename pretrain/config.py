@@ -1,0 +1,55 @@
+"""TrainConfig: the one config object that flows through a run (built by pretrain/arguments.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.config import GLM5Config
+from model.mcore_config import ModelOptions
+from parallel.dims import ParallelDims
+
+
+@dataclass
+class TrainConfig:
+    model: GLM5Config
+    model_options: ModelOptions
+    dims: ParallelDims
+    preset: str = "tiny"
+    seq_length: int = 64
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 20
+    # optimizer and schedule (Megatron-LM names)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    seed: int = 1234
+    # data
+    mock_data: bool = False
+    data_path: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    num_workers: int = 0
+    skip_bad_shards: bool = False
+    # logging
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    # checkpoints
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    # runtime
+    distributed_timeout_s: float = 600.0
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dims.dp)

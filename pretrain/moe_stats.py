@@ -1,0 +1,67 @@
+"""MoE routing statistics: tokens per expert per layer, read just before megatron-core's
+finalize_model_grads uses them for the expert-bias update and zeroes them."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
+    """(0-based global layer index, router) of every MoE layer on this rank, the MTP layer included."""
+    found = []
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, TransformerLayer) and hasattr(module.mlp, "router"):
+                found.append((module.layer_number - 1, module.mlp.router))
+    return found
+
+
+class LoadImbalanceTracker:
+    """max / mean tokens per expert for each MoE layer, over the whole global batch."""
+
+    def __init__(self, chunks, total_layers: int, num_experts: int):
+        self.routers = routers(chunks)
+        self.total_layers, self.num_experts = total_layers, num_experts
+        self.moe_layers = None
+        self.per_layer: dict[int, float] = {}
+        self.bias_range: tuple[float, float] = (0.0, 0.0)
+
+    def record(self) -> None:
+        counts = torch.zeros(self.total_layers, self.num_experts)
+        bias = torch.zeros(self.total_layers, 2)
+        for layer, router in self.routers:
+            counts[layer] = router.local_tokens_per_expert.detach().float().cpu()
+            b = router.expert_bias.detach().float().cpu()
+            bias[layer] = torch.stack([b.min(), b.max()])
+        device = self.routers[0][1].local_tokens_per_expert.device if self.routers else "cpu"
+        counts, bias = counts.to(device), bias.to(device)
+        # Every rank that holds a layer saw a share of its tokens (TP ranks see the same ones,
+        # which scales the whole row and leaves max/mean unchanged): summing over the world
+        # gives each layer's global counts, from every pipeline stage.
+        dist.all_reduce(counts)
+        dist.all_reduce(bias)
+        holders = counts.new_zeros(self.total_layers)
+        for layer, _ in self.routers:
+            holders[layer] = 1
+        dist.all_reduce(holders)
+        counts, bias, holders = counts.cpu(), bias.cpu(), holders.cpu()
+        self.per_layer = {}
+        for layer in range(self.total_layers):
+            total = counts[layer].sum()
+            if total > 0:
+                self.per_layer[layer] = float(counts[layer].max() / counts[layer].mean())
+        moe = [layer for layer in range(self.total_layers) if holders[layer] > 0]
+        if moe:
+            mean_bias = bias[moe] / holders[moe].unsqueeze(1)  # replicas hold the same bias
+            self.bias_range = (float(mean_bias[:, 0].min()), float(mean_bias[:, 1].max()))
+
+    def scalars(self) -> dict[str, float]:
+        if not self.per_layer:
+            return {}
+        out = {"moe/load-imbalance": sum(self.per_layer.values()) / len(self.per_layer),
+               "moe/expert-bias-min": self.bias_range[0], "moe/expert-bias-max": self.bias_range[1]}
+        for layer, value in self.per_layer.items():
+            out[f"moe/load-imbalance/layer-{layer:02d}"] = value
+        return out

@@ -1,0 +1,157 @@
+"""The training loop. Build order: runtime -> layout -> model -> optimizer -> scheduler -> data ->
+checkpoint -> train. megatron-core does the heavy lifting (schedules, DDP, optimizer, MoE dispatch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from model.accounting import flops_per_token
+from model.builder import build_model
+from model.init import init_weights
+from model.mcore_config import to_transformer_config
+from parallel import runtime as rt
+from pretrain.config import TrainConfig
+from pretrain.metrics import Metrics, memory_gb
+from pretrain.mock_data import MockData
+from pretrain.moe_stats import LoadImbalanceTracker
+from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp
+from pretrain.step import make_forward_step, split_microbatches
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, runtime: rt.Runtime):
+        self.cfg, self.runtime = cfg, runtime
+        rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
+        self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
+
+        chunks = build_model(cfg.model, self.tconfig, cfg.model_options.use_te)
+        for chunk in chunks:
+            chunk.to(runtime.device)
+        init_weights(chunks, cfg.model.vocab_size, cfg.seed)
+        self.model = wrap_ddp(chunks, self.tconfig, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+        self.moe_stats = LoadImbalanceTracker(
+            chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts)
+        self._hook_megatron(self.tconfig)
+
+        self.data = self._build_data()
+        self.iteration = 0
+        self.consumed_tokens = 0
+        self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+
+    # --- wiring ---------------------------------------------------------------------------
+    def _hook_megatron(self, tconfig) -> None:
+        def finalize(*args, **kwargs):
+            self.moe_stats.record()  # before finalize_model_grads updates the bias and zeroes counts
+            return finalize_model_grads(*args, **kwargs)
+
+        tconfig.finalize_model_grads_func = finalize
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+        if self.cfg.overlap_grad_reduce:
+            no_sync = [m.no_sync for m in self.model]
+            tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.cfg.overlap_param_gather and self.cfg.use_distributed_optimizer:
+            sync = [m.start_param_sync for m in self.model]
+            tconfig.param_sync_func = sync[0] if len(sync) == 1 else sync
+
+    def _build_data(self):
+        cfg = self.cfg
+        dp_rank = parallel_state.get_data_parallel_rank()
+        if cfg.mock_data:
+            return MockData(cfg.model.vocab_size, cfg.seq_length, cfg.global_batch_size, dp_rank,
+                            cfg.dims.dp, cfg.seed)
+        from data import build_pretraining_data
+
+        return build_pretraining_data(
+            data_path=cfg.data_path, seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
+            dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
+            tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
+        )
+
+    # --- one optimizer step -----------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        microbatches = split_microbatches(next(self.data)["tokens"], cfg.micro_batch_size)
+        iterators = [iter(microbatches) for _ in self.model]
+        losses = get_forward_backward_func()(
+            forward_step_func=make_forward_step(self.runtime.device),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(microbatches),
+            seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size,
+            decoder_seq_length=cfg.seq_length,
+            forward_only=False,
+        )
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=cfg.global_batch_size)
+        scalars = self._reduce_losses(losses, len(microbatches))
+        scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        scalars["skipped-iterations"] = 0.0 if updated else 1.0
+        scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
+        scalars.update(self.moe_stats.scalars())
+        return scalars
+
+    def _reduce_losses(self, losses: list[dict], num_microbatches: int) -> dict[str, float]:
+        out = {}
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            total = torch.stack([d["lm loss"] for d in losses]).sum(0)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            out["lm loss"] = float(total[0] / total[1])
+            if self.cfg.model.num_nextn_predict_layers:
+                MTPLossLoggingHelper.reduce_loss_in_tracker()
+                values = MTPLossLoggingHelper.tracker["values"] / num_microbatches
+                out["mtp loss"] = float(values.mean())
+                MTPLossLoggingHelper.clean_loss_in_tracker()
+        return out
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        history = []
+        tokens_per_step = cfg.global_batch_size * cfg.seq_length
+        while self.iteration < cfg.train_iters:
+            start = time.perf_counter()
+            scalars = self.train_step()
+            elapsed = time.perf_counter() - start
+            self.iteration += 1
+            self.consumed_tokens += tokens_per_step
+            scalars["throughput/tokens-per-sec"] = tokens_per_step / elapsed
+            scalars["throughput/tflops-per-gpu"] = (
+                self.flops_per_token * tokens_per_step / elapsed / self.runtime.world_size / 1e12)
+            scalars["consumed-tokens"] = float(self.consumed_tokens)
+            scalars.update(memory_gb())
+            self.metrics.log(self.iteration, cfg.train_iters, scalars)
+            history.append(scalars)
+        return history
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def pretrain(cfg: TrainConfig) -> list[dict[str, float]]:
+    runtime = rt.init_distributed(cfg.distributed_timeout_s)
+    trainer = None
+    try:
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(cfg, runtime)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        rt.shutdown()
