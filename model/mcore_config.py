@@ -127,8 +127,10 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
         # loss normalized by the global token count (layout-independent losses)
         calculate_per_token_loss=True,
-        # we initialize weights ourselves, layout-invariantly (model/init.py)
-        perform_initialization=False,
+        # model/init.py re-initializes every weight layout-invariantly afterwards; megatron's own
+        # init must still run: with perform_initialization=False its parallel linears never set
+        # the `tensor_model_parallel` attributes that grad clipping and the optimizer rely on.
+        perform_initialization=True,
         use_cpu_initialization=not torch.cuda.is_available(),
         gradient_accumulation_fusion=o.gradient_accumulation_fusion,
         recompute_granularity=o.recompute_granularity,

@@ -10,7 +10,9 @@ all-to-all token dispatcher; the CUDA RNG tracker. On a machine without CUDA, `a
 2. tells megatron-core modules that Transformer Engine is absent where they think otherwise
    (their TE names are MagicMocks without TE, and `isinstance(x, mock)` raises; the router's
    gating references an undefined `te_general_gemm`);
-3. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
+3. makes the all-to-all dispatcher's split sizes plain arrays (it converts them only when they
+   are CUDA tensors, and gloo's all_to_all_single refuses tensors there);
+4. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
    synchronize, memory stats, RNG state) with CPU equivalents.
 
 It is a debugging/CI runtime, not a production path: with CUDA present `activate()` does nothing,
@@ -104,6 +106,21 @@ def _mark_te_absent() -> None:
     moe_utils.te_general_gemm = None  # referenced but never defined without TE
 
 
+def _fix_dispatcher_splits() -> None:
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def activate() -> bool:
     """Install the redirections if there is no CUDA; returns whether they are active."""
     global _ACTIVE
@@ -126,9 +143,14 @@ def activate() -> bool:
     cuda.reset_peak_memory_stats = lambda *a, **k: None
     cuda.empty_cache = lambda: None
     # The CUDA RNG tracker forks and restores "CUDA" RNG state: give it the CPU generator's.
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    import megatron.core.tensor_parallel.random as mc_random
+
+    cuda.get_rng_state = cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = cuda.random.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mc_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _mark_te_absent()
+    _fix_dispatcher_splits()
     _CudaToCpu().__enter__()  # for the life of the process
     _ACTIVE = True
     return True

@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.accounting import count_parameters, flops_per_token, mean_keys_per_query
+from model.presets import get_preset
+from tests.fixtures_dist import single_process_group  # noqa: F401 (fixture)
+from tests.helpers import ROOT
+
+
+def test_model_info_tool_prints_glm5_figures():
+    out = subprocess.run([sys.executable, "tools/model_info.py", "--preset", "glm5"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    for key in ("params_total", "params_total_with_mtp", "params_active", "flops_per_token", "weights_bytes_bf16"):
+        assert key in info
+    assert info["params_total"] == pytest.approx(743.9e9, rel=3e-3)
+    assert info["params_total_with_mtp"] == pytest.approx(753.9e9, rel=3e-3)
+    assert 40e9 <= info["params_active"] <= 42e9
+    assert info["weights_bytes_bf16"] == 2 * info["params_total_with_mtp"]
+
+
+def test_model_info_refuses_unknown_preset():
+    proc = subprocess.run([sys.executable, "tools/model_info.py", "--preset", "glm6"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "glm6" in proc.stderr
+
+
+def test_dsa_caps_keys_per_query():
+    assert mean_keys_per_query(4096, None) == pytest.approx(2048.5)
+    assert mean_keys_per_query(4096, 2048) < mean_keys_per_query(4096, None)
+    assert mean_keys_per_query(100, 1000) == mean_keys_per_query(100, None)
+    c = get_preset("glm5")
+    assert flops_per_token(c, 131072) < flops_per_token(c, 131072, sparse=False)
+
+
+def test_count_matches_the_built_tiny_model(single_process_group):
+    """The formula must count exactly what megatron-core builds (expert bias is a buffer)."""
+    from model.builder import build_model
+    from model.mcore_config import ModelOptions, to_transformer_config
+
+    cfg = get_preset("tiny")
+    chunk = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)[0]
+    built = sum(p.numel() for p in chunk.parameters())
+    built += sum(b.numel() for n, b in chunk.named_buffers() if n.endswith("expert_bias"))
+    assert built == count_parameters(cfg)["params_total_with_mtp"]

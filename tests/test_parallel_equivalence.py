@@ -1,0 +1,54 @@
+"""Parallelism proven by numerical equivalence with a single-process run.
+
+Each layout trains the tiny GLM-5 (every feature on) with real torchrun processes over gloo, from
+the same layout-invariant initial weights and the same global batches; the per-iteration
+`lm loss`, `mtp loss` and `grad-norm` read back from TensorBoard must match the single-process run.
+Adding a layout is one entry in LAYOUTS.
+"""
+
+import pytest
+
+from tests.helpers import read_scalars, torchrun
+
+ITERS = 3
+TOL = 2e-3
+COMMON = ["--preset", "tiny", "--mock-data", "--train-iters", str(ITERS), "--global-batch-size", "8",
+          "--micro-batch-size", "1", "--seed", "1234", "--lr", "3e-3"]
+
+LAYOUTS = {
+    "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
+    "pp2-vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "ep2": (2, ["--expert-model-parallel-size", "2"]),
+    "dp2-distopt": (2, ["--use-distributed-optimizer"]),
+    "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
+    "ep2xdp2": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
+}
+
+KNOWN_BAD = {
+    "pp2-vpp2": "interleaved schedule: first-iteration loss matches to 1e-5 but grad-norm is 1.5% off (issue 3 note)",
+}
+
+
+def train(tmp_path, nproc, extra):
+    tb = tmp_path / "tb"
+    torchrun(nproc, [*COMMON, *extra, "--tensorboard-dir", str(tb)], timeout=900)
+    return read_scalars(tb)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("single"), 1, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, tmp_path, request):
+    if name in KNOWN_BAD:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_BAD[name], strict=True))
+    nproc, extra = LAYOUTS[name]
+    got = train(tmp_path, nproc, extra)
+    for tag in ("lm loss", "mtp loss", "grad-norm"):
+        for it in range(1, ITERS + 1):
+            want, have = reference[tag][it], got[tag][it]
+            assert have == pytest.approx(want, rel=TOL), f"{name}: {tag} at iteration {it}: {have} vs {want}"
