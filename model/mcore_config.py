@@ -44,6 +44,9 @@ class ModelOptions:
     recompute_modules: list[str] | None = None
     gradient_accumulation_fusion: bool = False
     overlap_p2p_comm: bool = False
+    # gloo matches a batch of isend/irecv between the same two ranks in issue order, unlike NCCL's
+    # grouped calls: interleaved PP=2 then swaps activations and gradients. Unbatched on CPU.
+    batch_p2p_comm: bool = True
     deterministic_mode: bool = False
 
 
@@ -136,6 +139,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         recompute_granularity=o.recompute_granularity,
         recompute_modules=o.recompute_modules,
         overlap_p2p_comm=o.overlap_p2p_comm,
+        batch_p2p_comm=o.batch_p2p_comm and not o.overlap_p2p_comm,
         deterministic_mode=o.deterministic_mode,
         transformer_impl="transformer_engine" if o.use_te else "local",
     )

@@ -125,6 +125,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         moe_router_bias_update_rate=args.moe_router_bias_update_rate,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
         recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
+        batch_p2p_comm=torch.cuda.is_available(),
     )
     return TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,

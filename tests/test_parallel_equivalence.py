@@ -25,9 +25,6 @@ LAYOUTS = {
     "ep2xdp2": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
 }
 
-KNOWN_BAD = {
-    "pp2-vpp2": "interleaved schedule: first-iteration loss matches to 1e-5 but grad-norm is 1.5% off (issue 3 note)",
-}
 
 
 def train(tmp_path, nproc, extra):
@@ -43,9 +40,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path, request):
-    if name in KNOWN_BAD:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_BAD[name], strict=True))
+def test_layout_matches_single_process(name, reference, tmp_path):
     nproc, extra = LAYOUTS[name]
     got = train(tmp_path, nproc, extra)
     for tag in ("lm loss", "mtp loss", "grad-norm"):
