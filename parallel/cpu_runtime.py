@@ -12,7 +12,11 @@ all-to-all token dispatcher; the CUDA RNG tracker. On a machine without CUDA, `a
    gating references an undefined `te_general_gemm`);
 3. makes the all-to-all dispatcher's split sizes plain arrays (it converts them only when they
    are CUDA tensors, and gloo's all_to_all_single refuses tensors there);
-4. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
+4. lets the distributed optimizer load its reshardable checkpoints with torch's Adam (without
+   Apex/TE it keeps Adam's `step` among the per-parameter tensors it copies, and the checkpoint
+   has none there, and it gives all parameters one shared `step` tensor that Adam then
+   increments once per parameter);
+5. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
    synchronize, memory stats, RNG state) with CPU equivalents.
 
 It is a debugging/CI runtime, not a production path: with CUDA present `activate()` does nothing,
@@ -121,6 +125,24 @@ def _fix_dispatcher_splits() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _fix_distopt_step_on_load() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step.clone()  # megatron hands every parameter the same tensor
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def activate() -> bool:
     """Install the redirections if there is no CUDA; returns whether they are active."""
     global _ACTIVE
@@ -151,6 +173,7 @@ def activate() -> bool:
     mc_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _mark_te_absent()
     _fix_dispatcher_splits()
+    _fix_distopt_step_on_load()
     _CudaToCpu().__enter__()  # for the life of the process
     _ACTIVE = True
     return True

@@ -70,6 +70,9 @@ class ParallelDims:
             need(seq_length % self.tp == 0,
                  f"--seq-length {seq_length} is not divisible by --tensor-model-parallel-size {self.tp} "
                  "(required by --sequence-parallel)")
+        need(self.tp == 1 or self.sequence_parallel,
+             f"--tensor-model-parallel-size {self.tp} with MoE layers needs --sequence-parallel "
+             "(megatron-core's MoE token dispatch requires it)")
         need(cfg.n_routed_experts % self.ep == 0,
              f"n_routed_experts {cfg.n_routed_experts} is not divisible by --expert-model-parallel-size {self.ep}")
         need((self.tp * self.cp * self.dp) % (self.expert_tp * self.ep) == 0,

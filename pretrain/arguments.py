@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) once the iteration is a multiple of this")
     return p
 
 
@@ -138,6 +140,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
+        exit_interval=args.exit_interval,
         distributed_timeout_s=args.distributed_timeout_minutes * 60,
     )
 

@@ -47,6 +47,7 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    exit_interval: int | None = None
     # runtime
     distributed_timeout_s: float = 600.0
 

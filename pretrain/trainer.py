@@ -18,6 +18,7 @@ from model.builder import build_model
 from model.init import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
+from pretrain import checkpointing
 from pretrain.config import TrainConfig
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
@@ -49,6 +50,28 @@ class Trainer:
         self.consumed_tokens = 0
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
+            self._load()
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_objects(self) -> dict:
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, data=self.data)
+
+    def _load(self) -> None:
+        state = checkpointing.load(self.cfg.load, model_config=self.cfg.model.to_hf_dict(),
+                                   layout=checkpointing.layout_of(self.cfg.dims), **self._checkpoint_objects())
+        self.iteration = state["iteration"]
+        self.consumed_tokens = state["consumed_tokens"]
+        if self.runtime.rank == 0:
+            print(f"loaded checkpoint {self.cfg.load} at iteration {self.iteration}", flush=True)
+
+    def save(self) -> None:
+        run_state = {"consumed_tokens": self.consumed_tokens, "model_config": self.cfg.model.to_hf_dict(),
+                     "layout": checkpointing.layout_of(self.cfg.dims), "data": self.data.state_dict(),
+                     "preset": self.cfg.preset, "seq_length": self.cfg.seq_length}
+        path = checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, **self._checkpoint_objects())
+        if self.runtime.rank == 0:
+            print(f"saved checkpoint {path}", flush=True)
 
     # --- wiring ---------------------------------------------------------------------------
     def _hook_megatron(self, tconfig) -> None:
@@ -123,7 +146,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         cfg = self.cfg
-        history = []
+        history, saved = [], False
         tokens_per_step = cfg.global_batch_size * cfg.seq_length
         while self.iteration < cfg.train_iters:
             start = time.perf_counter()
@@ -138,6 +161,13 @@ class Trainer:
             scalars.update(memory_gb())
             self.metrics.log(self.iteration, cfg.train_iters, scalars)
             history.append(scalars)
+            saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
+            if saved:
+                self.save()
+            if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                break
+        if cfg.save and not saved:
+            self.save()
         return history
 
     def close(self) -> None:

@@ -1,0 +1,243 @@
+"""Distributed checkpoints with megatron-core's dist_checkpointing, in Megatron-LM's layout:
+
+    SAVE/latest_checkpointed_iteration.txt      the pointer, moved last (atomic replace)
+    SAVE/iter_0000100/                          model + optimizer (sharded, reshardable)
+                     /run_state.json            iteration, tokens, scheduler, data position, config
+                     /rank_state/rank_00003.pt  per-rank RNG and data-reader state
+
+A checkpoint is written into `iter_N.partial/`, every rank syncs, rank 0 renames it to `iter_N`
+and only then moves the pointer: a crash at any moment leaves the previous checkpoint as the
+latest and no directory that `--load` would take for complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+# Reshardable optimizer state (any TP/PP/EP/DP change), keys independent of the expert/dense split.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iter_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
+    if not (iter_dir(root, iteration) / "run_state.json").exists():
+        raise CheckpointError(f"{tracker} points at iteration {iteration}, but {iter_dir(root, iteration)} "
+                              "is missing or incomplete")
+    return iteration
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)  # keys without DDP's "module." prefix
+
+
+def sharded_state(model, optimizer, is_loading: bool) -> dict:
+    state = {}
+    for i, chunk in enumerate(map(_unwrap, model)):
+        state[_model_key(i, len(model))] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+    if optimizer is not None:
+        model_state = {}
+        for v in state.values():
+            model_state.update(v)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=SHARDING_METADATA)
+    return state
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _rank_state(data) -> dict:
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker_rng": get_cuda_rng_tracker().get_states(),
+        "data": data.state_dict(),
+    }
+
+
+def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict) -> Path:
+    """Save a complete checkpoint of iteration `iteration` (collective: every rank calls it)."""
+    root_path = Path(root)
+    final = iter_dir(root_path, iteration)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        try:
+            root_path.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+            (partial / "rank_state").mkdir(parents=True)
+            ok = torch.tensor([1])
+        except OSError as e:
+            print(f"[checkpoint] cannot create {partial}: {e}", flush=True)
+            ok = torch.tensor([0])
+    else:
+        ok = torch.tensor([1])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise CheckpointError(f"--save {root}: cannot create {partial} (see rank 0's message)")
+
+    dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
+    torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        distributed = getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
+        state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
+                     distributed_optimizer=distributed == "DistributedOptimizer",
+                     scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
+        _write_json_atomic(partial / "run_state.json", state)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        (root_path / (TRACKER + ".tmp")).write_text(f"{iteration}\n")
+        os.replace(root_path / (TRACKER + ".tmp"), root_path / TRACKER)
+    dist.barrier()
+    return final
+
+
+def read_run_state(root: str, iteration: int | None = None) -> tuple[int, dict]:
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
+    path = iter_dir(root, iteration) / "run_state.json"
+    if not path.exists():
+        raise CheckpointError(f"--load {root}: {path} is missing (incomplete checkpoint)")
+    return iteration, json.loads(path.read_text())
+
+
+def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, layout: dict) -> dict:
+    """Load the latest checkpoint under `root` into this rank's objects; returns its run state."""
+    iteration, state = read_run_state(root)
+    if state.get("model_config") != model_config:
+        theirs, ours = state.get("model_config", {}), model_config
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
+    directory = iter_dir(root, iteration)
+    distributed = bool(getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
+                       == "DistributedOptimizer")
+    if distributed and not state.get("distributed_optimizer", False):
+        raise CheckpointError(f"--load {root}: iteration {iteration} was saved without "
+                              "--use-distributed-optimizer and lacks the fp32 main parameters it loads; "
+                              "resume without that flag (the reverse direction works)")
+    if optimizer is not None:
+        _materialize_adam_state(optimizer)
+    request = sharded_state(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(request, str(directory))
+    for i, chunk in enumerate(map(_unwrap, model)):
+        chunk.load_state_dict(loaded[_model_key(i, len(model))])
+    same_layout = state.get("layout") == layout
+    if optimizer is not None:
+        opt_state = loaded["optimizer"]
+        if not same_layout:
+            opt_state = _conform_optimizer_state(request["optimizer"], opt_state)
+        optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+
+    rank_file = directory / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
+    if same_layout and rank_file.exists():
+        rank_state = torch.load(rank_file, weights_only=False)
+        torch.set_rng_state(rank_state["torch_rng"])
+        if torch.cuda.is_available() and rank_state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"])
+        get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
+        data.load_state_dict(rank_state["data"])
+    else:
+        # Another layout: the data position is global (the same for every rank), RNG is reseeded.
+        data.load_state_dict(state["data"])
+    return state
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state to load into. Without Apex/TE megatron-core's
+    distributed optimizer reads a step count from every parameter's state while building the
+    sharded state dict it loads into, and asserts when that state is still empty."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+
+
+def _find_steps(obj, found: list) -> list:
+    """Adam's step count wherever an optimizer class keeps it: `common_step` (megatron's plain
+    optimizers) or `step` in the param groups (its distributed optimizer)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "common_step" or (k == "step" and "betas" in obj):
+                found.append(v)
+            else:
+                _find_steps(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _find_steps(v, found)
+    return found
+
+
+def _conform(request, loaded, step):
+    if isinstance(request, ShardedBase):
+        return loaded
+    if isinstance(request, LocalNonpersistentObject):
+        return request.unwrap()
+    if isinstance(request, dict):
+        out = {k: _conform(v, loaded.get(k) if isinstance(loaded, dict) else None, step)
+               for k, v in request.items() if k != "common_step"}
+        if step is not None and "state" in out and isinstance(out["state"], dict):
+            out["state"]["common_step"] = step
+        if step is not None and "betas" in out and "step" in out:  # a distributed optimizer's param group
+            out["step"] = int(step)
+        return out
+    if isinstance(request, list):
+        return [_conform(v, loaded[i] if isinstance(loaded, list) and i < len(loaded) else None, step)
+                for i, v in enumerate(request)]
+    return request  # a plain value (param-group hyperparameters): this run's own
+
+
+def _conform_optimizer_state(request, loaded):
+    """Across layouts megatron builds a differently *structured* optimizer (chained expert/dense
+    optimizers only when EP > 1, other param groups): keep this run's structure and
+    hyperparameters, take the per-parameter tensors loaded by global key, and the step count."""
+    steps = _find_steps(loaded, [])
+    step = steps[0] if steps else None
+    return _conform(request, loaded, step)
+
+
+def layout_of(dims) -> dict:
+    return {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep, "etp": dims.expert_tp, "dp": dims.dp,
+            "vpp": dims.layers_per_virtual_stage, "sp": dims.sequence_parallel}

@@ -1,0 +1,60 @@
+"""Shared fixtures. Data pipeline: a real text corpus (Python's own stdlib sources), a byte-level BPE
+trained on it, and a factory for synthetic datasets whose documents are identifiable by their first token."""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DOC_ID_BASE = 1000  # synthetic document i starts with token DOC_ID_BASE + i; its other tokens are in [1, 100)
+
+
+@pytest.fixture(scope="session")
+def data_stdlib_files() -> list[Path]:
+    """About 1 MB of real text: the first stdlib modules by name (non-empty)."""
+    files, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        n = path.stat().st_size
+        if n and size < 1_000_000:
+            files.append(path)
+            size += n
+    assert size > 500_000, "the stdlib sources are missing"
+    return files
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer_dir(tmp_path_factory, data_stdlib_files) -> str:
+    from data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(data_stdlib_files, 1000, str(tmp_path_factory.mktemp("bpe")))
+
+
+@pytest.fixture
+def data_synthetic(tmp_path):
+    """write(name, num_docs, ...) -> (manifest path, docs): docs[i] = token ids of document i without EOD."""
+
+    def write(name="ds", num_docs=600, seed=0, max_len=120, shard_size=8 << 10, chunk_tokens=1024,
+              token_offset=0, tokenizer_sha="0" * 64):
+        from data.writer import ShardWriter
+
+        rng = np.random.default_rng(seed)
+        docs = []
+        with ShardWriter(str(tmp_path / name), tokenizer={"name": "synthetic", "sha256": tokenizer_sha,
+                                                           "vocab_size": 1 << 20},
+                         eod_id=0, dtype="uint32", shard_size=shard_size, chunk_tokens=chunk_tokens) as writer:
+            for i in range(num_docs):
+                body = rng.integers(1, 100, size=int(rng.integers(0, max_len)), dtype=np.int64) + token_offset
+                doc = np.concatenate([[DOC_ID_BASE + token_offset + i], body])
+                docs.append(doc)
+                writer.add_document(doc)
+        return str(tmp_path / name / "manifest.json"), docs
+
+    return write
