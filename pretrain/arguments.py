@@ -12,6 +12,7 @@ from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
 from pretrain.config import TrainConfig
+from pretrain.recipe import RecipeConfig, TokenSchedule
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa-indexer-topk", type=int, default=None, help="override index_topk")
     g.add_argument("--dsa-indexer-loss-coeff", type=float, default=0.0)
     g.add_argument("--dsa-indexer-use-sparse-loss", action="store_true")
-    g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3)
-    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--mtp-loss-scaling-factor", default="0.3",
+                   help="MTP loss weight, or a schedule by consumed tokens: '0.3,10T:0.1'")
+    g.add_argument("--moe-router-bias-update-rate", default="1e-3",
+                   help="expert-bias update speed gamma, or a schedule: '1e-3,28T:0'")
+    g.add_argument("--dsa-warmup-iters", type=int, default=0,
+                   help="dense warm-up iterations in which only the DSA indexer trains (KL loss)")
+    g.add_argument("--dsa-warmup-lr", type=float, default=None, help="learning rate during the DSA warm-up")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-grouped-gemm", action="store_true", help="TE grouped GEMM for experts (GPU)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                   metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over RAMPUP_SAMPLES sequences")
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
@@ -113,6 +122,24 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
     )
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
+    mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
+    bias_schedule = TokenSchedule.parse(args.moe_router_bias_update_rate, "--moe-router-bias-update-rate")
+    if args.dsa_warmup_iters and args.dsa_indexer_loss_coeff <= 0:
+        raise ValueError("--dsa-warmup-iters trains the indexer with its KL loss: "
+                         "set --dsa-indexer-loss-coeff > 0")
+    if args.rampup_batch_size and args.data_path:
+        raise ValueError("--rampup-batch-size works with --mock-data only for now: the shard reader keeps "
+                         "one stream per row of a fixed --global-batch-size")
+    if args.rampup_batch_size:
+        start, increment, _ = args.rampup_batch_size
+        unit = args.micro_batch_size * dims.dp
+        for name, value in (("START", start), ("INCREMENT", increment)):
+            if value <= 0 or value % unit:
+                raise ValueError(f"--rampup-batch-size {name}={value} must be a positive multiple of "
+                                 f"--micro-batch-size x data-parallel size = {unit}")
+        if (args.global_batch_size - start) % increment:
+            raise ValueError(f"--rampup-batch-size: --global-batch-size {args.global_batch_size} - START {start} "
+                             f"is not a multiple of INCREMENT {increment}")
     use_te = torch.cuda.is_available() and _te_available()
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
@@ -123,14 +150,18 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         fp8_recipe=args.fp8_recipe, use_te=use_te,
         dsa_indexer_topk=args.dsa_indexer_topk, dsa_indexer_loss_coeff=args.dsa_indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
-        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        mtp_loss_scaling_factor=mtp_schedule(0),
+        moe_router_bias_update_rate=bias_schedule(0),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
         recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=torch.cuda.is_available(),
     )
     return TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
+        recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,
+                            dsa_warmup_iters=args.dsa_warmup_iters, dsa_warmup_lr=args.dsa_warmup_lr,
+                            dsa_sparse_loss=args.dsa_indexer_use_sparse_loss),
+        rampup_batch_size=args.rampup_batch_size,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
         lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from model.config import GLM5Config
 from model.mcore_config import ModelOptions
 from parallel.dims import ParallelDims
+from pretrain.recipe import RecipeConfig
 
 
 @dataclass
@@ -14,10 +15,12 @@ class TrainConfig:
     model: GLM5Config
     model_options: ModelOptions
     dims: ParallelDims
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     preset: str = "tiny"
     seq_length: int = 64
     micro_batch_size: int = 1
     global_batch_size: int = 8
+    rampup_batch_size: list[int] | None = None  # [start, increment, ramp-up samples], Megatron-LM's
     train_iters: int = 20
     # optimizer and schedule (Megatron-LM names)
     lr: float = 3e-3

@@ -1,8 +1,9 @@
-"""Deterministic synthetic batches for tests and smoke runs.
+"""Deterministic synthetic sequences for tests and smoke runs.
 
 Sequences come from a seeded Markov chain (each token has a preferred successor 80% of the time),
-so a model can learn them and the loss really falls. Global batch i depends only on (seed, i):
-every parallel layout sees the same global batch, each DP rank its contiguous slice of it.
+so a model can learn them and the loss really falls. Sequence i depends only on (seed, i) and a
+step takes the next `global_batch_size` sequences: every parallel layout and every batch-size ramp
+sees the same global stream, each DP rank its contiguous slice of the step's batch.
 """
 
 from __future__ import annotations
@@ -11,36 +12,37 @@ import torch
 
 
 class MockData:
-    def __init__(self, vocab_size: int, seq_length: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, follow_prob: float = 0.8):
+    def __init__(self, vocab_size: int, seq_length: int, dp_rank: int, dp_size: int, seed: int,
+                 follow_prob: float = 0.8):
         self.vocab_size, self.seq_length = vocab_size, seq_length
-        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
-        self.seed, self.follow_prob = seed, follow_prob
+        self.dp_rank, self.dp_size, self.seed, self.follow_prob = dp_rank, dp_size, seed, follow_prob
         self.successor = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
-        self.step = 0
+        self.consumed_samples = 0
 
-    def global_batch(self, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        n, s = self.global_batch_size, self.seq_length + 1
-        tokens = torch.empty(n, s, dtype=torch.long)
-        tokens[:, 0] = torch.randint(self.vocab_size, (n,), generator=g)
-        follow = torch.rand(n, s, generator=g) < self.follow_prob
-        noise = torch.randint(self.vocab_size, (n, s), generator=g)
+    def sequences(self, first: int, count: int) -> torch.Tensor:
+        s = self.seq_length + 1
+        start = torch.empty(count, dtype=torch.long)
+        follow = torch.empty(count, s, dtype=torch.bool)
+        noise = torch.empty(count, s, dtype=torch.long)
+        for row in range(count):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + first + row)
+            start[row] = torch.randint(self.vocab_size, (1,), generator=g)
+            follow[row] = torch.rand(s, generator=g) < self.follow_prob
+            noise[row] = torch.randint(self.vocab_size, (s,), generator=g)
+        tokens = torch.empty(count, s, dtype=torch.long)
+        tokens[:, 0] = start
         for t in range(1, s):
             tokens[:, t] = torch.where(follow[:, t], self.successor[tokens[:, t - 1]], noise[:, t])
         return tokens
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        per_rank = self.global_batch_size // self.dp_size
-        tokens = self.global_batch(self.step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        self.step += 1
-        return {"tokens": tokens}
+    def next_batch(self, global_batch_size: int) -> dict:
+        per_rank = global_batch_size // self.dp_size
+        first = self.consumed_samples + self.dp_rank * per_rank
+        self.consumed_samples += global_batch_size
+        return {"tokens": self.sequences(first, per_rank)}
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    init_num_microbatches_calculator,
+    update_num_microbatches,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from model.accounting import flops_per_token
@@ -24,6 +30,7 @@ from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
 from pretrain.moe_stats import LoadImbalanceTracker
 from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp
+from pretrain.recipe import Recipe
 from pretrain.step import make_forward_step, split_microbatches
 
 
@@ -44,10 +51,16 @@ class Trainer:
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts)
         self._hook_megatron(self.tconfig)
+        self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
+                             tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)
+        init_num_microbatches_calculator(
+            runtime.rank, cfg.rampup_batch_size, cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp,
+            decrease_batch_size_if_needed=False)
 
         self.data = self._build_data()
         self.iteration = 0
         self.consumed_tokens = 0
+        self.consumed_samples = 0
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
@@ -62,12 +75,21 @@ class Trainer:
                                    layout=checkpointing.layout_of(self.cfg.dims), **self._checkpoint_objects())
         self.iteration = state["iteration"]
         self.consumed_tokens = state["consumed_tokens"]
+        self.consumed_samples = state["consumed_samples"]
         if self.runtime.rank == 0:
             print(f"loaded checkpoint {self.cfg.load} at iteration {self.iteration}", flush=True)
 
+    def _global_data_state(self) -> dict:
+        # The reader's own state covers this rank's streams; a checkpoint loaded at another
+        # layout needs them all (collective: every rank calls it).
+        if isinstance(self.data, MockData):
+            return self.data.state_dict()
+        return self.data.global_state_dict()
+
     def save(self) -> None:
-        run_state = {"consumed_tokens": self.consumed_tokens, "model_config": self.cfg.model.to_hf_dict(),
-                     "layout": checkpointing.layout_of(self.cfg.dims), "data": self.data.state_dict(),
+        run_state = {"consumed_tokens": self.consumed_tokens, "consumed_samples": self.consumed_samples,
+                     "model_config": self.cfg.model.to_hf_dict(),
+                     "layout": checkpointing.layout_of(self.cfg.dims), "data": self._global_data_state(),
                      "preset": self.cfg.preset, "seq_length": self.cfg.seq_length}
         path = checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, **self._checkpoint_objects())
         if self.runtime.rank == 0:
@@ -92,8 +114,7 @@ class Trainer:
         cfg = self.cfg
         dp_rank = parallel_state.get_data_parallel_rank()
         if cfg.mock_data:
-            return MockData(cfg.model.vocab_size, cfg.seq_length, cfg.global_batch_size, dp_rank,
-                            cfg.dims.dp, cfg.seed)
+            return MockData(cfg.model.vocab_size, cfg.seq_length, dp_rank, cfg.dims.dp, cfg.seed)
         from data import build_pretraining_data
 
         return build_pretraining_data(
@@ -102,13 +123,21 @@ class Trainer:
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
         )
 
+    def _next_batch(self, global_batch_size: int) -> dict:
+        if isinstance(self.data, MockData):
+            return self.data.next_batch(global_batch_size)
+        return next(self.data)  # shard reader: a fixed global batch (ramp refused by the arguments)
+
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
+        update_num_microbatches(self.consumed_samples, consistency_check=True)
+        global_batch_size = get_current_global_batch_size()
+        recipe_scalars = self.recipe.before_step(self.iteration, self.consumed_tokens)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        microbatches = split_microbatches(next(self.data)["tokens"], cfg.micro_batch_size)
+        microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size)
         iterators = [iter(microbatches) for _ in self.model]
         losses = get_forward_backward_func()(
             forward_step_func=make_forward_step(self.runtime.device),
@@ -120,10 +149,14 @@ class Trainer:
             decoder_seq_length=cfg.seq_length,
             forward_only=False,
         )
+        self.recipe.before_optimizer_step(self.iteration, self.optimizer)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
-            self.scheduler.step(increment=cfg.global_batch_size)
+            self.scheduler.step(increment=global_batch_size)
+        self.consumed_samples += global_batch_size
         scalars = self._reduce_losses(losses, len(microbatches))
+        scalars.update(recipe_scalars)
+        scalars["batch-size"] = float(global_batch_size)
         scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         scalars["skipped-iterations"] = 0.0 if updated else 1.0
         scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
@@ -141,17 +174,22 @@ class Trainer:
                 values = MTPLossLoggingHelper.tracker["values"] / num_microbatches
                 out["mtp loss"] = float(values.mean())
                 MTPLossLoggingHelper.clean_loss_in_tracker()
+        if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
+            DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
+            values = DSAIndexerLossLoggingHelper.tracker["values"] / num_microbatches
+            out["dsa/indexer-loss"] = float(values.mean())
+            DSAIndexerLossLoggingHelper.clean_loss_in_tracker()
         return out
 
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         cfg = self.cfg
         history, saved = [], False
-        tokens_per_step = cfg.global_batch_size * cfg.seq_length
         while self.iteration < cfg.train_iters:
             start = time.perf_counter()
             scalars = self.train_step()
             elapsed = time.perf_counter() - start
+            tokens_per_step = int(scalars["batch-size"]) * cfg.seq_length
             self.iteration += 1
             self.consumed_tokens += tokens_per_step
             scalars["throughput/tokens-per-sec"] = tokens_per_step / elapsed

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,7 @@ import pytest
 from data import build_pretraining_data
 from data.format import ManifestError, ShardError, load_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import inspect_shards  # noqa: E402
-import preprocess_data  # noqa: E402
+from tools import inspect_shards, preprocess_data
 
 SEQ, GBS = 32, 8
 

@@ -221,3 +221,27 @@ def test_manifest_and_shards_over_http_match_local(data_synthetic):
         assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(remote, local))
     finally:
         server.shutdown()
+
+
+def _gather_worker(rank, path, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    it = loader(path, rank, 2)
+    for _ in range(9):
+        next(it)
+    merged = it.global_state_dict()
+    with open(f"{out_dir}/state{rank}.json", "w") as f:
+        json.dump(merged, f)
+    dist.destroy_process_group()
+
+
+def test_global_state_dict_gathers_every_rank(data_synthetic, tmp_path):
+    path, _ = data_synthetic()
+    torch.multiprocessing.spawn(_gather_worker, args=(path, str(tmp_path)), nprocs=2)
+    merged = [json.loads((tmp_path / f"state{r}.json").read_text()) for r in range(2)]
+    assert merged[0] == merged[1] and sorted(map(int, merged[0]["streams"])) == list(range(GBS))
+    ref = loader(path)
+    for _ in range(9):
+        next(ref)
+    assert merged[0] == ref.state_dict()

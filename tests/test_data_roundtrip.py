@@ -18,10 +18,9 @@ import pytest
 from data import build_pretraining_data
 from data.format import iter_documents, load_manifest
 from data.tokenizer import load_tokenizer, tokenizer_identity
+from tools import preprocess_data
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import preprocess_data  # noqa: E402
 
 
 def preprocess(inputs, tokenizer, out, *extra):

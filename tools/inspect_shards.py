@@ -1,0 +1,100 @@
+"""Summarize a dataset's manifest as JSON; with --verify, re-read every shard and check it.
+
+    python tools/inspect_shards.py out/web/manifest.json [--verify] [--workers 8] [--vocab-size 154880]
+
+--verify checks, per shard: it exists and has the recorded size, its sha256, that it parses as tar with
+complete .tokens/.lengths chunks, that every document ends in EOD, the chunk/doc/token counts, and (with
+--vocab-size) every token id. Exit status 1 if any shard is bad; each bad shard is named on stderr and
+listed under "bad_shards" in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.format import ManifestError, ShardError, is_remote, iter_chunks, load_manifest  # noqa: E402
+
+
+def summarize(manifest) -> dict:
+    shards = manifest.shards
+    total_bytes = sum(s.bytes for s in shards)
+    itemsize = manifest.np_dtype.itemsize
+    return {
+        "manifest": manifest.location, "tokenizer": manifest.tokenizer, "dtype": manifest.dtype,
+        "eod_id": manifest.eod_id, "chunk_tokens": manifest.chunk_tokens, "shards": len(shards),
+        "total_docs": manifest.total_docs, "total_tokens": manifest.total_tokens, "total_bytes": total_bytes,
+        "bytes_per_token": total_bytes / manifest.total_tokens,
+        "overhead_pct": 100.0 * (total_bytes / (manifest.total_tokens * itemsize) - 1),
+        "mean_doc_tokens": manifest.total_tokens / manifest.total_docs,
+        "shard_bytes_min": min(s.bytes for s in shards), "shard_bytes_max": max(s.bytes for s in shards),
+    }
+
+
+def verify_shard(args) -> str | None:
+    """None if shard `index` is good, else the error (which names the shard)."""
+    manifest, index, vocab_size = args
+    info, url = manifest.shards[index], manifest.shard_url(index)
+    digest = hashlib.sha256()
+    try:
+        for _ in iter_chunks(url, info, manifest, vocab_size=vocab_size, digest=digest):
+            pass
+    except ShardError as e:
+        return str(e)
+    if digest.hexdigest() != info.sha256:
+        return f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {info.sha256}"
+    return None
+
+
+def unlisted_files(manifest) -> list[str]:
+    """Tar files next to a local manifest that it does not list (a manifest from another run?)."""
+    if is_remote(manifest.location):
+        return []
+    directory = os.path.dirname(manifest.location) or "."
+    listed = {os.path.normpath(manifest.shard_url(i)) for i in range(len(manifest.shards))}
+    return sorted(name for name in os.listdir(directory)
+                  if name.endswith(".tar") and os.path.normpath(os.path.join(directory, name)) not in listed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", help="manifest.json: local path, URL or pipe: command")
+    p.add_argument("--verify", action="store_true", help="re-read every shard and check it")
+    p.add_argument("--workers", type=int, default=1, help="processes for --verify")
+    p.add_argument("--vocab-size", type=int, default=None, help="with --verify: token ids must be below this")
+    args = p.parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as e:
+        print(f"inspect_shards: error: {e}", file=sys.stderr)
+        return 1
+    summary = summarize(manifest)
+    status = 0
+    if args.verify:
+        jobs = [(manifest, i, args.vocab_size) for i in range(len(manifest.shards))]
+        if args.workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(args.workers) as pool:
+                errors = list(pool.imap(verify_shard, jobs))
+        else:
+            errors = [verify_shard(job) for job in jobs]
+        bad = [{"path": manifest.shards[i].path, "error": e} for i, e in enumerate(errors) if e is not None]
+        summary.update(verified=True, bad_shards=bad, unlisted_files=unlisted_files(manifest))
+        for entry in bad:
+            print(f"bad shard: {entry['error']}", file=sys.stderr)
+        if bad:
+            print(f"inspect_shards: {len(bad)} of {len(jobs)} shards are bad", file=sys.stderr)
+            status = 1
+    print(json.dumps(summary, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
