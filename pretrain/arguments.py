@@ -113,6 +113,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         raise ValueError("give exactly one of --mock-data and --data-path")
     if args.fp8_recipe and not torch.cuda.is_available():
         raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; none is present")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
     dims = ParallelDims(

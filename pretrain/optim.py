@@ -40,7 +40,7 @@ def build_optimizer(model, cfg: TrainConfig):
 def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     # Megatron counts scheduler steps in samples: one optimizer step = one global batch.
     gbs = cfg.global_batch_size
-    decay_iters = cfg.lr_decay_iters or cfg.train_iters
+    decay_iters = max(1, cfg.lr_decay_iters or cfg.train_iters)  # --train-iters 0 saves the initial model
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr,
