@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-consecutive-skipped-iters", type=int, default=5,
+                   help="stop after this many consecutive steps skipped for non-finite gradients")
+    g.add_argument("--loss-spike-factor", type=float, default=None,
+                   help="log a loss spike when lm loss exceeds this x its running mean")
+    g.add_argument("--skip-loss-spikes", action="store_true", help="also skip the optimizer step on a spike")
 
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true", help="deterministic synthetic batches from --seed")
@@ -111,8 +116,12 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     seq_length = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --mock-data and --data-path")
-    if args.fp8_recipe and not torch.cuda.is_available():
-        raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; none is present")
+    if args.fp8_recipe and not (torch.cuda.is_available() and _te_available()):
+        raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; "
+                         f"{'Transformer Engine is not installed' if torch.cuda.is_available() else 'no GPU is present'}")
+    if args.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability() < (10, 0):
+        raise ValueError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
+                         f"{torch.cuda.get_device_name()} is {torch.cuda.get_device_capability()}: use blockwise")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and not args.save:
@@ -173,7 +182,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
-        exit_interval=args.exit_interval,
+        exit_interval=args.exit_interval, max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
+        loss_spike_factor=args.loss_spike_factor, skip_loss_spikes=args.skip_loss_spikes,
         distributed_timeout_s=args.distributed_timeout_minutes * 60,
     )
 

@@ -23,6 +23,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from pretrain import faults
+
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 # Reshardable optimizer state (any TP/PP/EP/DP change), keys independent of the expert/dense split.
@@ -88,37 +90,80 @@ def _rank_state(data) -> dict:
     }
 
 
+def _results_queue_without_manager() -> None:
+    """megatron-core's checkpoint writer collects results through a multiprocessing *Manager*
+    queue: a server process that outlives a SIGKILLed trainer, orphaned, holding the job's output
+    open. Our saves are synchronous: the results are put and taken by this very process."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def check_writable(root: str) -> None:
+    """Refuse an unusable --save before any work (every rank calls it; rank 0 probes)."""
+    problem = ""
+    if dist.get_rank() == 0:
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            probe = Path(root) / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            problem = f"--save {root} is not a writable directory: {e.strerror or e}"
+    flag = torch.tensor([1 if problem else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise CheckpointError(problem or f"--save {root} is not a writable directory (see rank 0)")
+
+
+def _agree(ok: bool) -> bool:
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict) -> Path:
-    """Save a complete checkpoint of iteration `iteration` (collective: every rank calls it)."""
+    """Save a complete checkpoint of iteration `iteration` (collective: every rank calls it).
+
+    Any failure (a full disk, a vanished directory) leaves no `iter_N` and the pointer where it
+    was, and raises CheckpointError on every rank."""
     root_path = Path(root)
     final = iter_dir(root_path, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()
-    if rank == 0:
-        try:
+    error = None
+    try:
+        if rank == 0:
             root_path.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
             (partial / "rank_state").mkdir(parents=True)
-            ok = torch.tensor([1])
-        except OSError as e:
-            print(f"[checkpoint] cannot create {partial}: {e}", flush=True)
-            ok = torch.tensor([0])
-    else:
-        ok = torch.tensor([1])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
-        raise CheckpointError(f"--save {root}: cannot create {partial} (see rank 0's message)")
+    except OSError as e:
+        error = e
+    if not _agree(error is None):
+        raise CheckpointError(f"--save {root}: cannot create {partial}: {error or 'see rank 0'}")
 
+    _results_queue_without_manager()
     dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
-    torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        distributed = getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
-        state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
-                     distributed_optimizer=distributed == "DistributedOptimizer",
-                     scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
-        _write_json_atomic(partial / "run_state.json", state)
-    dist.barrier()
+    try:
+        torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
+        faults.inject("save-shards")
+        if rank == 0:
+            distributed = getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
+            state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
+                         distributed_optimizer=distributed == "DistributedOptimizer",
+                         scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
+            _write_json_atomic(partial / "run_state.json", state)
+    except OSError as e:
+        error = e
+    if not _agree(error is None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"--save {root}: writing iteration {iteration} failed ({error or 'on another rank'}); "
+                              f"the previous checkpoint (iteration {latest_iteration(root)}) is intact")
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)

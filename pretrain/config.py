@@ -51,6 +51,10 @@ class TrainConfig:
     load: str | None = None
     save_interval: int | None = None
     exit_interval: int | None = None
+    # faults
+    max_consecutive_skipped_iters: int = 5
+    loss_spike_factor: float | None = None
+    skip_loss_spikes: bool = False
     # runtime
     distributed_timeout_s: float = 600.0
 

@@ -24,7 +24,7 @@ from model.builder import build_model
 from model.init import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
-from pretrain import checkpointing
+from pretrain import checkpointing, faults
 from pretrain.config import TrainConfig
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
@@ -37,6 +37,8 @@ from pretrain.step import make_forward_step, split_microbatches
 class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: rt.Runtime):
         self.cfg, self.runtime = cfg, runtime
+        if cfg.save:
+            checkpointing.check_writable(cfg.save)  # before any work
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
         self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
 
@@ -57,12 +59,15 @@ class Trainer:
             runtime.rank, cfg.rampup_batch_size, cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp,
             decrease_batch_size_if_needed=False)
 
+        self.guard = faults.StepGuard(cfg.max_consecutive_skipped_iters, cfg.loss_spike_factor, cfg.skip_loss_spikes)
+        self.phase = "start-up"
         self.data = self._build_data()
         self.iteration = 0
         self.consumed_tokens = 0
         self.consumed_samples = 0
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        self._model_forward = make_forward_step(runtime.device)
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
             self._load()
 
@@ -139,8 +144,10 @@ class Trainer:
         self.optimizer.zero_grad()
         microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size)
         iterators = [iter(microbatches) for _ in self.model]
+        faults.inject(str(self.iteration + 1))
+        self.phase = "forward-backward"
         losses = get_forward_backward_func()(
-            forward_step_func=make_forward_step(self.runtime.device),
+            forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(microbatches),
@@ -149,19 +156,45 @@ class Trainer:
             decoder_seq_length=cfg.seq_length,
             forward_only=False,
         )
-        self.recipe.before_optimizer_step(self.iteration, self.optimizer)
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
+        self.phase = "loss reduction"
+        scalars = self._reduce_losses(losses, len(microbatches))
+        self.phase = "optimizer step"
+        skip = self._should_skip(scalars.get("lm loss"))
+        grad_norm = None
+        if not skip:
+            self.recipe.before_optimizer_step(self.iteration, self.optimizer)
+            updated, grad_norm, _ = self.optimizer.step()
+            skip = not updated
+        if not skip:
             self.scheduler.step(increment=global_batch_size)
         self.consumed_samples += global_batch_size
-        scalars = self._reduce_losses(losses, len(microbatches))
+        self.guard.record(skip, scalars.get("lm loss"), self.iteration + 1)
         scalars.update(recipe_scalars)
         scalars["batch-size"] = float(global_batch_size)
         scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        scalars["skipped-iterations"] = 0.0 if updated else 1.0
+        scalars["skipped-iterations"] = 1.0 if skip else 0.0
+        scalars["skipped-iterations-total"] = float(self.guard.total_skipped)
         scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
         scalars.update(self.moe_stats.scalars())
         return scalars
+
+    def _forward_step(self, data_iterator, model):
+        output, loss_fn = self._model_forward(data_iterator, model)
+        return faults.inject_loss_fault(self.iteration + 1, output), loss_fn
+
+    def _should_skip(self, lm_loss: float | None) -> bool:
+        """Every rank agrees: skip when any gradient is non-finite, or on a loss spike if asked."""
+        finite = faults.StepGuard.grads_finite(self.model)
+        spike = self.guard.is_spike(lm_loss)
+        if spike and self.runtime.rank == self.runtime.world_size - 1:
+            print(f"loss spike at iteration {self.iteration + 1}: lm loss {lm_loss:.4f} > "
+                  f"{self.cfg.loss_spike_factor} x running mean {self.guard.mean_loss:.4f}"
+                  + (" (step skipped)" if self.cfg.skip_loss_spikes else ""), flush=True)
+        flag = torch.tensor([0.0 if finite and not (spike and self.cfg.skip_loss_spikes) else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not finite and self.runtime.rank == 0:
+            print(f"iteration {self.iteration + 1}: non-finite gradients, step skipped", flush=True)
+        return bool(flag.item())
 
     def _reduce_losses(self, losses: list[dict], num_microbatches: int) -> dict[str, float]:
         out = {}
@@ -187,7 +220,10 @@ class Trainer:
         history, saved = [], False
         while self.iteration < cfg.train_iters:
             start = time.perf_counter()
-            scalars = self.train_step()
+            try:
+                scalars = self.train_step()
+            except RuntimeError as e:
+                raise faults.explain_timeout(e, self.phase, self.iteration + 1, cfg.distributed_timeout_s) from e
             elapsed = time.perf_counter() - start
             tokens_per_step = int(scalars["batch-size"]) * cfg.seq_length
             self.iteration += 1
@@ -201,6 +237,7 @@ class Trainer:
             history.append(scalars)
             saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
             if saved:
+                self.phase = "checkpoint save"
                 self.save()
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 break
