@@ -63,7 +63,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         virtual_pipeline_model_parallel_size=o.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=o.expert_model_parallel_size,
         expert_tensor_parallel_size=o.expert_tensor_parallel_size,
-        context_parallel_size=o.context_parallel_size,
+        # Validated with CP = 1, set after: see the end of this function.
+        context_parallel_size=1,
         sequence_parallel=o.sequence_parallel,
         # precision
         params_dtype=o.params_dtype,
@@ -145,7 +146,16 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     )
     if o.recompute_modules is None:
         kwargs.pop("recompute_modules")
-    return MLATransformerConfig(**kwargs)
+    config = MLATransformerConfig(**kwargs)
+    # megatron-core's __post_init__ refuses DSA with context parallelism ("Currently context
+    # parallelism is not supported by DSAttention!"): its DSAttention has no CP. Our layer spec
+    # replaces it with model/modules/cp_attention.py, which has, so the config is validated with
+    # CP = 1 and the real degree set afterwards. Nothing else in __post_init__ depends on it here
+    # (its other CP checks concern cp_comm_type, unset, and gated delta net, unused); parallel/dims.py
+    # checks our own CP rules. Everything after construction (RoPE lengths, schedules' shapes,
+    # process groups) reads the real value.
+    config.context_parallel_size = o.context_parallel_size
+    return config
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:

@@ -19,7 +19,7 @@ from megatron.core.transformer.experimental_attention_variant.dsa import (
     DSAttentionSubmodules,
 )
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
     get_mtp_layer_spec_for_backend,
@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from model.modules.cp_attention import CPMLASelfAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.modules.norms import RMSNorm, fixed_eps_norm
@@ -45,6 +46,8 @@ class LocalBackend(LocalSpecProvider):
     def linear(self) -> type:
         return DuplicatedLinear
 
+    replicated_down_projection = False
+
     def down_projection(self) -> type:
         # MLA accepts ColumnParallelLinear here (it gathers the sharded output itself).
         return ColumnParallelLinear
@@ -55,6 +58,8 @@ def te_backend():
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
     class TEBackend(TESpecProvider):
+        replicated_down_projection = True
+
         def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
             return TENorm
 
@@ -75,8 +80,10 @@ def attention_spec(backend) -> ModuleSpec:
         submodules=DSAIndexerSubmodules(linear_wq_b=backend.linear(), linear_wk=backend.linear(),
                                         linear_weights_proj=backend.linear()),
     )
+    # megatron's MLASelfAttention, plus context parallelism for the DSA core attention (it is
+    # MLASelfAttention unchanged at --context-parallel-size 1).
     return ModuleSpec(
-        module=MLASelfAttention,
+        module=CPMLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_down_proj=backend.down_projection(),
@@ -86,8 +93,11 @@ def attention_spec(backend) -> ModuleSpec:
             linear_kv_down_proj=backend.down_projection(),
             kv_layernorm=latent_norm,
             linear_kv_up_proj=backend.column_parallel_linear(),
-            core_attention=ModuleSpec(module=GLMSparseAttention,
-                                      submodules=DSAttentionSubmodules(indexer=indexer)),
+            core_attention=ModuleSpec(
+                module=GLMSparseAttention, submodules=DSAttentionSubmodules(indexer=indexer),
+                # TE's replicated down projection gathers k_pe over the sequence under SP, whose
+                # backward already sums its gradient over TP; the local path never does.
+                params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection}),
             linear_proj=backend.row_parallel_linear(),
         ),
     )

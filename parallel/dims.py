@@ -62,8 +62,14 @@ class ParallelDims:
              f"--pipeline-model-parallel-size {self.pp} x --context-parallel-size {self.cp} = {model_parallel}")
         need(cfg.num_attention_heads % self.tp == 0,
              f"num_attention_heads {cfg.num_attention_heads} is not divisible by --tensor-model-parallel-size {self.tp}")
-        need(self.cp == 1, f"--context-parallel-size {self.cp}: context parallelism for MLA+DSA is not available yet "
-                           "(megatron-core refuses it with DSA); use 1")
+        if self.cp > 1:
+            # The sequence is cut into 2 x CP load-balanced chunks (model/modules/cp_attention.py),
+            # and under sequence parallelism each CP rank's S/CP tokens into TP slices.
+            chunks = 2 * self.cp * (self.tp if self.sequence_parallel else 1)
+            sp = f" x --tensor-model-parallel-size {self.tp} (sequence parallel)" if self.sequence_parallel else ""
+            need(seq_length % chunks == 0,
+                 f"--seq-length {seq_length} is not divisible by 2 x --context-parallel-size {self.cp}{sp} "
+                 f"= {chunks} (context parallelism splits the sequence into 2 x CP load-balanced chunks)")
         need(not self.sequence_parallel or self.tp > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.sequence_parallel:

@@ -90,16 +90,34 @@ def _rank_state(data) -> dict:
     }
 
 
-def _results_queue_without_manager() -> None:
-    """megatron-core's checkpoint writer collects results through a multiprocessing *Manager*
-    queue: a server process that outlives a SIGKILLed trainer, orphaned, holding the job's output
-    open. Our saves are synchronous: the results are put and taken by this very process."""
-    import queue
+def _die_with_parent() -> None:
+    """Runs in the queue's server process: end it when its parent dies (Linux prctl)."""
+    import ctypes
+    import signal as _signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+_QUEUE_MANAGER = None
+
+
+def _results_queue_dies_with_us() -> None:
+    """megatron-core's checkpoint writer collects results through a multiprocessing Manager queue:
+    a server process that would outlive a SIGKILLed trainer, orphaned, holding the job's output
+    open. Create that manager ourselves, with a server that dies with its parent."""
+    global _QUEUE_MANAGER
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+        _QUEUE_MANAGER = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _QUEUE_MANAGER.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = _QUEUE_MANAGER.Queue()
 
 
 def check_writable(root: str) -> None:
@@ -146,7 +164,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
     if not _agree(error is None):
         raise CheckpointError(f"--save {root}: cannot create {partial}: {error or 'see rank 0'}")
 
-    _results_queue_without_manager()
+    _results_queue_dies_with_us()
     dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
     try:
         torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")

@@ -2,7 +2,12 @@
 
 Losses are summed per micro-batch and returned with their token count
 (`calculate_per_token_loss`), so the schedule and finalize_model_grads normalize by the global
-token count: the loss and gradients are the same whatever the DP / micro-batch split.
+token count: the loss and gradients are the same whatever the DP / CP / micro-batch split.
+
+Under context parallelism every tensor of a micro-batch (input ids, labels, loss mask, positions)
+is cut the same way, after the labels are shifted: rank r keeps chunks r and 2*CP-1-r of 2*CP
+(model/modules/cp_attention.py). The MTP layer and its loss roll these local pieces with
+megatron-core's `roll_tensor(cp_group=...)`, which assumes exactly this layout.
 """
 
 from __future__ import annotations
@@ -11,18 +16,36 @@ from functools import partial
 
 import torch
 
+from model.modules.cp_attention import split_for_context_parallel
 
-def split_microbatches(tokens: torch.Tensor, micro_batch_size: int) -> list[dict]:
-    """[n, seq+1] tokens of this DP rank -> model inputs per micro-batch."""
+
+def _context_parallel_layout(cp_size: int | None, cp_rank: int | None) -> tuple[int, int]:
+    if cp_size is not None:
+        return cp_size, cp_rank or 0
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 0
+    return parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+
+
+def split_microbatches(tokens: torch.Tensor, micro_batch_size: int, cp_size: int | None = None,
+                       cp_rank: int | None = None) -> list[dict]:
+    """[n, seq+1] tokens of this DP rank -> model inputs per micro-batch, this CP rank's part of the
+    sequence (CP size and rank default to megatron's parallel state, or 1 without it)."""
+    cp_size, cp_rank = _context_parallel_layout(cp_size, cp_rank)
     out = []
     for mb in tokens.split(micro_batch_size):
         seq = mb.shape[1] - 1
-        out.append({
+        batch = {
             "input_ids": mb[:, :-1].contiguous(),
             "labels": mb[:, 1:].contiguous(),
             "loss_mask": torch.ones(mb.shape[0], seq, dtype=torch.float32),
             "position_ids": torch.arange(seq).expand(mb.shape[0], seq).contiguous(),
-        })
+        }
+        if cp_size > 1:
+            batch = {k: split_for_context_parallel(v, cp_size, cp_rank, dim=1) for k, v in batch.items()}
+        out.append(batch)
     return out
 
 

@@ -31,6 +31,7 @@ from pretrain.mock_data import MockData
 from pretrain.moe_stats import LoadImbalanceTracker
 from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp
 from pretrain.recipe import Recipe
+from pretrain.signals import StopSignal
 from pretrain.step import make_forward_step, split_microbatches
 
 
@@ -215,7 +216,7 @@ class Trainer:
         return out
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self) -> list[dict[str, float]]:
+    def train(self, stop: StopSignal | None = None) -> list[dict[str, float]]:
         cfg = self.cfg
         history, saved = [], False
         while self.iteration < cfg.train_iters:
@@ -241,6 +242,8 @@ class Trainer:
                 self.save()
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 break
+            if stop is not None and stop.requested(self.runtime.device):  # every rank asks: a collective
+                break  # SLURM's pre-timeout signal: the save below writes the checkpoint
         if cfg.save and not saved:
             self.save()
         return history
@@ -250,13 +253,15 @@ class Trainer:
 
 
 def pretrain(cfg: TrainConfig) -> list[dict[str, float]]:
+    stop = StopSignal()  # first: a signal during the slow start-up is not fatal
     runtime = rt.init_distributed(cfg.distributed_timeout_s)
     trainer = None
     try:
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, runtime)
-        return trainer.train()
+        return trainer.train(stop)
     finally:
         if trainer is not None:
             trainer.close()
         rt.shutdown()
+        stop.close()

@@ -20,7 +20,12 @@ TINY = get_preset("tiny")
     (ParallelDims(world_size=2), 64, 7, "--global-batch-size 7 is not divisible"),
     (ParallelDims(world_size=4, ep=4, tp=1), 64, 8, None),
     (ParallelDims(world_size=2, ep=4), 64, 8, "--expert-model-parallel-size 4"),
-    (ParallelDims(world_size=2, cp=2), 64, 8, "--context-parallel-size 2"),
+    (ParallelDims(world_size=2, cp=2), 64, 8, None),
+    (ParallelDims(world_size=2, cp=2), 66, 8, "--seq-length 66 is not divisible by 2 x --context-parallel-size 2 = 4"),
+    (ParallelDims(world_size=4, cp=2, tp=2, sequence_parallel=True), 64, 8, None),
+    (ParallelDims(world_size=4, cp=2, tp=2, sequence_parallel=True), 36, 8,
+     "--seq-length 36 is not divisible by 2 x --context-parallel-size 2 x --tensor-model-parallel-size 2"),
+    (ParallelDims(world_size=4, cp=3), 60, 8, "world size 4 is not divisible"),
     (ParallelDims(world_size=1, sequence_parallel=True), 64, 8, "--sequence-parallel needs"),
 ])
 def test_layout_errors_name_the_flag(dims, seq, gbs, message):

@@ -1,8 +1,9 @@
 """DeepSeek Sparse Attention (DSA) for GLM-5: the lightning indexer and the sparse core attention.
 
-Plugs into megatron-core's `MLASelfAttention` as its `core_attention` (the spec in model/specs.py),
-which calls it with the full-head query/key/value plus `x` (the layer input) and `qr` (the
-normalized query latent). Parameter names match megatron-core's DSA so checkpoints interoperate.
+Plugs into megatron-core's `MLASelfAttention` (our subclass in model/modules/cp_attention.py) as its
+`core_attention` (the spec in model/specs.py), which calls it with the full-head query/key/value plus
+`x` (the layer input) and `qr` (the normalized query latent). Parameter names match megatron-core's
+DSA so checkpoints interoperate.
 
     indexer:  q_I = wq_b(qr) per head, k_I = LayerNorm(wk(x)), RoPE on the last rope dims,
               score(t, s) = sum_h w_h(t) * relu(q_I[t,h] . k_I[s]),  w = weights_proj(x) * H^-1/2 * d^-1/2
@@ -11,10 +12,17 @@ normalized query latent). Parameter names match megatron-core's DSA so checkpoin
     training: the indexer learns from KL(attention || softmax(index scores)) on detached inputs,
               attached to the output by megatron's DSAIndexerLossAutoScaler.
 
-This torch path materializes [b, s, s] scores: it is the reference and the CPU path.
+Every mask is built from the queries' global positions, so the same code serves one process
+(queries 0..S-1 against keys 0..S-1) and context parallelism, where a rank holds two chunks of
+queries and receives every key: `CPAttentionInputs` carries the queries' positions and the
+indexer's keys gathered over the CP group (see cp_attention.py and docs/CONTEXT_PARALLEL.md).
+
+This torch path materializes [b, s_q, s_k] scores: it is the reference and the CPU path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,8 +32,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.experimental_attention_variant.dsa import (
     DSAIndexerLossAutoScaler,
     DSAIndexerLossLoggingHelper,
-    compute_dsa_indexer_loss,
-    unfused_dsa_fn,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -33,6 +39,73 @@ from megatron.core.transformer.spec_utils import build_module
 from model.modules.norms import LayerNorm
 
 INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (MAPPING.md D2)
+
+
+@dataclass
+class CPAttentionInputs:
+    """What the context-parallel MLA layer hands its core attention for one forward."""
+
+    q_positions: torch.Tensor  # [s_q] global positions of this rank's queries (int64)
+    index_keys: torch.Tensor  # [S, b, index_head_dim] the indexer's keys at every position, global order
+    cp_group: torch.distributed.ProcessGroup
+
+
+def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Additive fp32 mask [s_q, num_keys]: -inf where the key's position is after the query's."""
+    k_positions = torch.arange(num_keys, device=q_positions.device)
+    mask = torch.zeros(q_positions.numel(), num_keys, dtype=torch.float32, device=q_positions.device)
+    return mask.masked_fill_(k_positions.view(1, -1) > q_positions.view(-1, 1), float("-inf"))
+
+
+def sparse_attention(query, key, value, topk_indices, softmax_scale, mask):
+    """softmax(q.k * scale + mask) @ v over each query's top-k keys (megatron's `unfused_dsa_fn`
+    with the causal mask given, so queries need not be aligned with keys).
+    query [sq, b, np, hn], key [skv, b, np, hn], value [skv, b, np, hv], topk [b, sq, k],
+    mask [sq, skv] additive. Returns [sq, b, np * hv]."""
+    sq, b, np, hn = query.size()
+    skv = key.size(0)
+    hnv = value.size(3)
+    query = query.permute(1, 2, 0, 3).reshape(b * np, sq, hn)
+    key = key.permute(1, 2, 3, 0).reshape(b * np, hn, skv)
+    scores = torch.bmm(query.float(), key.float()) * softmax_scale
+    scores = scores.reshape(b, np, sq, skv)
+    index_mask = torch.full((b, sq, skv), float("-inf"), device=scores.device)
+    index_mask.scatter_(-1, topk_indices, 0)
+    index_mask += mask.view(1, sq, skv)
+    scores += index_mask.unsqueeze(1)
+    scores = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+    value = value.permute(1, 2, 0, 3).reshape(b * np, skv, hnv)
+    output = torch.bmm(scores.reshape(b * np, sq, skv).to(value.dtype), value)
+    output = output.reshape(b, np, sq, hnv).permute(2, 0, 1, 3).contiguous()
+    return output.reshape(sq, b, np * hnv)
+
+
+def indexer_kl_loss(index_scores, topk_indices, query, key, softmax_scale, loss_coeff, sparse_loss,
+                    tp_group, mask):
+    """KL(L1-normalized sum over heads of softmax(q.k*scale) || softmax(index scores)), averaged over
+    this rank's queries, times `loss_coeff` (megatron's `compute_dsa_indexer_loss`, with the causal
+    mask given). Under TP the heads' attention is summed over the TP group (values only: q, k are
+    detached)."""
+    sq, b, np, hn = query.size()
+    sk = key.size(0)
+    query = query.permute(1, 2, 0, 3).reshape(b * np, sq, hn)
+    key = key.permute(1, 2, 3, 0).reshape(b * np, hn, sk)
+    attention = (torch.bmm(query.float(), key.float()) * softmax_scale).reshape(b, np, sq, sk)
+    index_mask = torch.full((b, sq, sk), float("-inf"), dtype=torch.float32,
+                            device=attention.device).scatter_(-1, topk_indices, 0)
+    attention += mask.view(1, 1, sq, sk)
+    if sparse_loss:
+        attention += index_mask.view(b, 1, sq, sk)
+        index_scores = index_scores + index_mask
+    attention = torch.nn.functional.softmax(attention, dim=-1, dtype=torch.float32)
+    index_scores = torch.nn.functional.softmax(index_scores, dim=-1, dtype=torch.float32)
+    attention = attention.sum(dim=1)
+    if tp_group.size() > 1:
+        attention = attention.contiguous()
+        torch.distributed.all_reduce(attention, group=tp_group)
+    attention = attention / attention.sum(dim=-1, keepdim=True)
+    kl = attention * (torch.log(attention + 1e-10) - torch.log(index_scores + 1e-10))
+    return kl.sum(dim=-1).mean() * loss_coeff
 
 
 class GLMIndexer(MegatronModule):
@@ -59,32 +132,62 @@ class GLMIndexer(MegatronModule):
         self.k_norm = LayerNorm(norm_config, self.head_dim, eps=INDEXER_NORM_EPS)
         self.linear_weights_proj = build_module(submodules.linear_weights_proj, config.hidden_size,
                                                 self.n_heads, **linear)
+        # Which weights see only this TP rank's slice of the sequence, so that finalize_model_grads
+        # must sum their grads over TP (the `sequence_parallel` attribute). The queries' weights see
+        # the gathered sequence on every TP rank (identical grads: no sum). The keys' weights do too
+        # without CP; with CP and SP each rank makes the keys of its own slice (cp_attention.py).
+        # Set explicitly: TE's duplicated linear would otherwise mark all of them.
+        keys_sharded = (config.sequence_parallel and pg_collection.tp.size() > 1
+                        and pg_collection.cp.size() > 1)
+        for module, sharded in [(self.linear_wq_b, False), (self.linear_weights_proj, False),
+                                (self.linear_wk, keys_sharded), (self.k_norm, keys_sharded)]:
+            for p in module.parameters():
+                p.sequence_parallel = sharded
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         nope, pe = torch.split(t, [self.head_dim - self.rope_dim, self.rope_dim], dim=-1)
         pe = apply_rotary_pos_emb(pe, freqs, config=self.config, cp_group=self.pg_collection.cp)
         return torch.cat([nope, pe], dim=-1)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, mask: torch.Tensor):
-        """x [s, b, hidden], qr [s, b, q_lora] (sequence-parallel shards if SP), mask [s, s] or
-        [b, s, s] additive fp32. Returns index scores [b, s, s] (fp32) and top-k indices [b, s, k]."""
+    def _keys(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        k, _ = self.linear_wk(x)
+        return self._rope(self.k_norm(k).view(s, b, 1, self.head_dim), freqs).view(s, b, self.head_dim)
+
+    def freqs_at(self, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """RoPE angles [len(positions), 1, 1, rope_dim] at the given global positions."""
+        return self.rotary_pos_emb.get_emb(seq_len)[positions]
+
+    def index_keys(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """k_I = RoPE(LayerNorm(wk(x))) [s, b, head_dim] for the tokens x [s, b, hidden] at `positions`
+        of a sequence of `seq_len` (context parallelism computes each token's key on its owner)."""
+        return self._keys(x, self.freqs_at(positions, seq_len))
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, mask: torch.Tensor, cp: CPAttentionInputs | None = None):
+        """x [s, b, hidden], qr [s, b, q_lora] (sequence-parallel shards if SP), mask [s, s_k]
+        additive fp32. Without `cp` the keys are x's own tokens (s_k = s); with it, `cp.index_keys`
+        (every position) and x's tokens sit at `cp.q_positions`.
+        Returns index scores [b, s, s_k] (fp32) and top-k indices [b, s, k]."""
         if self.config.sequence_parallel and self.pg_collection.tp.size() > 1:
             x = gather_from_sequence_parallel_region(x, group=self.pg_collection.tp)
             qr = gather_from_sequence_parallel_region(qr, group=self.pg_collection.tp)
         s, b, _ = x.shape
-        freqs = self.rotary_pos_emb(s)
+        if cp is None:
+            freqs = self.rotary_pos_emb(s)
+            k = self._keys(x, freqs)
+        else:
+            k = cp.index_keys
+            freqs = self.freqs_at(cp.q_positions, k.shape[0])
 
         q, _ = self.linear_wq_b(qr)
         q = self._rope(q.view(s, b, self.n_heads, self.head_dim), freqs)
-        k, _ = self.linear_wk(x)
-        k = self._rope(self.k_norm(k).view(s, b, 1, self.head_dim), freqs).view(s, b, self.head_dim)
         w, _ = self.linear_weights_proj(x)
         w = w.float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
 
         # relu(a*c) = c*relu(a) for c>0, so scaling w instead of q.k is the same score as HF's.
         scores = torch.einsum("sbhd,tbd->bsht", q.float(), k.float()).relu_()
         scores = torch.einsum("bsht,sbh->bst", scores, w) + mask
-        topk = scores.topk(min(self.topk, s), dim=-1).indices
+        topk = scores.topk(min(self.topk, k.shape[0]), dim=-1).indices
         return scores, topk
 
 
@@ -96,14 +199,30 @@ def _without_sequence_parallel(config):
     return c
 
 
+def _sum_shared_rope_grad_over_tp(key: torch.Tensor, nope_dim: int, tp_group) -> torch.Tensor:
+    """MLA's rope key k_pe is one tensor shared by all heads, but each TP rank only has its own
+    heads: without this its gradient is this rank's heads' share. megatron-core's local path (its
+    k_pe comes through an all-gather whose backward only splits) never sums it over TP -- a 74%
+    error on those rows at TP=2 in the tiny model. Route the rope part of head 0 through an
+    identity whose backward all-reduces over TP; the other heads' copies carry no gradient."""
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    k_nope, k_pe = key[..., :nope_dim], key[..., :1, nope_dim:]
+    k_pe = copy_to_tensor_model_parallel_region(k_pe, group=tp_group)
+    return torch.cat([k_nope, k_pe.expand(*key.shape[:-1], k_pe.shape[-1])], dim=-1)
+
+
 class GLMSparseAttention(MegatronModule):
     """DSA core attention: the indexer picks top-k keys per query, attention runs over them."""
 
     def __init__(self, config, submodules, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
-                 v_channels=None, cp_comm_type=None, pg_collection=None):
+                 v_channels=None, cp_comm_type=None, pg_collection=None,
+                 rope_grad_summed_by_sp_gather: bool = False):
         super().__init__(config=config)
         self.layer_number = layer_number
+        self.sum_rope_grad = (pg_collection.tp.size() > 1
+                              and not (rope_grad_summed_by_sp_gather and config.sequence_parallel))
         self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
         # megatron's Attention base builds core attention once without k_channels before MLA
         # rebuilds it with them; the first instance is discarded.
@@ -112,22 +231,37 @@ class GLMSparseAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         # The MTP layer's layer_number is num_layers + 1: size the loss tracker for it.
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
+        self.cp_size = pg_collection.cp.size()
+        # Set by the context-parallel MLA layer right before each call (cp_attention.py).
+        self.cp_inputs: CPAttentionInputs | None = None
 
     def forward(self, query, key, value, attention_mask, x, qr, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("DSA does not support packed sequences")
+        cp, self.cp_inputs = self.cp_inputs, None
+        if cp is None and self.cp_size > 1:
+            raise RuntimeError("GLMSparseAttention under context parallelism needs the CP inputs of "
+                               "model.modules.cp_attention.CPMLASelfAttention (check the layer spec)")
+        if cp is None and self.sum_rope_grad:
+            key = _sum_shared_rope_grad_over_tp(key, self.config.qk_head_dim, self.indexer.pg_collection.tp)
         sq, skv = query.shape[0], key.shape[0]
-        causal = torch.full((sq, skv), float("-inf"), device=query.device).triu_(1)
-        index_scores, topk = self.indexer(x.detach(), qr.detach(), causal)
-        output = unfused_dsa_fn(query, key, value, topk, self.softmax_scale)
+        q_positions = cp.q_positions if cp is not None else torch.arange(sq, device=query.device)
+        mask = causal_mask(q_positions, skv)
+        index_scores, topk = self.indexer(x.detach(), qr.detach(), mask, cp)
+        output = sparse_attention(query, key, value, topk, self.softmax_scale, mask)
 
         coeff = self.config.dsa_indexer_loss_coeff or 0.0
         if self.training and torch.is_grad_enabled() and coeff > 0:
-            loss = compute_dsa_indexer_loss(
-                index_scores, topk, query.detach(), key.detach(), self.softmax_scale, coeff,
-                self.config.dsa_indexer_use_sparse_loss, self.indexer.pg_collection,
-            )
-            DSAIndexerLossLoggingHelper.save_loss_to_tracker(loss, self.layer_number, self.tracked_layers)
+            # A mean over this rank's queries. Its backward scale is the tokens per micro-batch on
+            # this rank (pretrain/recipe.py: S/CP per sequence), which makes it a token sum like the
+            # LM loss; the sum over CP ranks (in DDP's DP x CP reduction) is then one process's.
+            loss = indexer_kl_loss(index_scores, topk, query.detach(), key.detach(), self.softmax_scale,
+                                   coeff, self.config.dsa_indexer_use_sparse_loss,
+                                   self.indexer.pg_collection.tp, mask)
+            # Logged value: CP ranks hold equal numbers of queries, so their mean is the global mean.
+            DSAIndexerLossLoggingHelper.save_loss_to_tracker(
+                loss, self.layer_number, self.tracked_layers,
+                avg_group=cp.cp_group if cp is not None else None)
             output = DSAIndexerLossAutoScaler.apply(output, loss)
         return output

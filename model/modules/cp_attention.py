@@ -1,0 +1,187 @@
+"""Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 has none: it refuses
+CP with DSA, and its CP exists only inside Transformer Engine's dense attention).
+
+Layout (Megatron-LM's convention): the sequence of S tokens is cut into 2·CP chunks of S/(2·CP);
+CP rank r holds chunks r and 2·CP-1-r, so every rank has the same causal work (an early chunk with
+few keys plus a late one with many). Under sequence parallelism the TP ranks of a CP rank further
+split its S/CP tokens evenly. `split_for_context_parallel` cuts batches this way (pretrain/step.py)
+and `context_parallel_positions` gives the global positions.
+
+Per layer, `CPMLASelfAttention.get_query_key_value_tensors` replaces megatron's query/key/value
+computation:
+1. each rank computes, for its own tokens only, the compressed KV latent (kv_layernorm applied),
+   the shared RoPE key k_pe (rotated at the tokens' global positions) and the indexer's key k_I
+   (LayerNorm(wk x), rotated);
+2. ONE all-gather collects [latent | k_pe | k_I] of every token: 512 + 64 + 128 = 704 values per
+   token for GLM-5, over the CP group (over the TP×CP group under sequence parallelism, which also
+   replaces the TP all-gather of the sequence); its backward is the matching reduce-scatter, which
+   sums every rank's gradient for a token and hands it to the token's owner;
+3. the gathered rows are put in global order and up-projected to this TP rank's heads (K, V for
+   all S positions); queries stay local, RoPE'd at this rank's global positions;
+4. the core attention (model/modules/dsa.py) receives the queries' positions and the gathered k_I:
+   the indexer scores this rank's queries against every key with the causal mask at global
+   positions, takes its top-k, and sparse attention runs locally.
+
+Gradient bookkeeping (see docs/CONTEXT_PARALLEL.md): the latent and k_pe are consumed by each TP
+rank with its own heads, so the reduce-scatter's sum is the full gradient. k_I is consumed
+identically by every TP rank (the indexer is replicated over TP), so its gradient is divided by
+TP before that sum; wk and k_norm then see only this rank's tokens and are marked for the TP
+all-reduce in finalize_model_grads (GLMIndexer does that). Sums over CP ranks happen in DDP's
+reduction over DP×CP, like every other weight's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings import apply_rotary_pos_emb
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+from model.modules.dsa import CPAttentionInputs
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global positions [S/CP] of CP rank `cp_rank`'s tokens: chunk r, then chunk 2·CP-1-r."""
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x CP = {2 * cp_size}")
+    c = seq_len // (2 * cp_size)
+    last = 2 * cp_size - 1 - cp_rank
+    return torch.cat([torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device),
+                      torch.arange(last * c, (last + 1) * c, device=device)])
+
+
+def split_for_context_parallel(t: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
+    """This CP rank's part of `t` along its sequence dimension `dim` (chunks r and 2·CP-1-r)."""
+    if cp_size == 1:
+        return t
+    seq_len = t.shape[dim]
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x CP = {2 * cp_size}")
+    chunks = t.unflatten(dim, (2 * cp_size, seq_len // (2 * cp_size)))
+    index = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=t.device)
+    return chunks.index_select(dim, index).flatten(dim, dim + 1).contiguous()
+
+
+def to_global_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Rows gathered in CP-rank order (each rank's chunks r, 2·CP-1-r) -> global order, along dim 0."""
+    g = gathered.unflatten(0, (cp_size, 2, -1))
+    return torch.cat([g[:, 0], g[:, 1].flip(0)]).flatten(0, 1)
+
+
+class CPMLASelfAttention(MLASelfAttention):
+    """megatron-core's MLA self-attention, with context parallelism for the DSA core attention.
+
+    With CP = 1 it is MLASelfAttention unchanged. With CP > 1 only `get_query_key_value_tensors`
+    differs (module docstring); parameters, their names and the rest of the forward are megatron's.
+    """
+
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.padding,
+                 cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        pg = self.pg_collection
+        self.cp_size = pg.cp.size()
+        if self.cp_size == 1:
+            return
+        unsupported = [
+            (config.rope_type != "rope", f"rope_type {config.rope_type!r} (only 'rope')"),
+            (config.q_lora_rank is None, "q_lora_rank None (DSA needs the query latent)"),
+            (config.apply_rope_fusion, "apply_rope_fusion"),
+            (self.recompute_up_proj, "recompute of mla_up_proj"),
+            (config.cache_mla_latents, "cache_mla_latents"),
+            (getattr(self.linear_kv_up_proj, "bias", None) is not None, "a bias in linear_kv_up_proj"),
+            (not hasattr(self.core_attention, "cp_inputs"), "a core attention other than GLMSparseAttention"),
+        ]
+        for bad, what in unsupported:
+            if bad:
+                raise ValueError(f"--context-parallel-size {self.cp_size} with MLA+DSA does not support {what}")
+        # Under sequence parallelism each rank holds S/(CP·TP) tokens and gathers over TP×CP in one
+        # collective; to_global_order needs that group's ranks ordered CP-major, TP-minor.
+        self.sp = config.sequence_parallel and pg.tp.size() > 1
+        if self.sp:
+            group = getattr(pg, "tp_cp", None) or parallel_state.get_tensor_and_context_parallel_group()
+            if group.rank() != pg.cp.rank() * pg.tp.size() + pg.tp.rank():
+                raise RuntimeError("the TP x CP group is not ordered CP-major, TP-minor")
+        else:
+            group = pg.cp
+        self.kv_gather_group = group
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None,
+                                    packed_seq_params=None, inference_context=None, *, inference_params=None):
+        if self.cp_size == 1:
+            return super().get_query_key_value_tensors(
+                hidden_states, key_value_states, position_ids, packed_seq_params,
+                inference_context=inference_context, inference_params=inference_params)
+        if packed_seq_params is not None or inference_context is not None or inference_params is not None:
+            raise NotImplementedError("context parallelism for MLA+DSA: training without packed sequences only")
+        return self._context_parallel_qkv(hidden_states)
+
+    def _context_parallel_qkv(self, hidden_states):
+        cfg, pg = self.config, self.pg_collection
+        tp_size, tp_rank = pg.tp.size(), pg.tp.rank()
+        s_own, b, _ = hidden_states.shape  # this rank's tokens (its SP slice under SP)
+        s_local = s_own * (tp_size if self.sp else 1)  # this CP rank's tokens, S/CP
+        seq_len = s_local * self.cp_size
+        q_positions = context_parallel_positions(seq_len, self.cp_size, pg.cp.rank(), hidden_states.device)
+        own_positions = q_positions[tp_rank * s_own:(tp_rank + 1) * s_own] if self.sp else q_positions
+        freqs = self.rotary_pos_emb.get_emb(seq_len)  # [S, 1, 1, rope] at global positions
+
+        # Query latent: as megatron (a TP-sharded down projection is gathered, then re-split for SP).
+        q_compressed, _ = self.linear_q_down_proj(hidden_states)
+        if q_compressed.size(-1) != cfg.q_lora_rank:
+            q_compressed = gather_from_tensor_model_parallel_region(q_compressed)
+            if cfg.sequence_parallel:
+                q_compressed = scatter_to_sequence_parallel_region(q_compressed)
+        q_compressed = self.q_layernorm(q_compressed)
+
+        # This rank's tokens' KV latent, shared RoPE key and indexer key.
+        kv_combined, _ = self.linear_kv_down_proj(hidden_states)
+        if kv_combined.size(-1) != cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim:
+            kv_combined = gather_from_tensor_model_parallel_region(kv_combined)
+            if cfg.sequence_parallel:
+                kv_combined = scatter_to_sequence_parallel_region(kv_combined)
+        latent, k_pe = torch.split(kv_combined, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
+        latent = self.kv_layernorm(latent)
+        k_pe = apply_rotary_pos_emb(k_pe.unsqueeze(-2), freqs[own_positions], config=cfg, cp_group=pg.cp)
+        indexer = self.core_attention.indexer
+        k_index = indexer.index_keys(hidden_states.detach(), own_positions, seq_len)
+
+        # ONE all-gather (backward: reduce-scatter) of every token's [latent | k_pe | k_I].
+        own = torch.cat([latent, k_pe.squeeze(-2), k_index.to(latent.dtype)], dim=-1)
+        every = gather_from_sequence_parallel_region(own, group=self.kv_gather_group)
+        every = to_global_order(every, self.cp_size)
+        latent_all, k_pe_all, k_index_all = torch.split(
+            every, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, indexer.head_dim], dim=-1)
+        if self.sp and k_index_all.requires_grad:
+            # Every TP rank runs the same indexer on the same keys: count their gradient once.
+            # (No gradient reaches it without the indexer loss: the hook then sees None.)
+            k_index_all.register_hook(lambda g: None if g is None else g / tp_size)
+
+        # K, V of this TP rank's heads at all S positions.
+        if self.sp:
+            # The linear's own sequence-parallel all-gather is already done by the gather above.
+            kv = F.linear(latent_all, self.linear_kv_up_proj.weight)
+        else:
+            kv, _ = self.linear_kv_up_proj(latent_all)
+        heads = self.num_attention_heads_per_partition
+        kv = kv.view(seq_len, b, heads, cfg.qk_head_dim + cfg.v_head_dim)
+        k_nope, value = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe_all.unsqueeze(-2).expand(-1, -1, heads, -1)], dim=-1)
+
+        # Queries of this rank's tokens, RoPE'd at their global positions.
+        q, _ = self.linear_q_up_proj(q_compressed)
+        q = q.view(s_local, b, heads, self.q_head_dim)
+        q_nope, q_pe = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+        q_pe = apply_rotary_pos_emb(q_pe, freqs[q_positions], config=cfg, cp_group=pg.cp)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+
+        self.core_attention.cp_inputs = CPAttentionInputs(q_positions=q_positions, index_keys=k_index_all,
+                                                          cp_group=pg.cp)
+        return query.contiguous(), key.contiguous(), value.contiguous(), q_compressed, latent
