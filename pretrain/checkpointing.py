@@ -169,6 +169,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
     try:
         torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
         faults.inject("save-shards")
+        faults.inject(f"save-shards-{iteration}")
         if rank == 0:
             distributed = getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
             state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
@@ -211,6 +212,12 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
+    if state.get("weights_only"):
+        # Model weights only (tools/import_hf.py): optimizer, scheduler, data position and RNG start fresh.
+        loaded = dist_checkpointing.load(sharded_state(model, None, is_loading=True), str(directory))
+        for i, chunk in enumerate(map(_unwrap, model)):
+            chunk.load_state_dict(loaded[_model_key(i, len(model))])
+        return state
     distributed = bool(getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
                        == "DistributedOptimizer")
     if distributed and not state.get("distributed_optimizer", False):

@@ -9,6 +9,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from pretrain.config import TrainConfig
 
 
+def wrap_precision(chunks, tconfig):
+    """bf16: megatron's Float16Module casts every parameter (norms included) to bf16 and the
+    outputs back to fp32, as Megatron-LM does; the expert bias stays fp32 inside the router."""
+    if not tconfig.bf16:
+        return chunks
+    from megatron.core.transformer.module import Float16Module
+
+    return [Float16Module(tconfig, chunk) for chunk in chunks]
+
+
 def wrap_ddp(chunks, tconfig, cfg: TrainConfig):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

@@ -29,7 +29,7 @@ from pretrain.config import TrainConfig
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
 from pretrain.moe_stats import LoadImbalanceTracker
-from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp
+from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp, wrap_precision
 from pretrain.recipe import Recipe
 from pretrain.signals import StopSignal
 from pretrain.step import make_forward_step, split_microbatches
@@ -47,7 +47,7 @@ class Trainer:
         for chunk in chunks:
             chunk.to(runtime.device)
         init_weights(chunks, cfg.model.vocab_size, cfg.seed)
-        self.model = wrap_ddp(chunks, self.tconfig, cfg)
+        self.model = wrap_ddp(wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 

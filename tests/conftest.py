@@ -58,3 +58,17 @@ def data_synthetic(tmp_path):
         return str(tmp_path / name / "manifest.json"), docs
 
     return write
+
+
+# --- training runs shared by several test modules --------------------------------------------
+TINY_RUN = ["--preset", "tiny", "--mock-data", "--train-iters", "8", "--global-batch-size", "8", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory) -> dict:
+    """TensorBoard scalars of an uninterrupted single-process run of TINY_RUN (8 iterations)."""
+    from tests.helpers import read_scalars, torchrun
+
+    tb = tmp_path_factory.mktemp("tiny_reference")
+    torchrun(1, [*TINY_RUN, "--tensorboard-dir", str(tb)])
+    return read_scalars(tb)

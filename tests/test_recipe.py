@@ -1,5 +1,7 @@
 """The GLM-5 recipe: MTP weight schedule, expert-bias balancing, DSA warm-up stage, batch ramp."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -16,15 +18,6 @@ def test_token_schedules_parse():
     assert s(0) == 0.3 and s(10**13 - 1) == 0.3 and s(10**13) == 0.1
     with pytest.raises(ValueError, match="--mtp-loss-scaling-factor"):
         TokenSchedule.parse("0.3,oops", "--mtp-loss-scaling-factor")
-
-
-def test_mtp_weight_changes_at_the_scheduled_token_count(tmp_path):
-    # 8 x 64 = 512 tokens per step: the weight drops after 1536 tokens, i.e. from the 4th step on.
-    torchrun(1, [*TINY, "--train-iters", "5", "--mtp-loss-scaling-factor", "0.3,1536:0.1",
-                 "--tensorboard-dir", str(tmp_path)])
-    s = read_scalars(tmp_path)
-    assert [round(s["mtp-loss-scaling-factor"][i], 6) for i in range(1, 6)] == [0.3, 0.3, 0.3, 0.1, 0.1]
-    assert "mtp loss" in s and "lm loss" in s
 
 
 def test_expert_bias_lowers_load_imbalance(tmp_path):
@@ -57,18 +50,24 @@ def test_dsa_warmup_trains_only_the_indexer(tmp_path, single_process_group):
     assert s["dsa/stage"] == {1: 0.0, 2: 0.0} and s["dsa/indexer-loss"][1] > 0
 
 
-def test_batch_ramp_and_resume(tmp_path):
-    ramp = ["--rampup-batch-size", "4", "2", "12", "--train-iters", "5"]
-    torchrun(1, [*TINY, *ramp, "--tensorboard-dir", str(tmp_path / "full")])
-    full = read_scalars(tmp_path / "full")
+def test_batch_ramp_mtp_schedule_and_resume(tmp_path):
     # Megatron's ramp: +2 sequences every 12 / ((8 - 4) / 2) = 6 consumed samples, up to 8:
-    # consumed 0 -> 4, 4 -> 4, 8 -> 6, 14 -> 8
-    assert [full["batch-size"][i] for i in range(1, 6)] == [4.0, 4.0, 6.0, 8.0, 8.0]
+    # consumed 0 -> 4, 4 -> 4, 8 -> 6, 14 -> 8. The MTP weight drops after 1000 tokens (64 per sequence):
+    # consumed tokens before steps 1..5 are 0, 256, 512, 896, 1408.
+    recipe = ["--rampup-batch-size", "4", "2", "12", "--train-iters", "5", "--mtp-loss-scaling-factor", "0.3,1000:0.1"]
     ck = tmp_path / "ck"
-    torchrun(1, [*TINY, *ramp, "--save", str(ck), "--exit-interval", "2"])
-    torchrun(1, [*TINY, *ramp, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "resumed")])
+    torchrun(1, [*TINY, *recipe, "--save", str(ck), "--save-interval", "2", "--tensorboard-dir", str(tmp_path / "full")])
+    full = read_scalars(tmp_path / "full")
+    assert [full["batch-size"][i] for i in range(1, 6)] == [4.0, 4.0, 6.0, 8.0, 8.0]
+    assert [round(full["mtp-loss-scaling-factor"][i], 6) for i in range(1, 6)] == [0.3, 0.3, 0.3, 0.3, 0.1]
+
+    resume = tmp_path / "resume"  # the checkpoint of iteration 2, as if the run had stopped there
+    resume.mkdir()
+    shutil.copytree(ck / "iter_0000002", resume / "iter_0000002")
+    (resume / "latest_checkpointed_iteration.txt").write_text("2\n")
+    torchrun(1, [*TINY, *recipe, "--load", str(resume), "--tensorboard-dir", str(tmp_path / "resumed")])
     resumed = read_scalars(tmp_path / "resumed")
     for it in (3, 4, 5):
-        assert resumed["batch-size"][it] == full["batch-size"][it]
-        assert resumed["consumed-tokens"][it] == full["consumed-tokens"][it]
+        for tag in ("batch-size", "consumed-tokens", "mtp-loss-scaling-factor"):
+            assert resumed[tag][it] == full[tag][it], (tag, it)
         assert resumed["lm loss"][it] == pytest.approx(full["lm loss"][it], rel=1e-6)

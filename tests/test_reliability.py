@@ -12,14 +12,12 @@ import pytest
 from pretrain.checkpointing import TRACKER, latest_iteration
 from tests.helpers import ROOT, child_env, free_port, read_scalars, torchrun
 
-BASE = ["--preset", "tiny", "--mock-data", "--train-iters", "8", "--global-batch-size", "8", "--lr", "3e-3"]
+from tests.conftest import TINY_RUN as BASE
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tb = tmp_path_factory.mktemp("full")
-    torchrun(1, [*BASE, "--tensorboard-dir", str(tb)])
-    return read_scalars(tb)["lm loss"]
+def uninterrupted(tiny_reference):
+    return tiny_reference["lm loss"]
 
 
 def start(nproc, args, env=None):
@@ -66,15 +64,10 @@ def test_sigkill_after_a_checkpoint_loses_only_work_since_it(tmp_path, uninterru
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
     ck = tmp_path / "ck"
     proc = torchrun(1, [*BASE, "--save", str(ck), "--save-interval", "4"], check=False,
-                    env={"GLM5_INJECT_FAULT": "kill@save-shards"})
-    assert proc.returncode != 0  # killed inside the very first save
-    assert not (ck / TRACKER).exists() and not (ck / "iter_0000004").exists()
-
-    torchrun(1, [*BASE, "--save", str(ck), "--save-interval", "4", "--exit-interval", "4"])
-    proc = torchrun(1, [*BASE, "--load", str(ck), "--save", str(ck), "--save-interval", "4"], check=False,
-                    env={"GLM5_INJECT_FAULT": "kill@save-shards"})
-    assert proc.returncode != 0  # killed while writing iteration 8
+                    env={"GLM5_INJECT_FAULT": "kill@save-shards-8"})  # SIGKILL inside the second save
+    assert proc.returncode != 0
     assert latest_iteration(ck) == 4 and (ck / "iter_0000008.partial").exists()
+    assert not (ck / "iter_0000008").exists()
     torchrun(1, [*BASE, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "tb")])
     assert read_scalars(tmp_path / "tb")["lm loss"][5] == pytest.approx(uninterrupted[5], rel=1e-5)
 
@@ -96,23 +89,16 @@ def test_unusable_save_dir_is_refused_before_work(tmp_path):
     assert "iteration" not in proc.stdout
 
 
-def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
-    tb = tmp_path / "tb"
-    torchrun(1, [*BASE, "--train-iters", "5", "--tensorboard-dir", str(tb)],
-             env={"GLM5_INJECT_FAULT": "nan-loss@2,nan-loss@4"})
+def test_non_finite_steps_are_skipped_counted_and_bounded_and_spikes_logged(tmp_path):
+    tb, ck = tmp_path / "tb", tmp_path / "ck"
+    proc = torchrun(1, [*BASE, "--max-consecutive-skipped-iters", "2", "--loss-spike-factor", "0.5",
+                        "--save", str(ck), "--save-interval", "1", "--tensorboard-dir", str(tb)],
+                    check=False, env={"GLM5_INJECT_FAULT": "nan-loss@2,nan-loss@5,nan-loss@6"})
     s = read_scalars(tb)
-    assert [s["skipped-iterations"][i] for i in range(1, 6)] == [0, 1, 0, 1, 0]
-    assert s["skipped-iterations-total"][5] == 2 and s["lm loss"][5] == s["lm loss"][5]  # finite again
-
-    ck = tmp_path / "ck"
-    proc = torchrun(1, [*BASE, "--max-consecutive-skipped-iters", "2", "--save", str(ck), "--save-interval", "1"],
-                    check=False, env={"GLM5_INJECT_FAULT": "nan-loss@3,nan-loss@4"})
+    assert [s["skipped-iterations"][i] for i in range(1, 6)] == [0, 1, 0, 0, 1]
+    assert s["skipped-iterations-total"][5] == 2 and s["lm loss"][4] == s["lm loss"][4]  # finite again
     assert proc.returncode != 0 and "2 consecutive iterations" in proc.stderr
-    assert latest_iteration(ck) == 3  # saved after 3 (a skipped, harmless step), never after the stop
-
-
-def test_loss_spikes_are_logged(tmp_path):
-    proc = torchrun(1, [*BASE, "--train-iters", "3", "--loss-spike-factor", "0.5"])
+    assert latest_iteration(ck) == 5  # never saved after the stop
     assert "loss spike at iteration 2" in proc.stdout
 
 

@@ -1,0 +1,200 @@
+"""Check an HF export against the checkpoint it came from: same tokens, same logits.
+
+    python tools/verify_hf.py --load CKPT [--iteration N] --hf EXPORT_DIR [--tokens 48] [--tolerance 1e-4]
+
+Our model is built in this process on CPU (TP=1, fp32) and loaded from the checkpoint with
+dist_checkpointing; the export is loaded by transformers (`AutoModelForCausalLM`, fp32) and must have
+no missing keys. Both run the same random tokens -- more than index_topk of them, so the DSA top-k
+selection really drops keys -- and the main logits must agree within the tolerance (HF does not run
+the MTP layer).
+
+A bf16 or fp8 export holds rounded weights. Our model is then given the same rounding, applied where
+the export applies it: each weight goes megatron -> HF (model/hf_mapping.py), is rounded there (cast,
+or FP8 block quantize-dequantize), and comes back by the inverse map. The comparison stays exact
+(1e-4 in fp32) and still catches any mapping error, because the HF side reads the files. An FP8
+export is dequantized into a temporary fp32 copy for transformers (its FP8 loader needs accelerate,
+and a GPU to run without dequantizing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# megatron-core announces at import that Apex/Transformer Engine are absent (expected on CPU).
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+import torch  # noqa: E402
+
+from model import fp8_blocks, hf_mapping  # noqa: E402
+
+
+class VerificationError(RuntimeError):
+    pass
+
+
+def _state_dict_name(logical: str) -> str:
+    """Logical megatron name -> the single-process (SequentialMLP) module's state_dict name."""
+    key, expert = hf_mapping.storage_key(logical)
+    if expert is None:
+        return logical
+    return key.replace(".mlp.experts.experts.", f".mlp.experts.local_experts.{expert}.")
+
+
+def _round_like_export(hf_name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "fp32" or hf_mapping.keeps_fp32(hf_name):
+        return t
+    if dtype == "fp8" and hf_mapping.fp8_quantized(hf_name, t.dim()):
+        return fp8_blocks.dequantize(*fp8_blocks.quantize(t), dtype=t.dtype)
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+@torch.no_grad()
+def round_model_like_export(chunk, cfg, dtype: str) -> None:
+    state = chunk.state_dict(keep_vars=True)
+    dims = hf_mapping.Dims.of(cfg, padded_vocab_size=chunk.embedding.word_embeddings.weight.shape[0])
+    for c in hf_mapping.conversions(cfg):
+        target = state[_state_dict_name(c.megatron)]
+        hf = [_round_like_export(n, t, dtype) for n, t in zip(c.hf, c.transform.to_hf(target.detach().clone(), dims))]
+        target.copy_(c.transform.to_megatron(hf, dims))
+
+
+def _init_single_process(cfg, seed: int = 1234) -> None:
+    import torch.distributed as dist
+
+    from parallel import runtime as rt
+    from parallel.dims import ParallelDims
+
+    if not dist.is_initialized() and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port: several single-process tools may run at once
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rt.init_distributed()
+    rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, seed)
+
+
+def build_our_model(load: str, iteration: int | None):
+    """Our model (TP=1, fp32, CPU) with the checkpoint's weights, and its config."""
+    from megatron.core import dist_checkpointing
+
+    from model.builder import build_model
+    from model.config import GLM5Config
+    from model.mcore_config import ModelOptions, to_transformer_config
+    from pretrain.checkpointing import SHARDING_METADATA, iter_dir, read_run_state
+
+    iteration, state = read_run_state(load, iteration)
+    cfg = GLM5Config.from_hf_dict(state["model_config"])
+    _init_single_process(cfg)
+    (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
+    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)},
+                                     str(iter_dir(load, iteration)))
+    chunk.load_state_dict(loaded["model"])
+    return chunk.eval(), cfg
+
+
+def _dequantized_copy(src: Path, dst: Path) -> None:
+    """An fp32 copy of an FP8 export (weights dequantized, scales and quantization_config dropped)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for name in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        with safe_open(str(src / name), "pt") as f:
+            keys = set(f.keys())
+            for k in keys:
+                if k.endswith("weight_scale_inv"):
+                    continue
+                t = f.get_tensor(k)
+                scale = hf_mapping.scale_name(k) if k.endswith("weight") else None
+                tensors[k] = (fp8_blocks.dequantize(t, f.get_tensor(scale)) if scale in keys else t.float())
+        save_file(tensors, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def load_hf(hf_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = hf_dir
+        if "quantization_config" in config:
+            _dequantized_copy(Path(hf_dir), Path(tmp))
+            path = tmp
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def main_logits(chunk, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s, padded vocab] logits of the main head. With an MTP layer megatron's GPTModel needs
+    labels and returns losses; the logits are the output layer's last call (after the MTP heads'),
+    cloned because the cross entropy then works on them in place."""
+    calls = []
+    hook = chunk.output_layer.register_forward_hook(lambda mod, args, out: calls.append(out[0].clone()))
+    try:
+        positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        chunk(input_ids=tokens, position_ids=positions, attention_mask=None, labels=tokens)
+    finally:
+        hook.remove()
+    return calls[-1].transpose(0, 1)  # [s, b, V] -> [b, s, V]
+
+
+@torch.no_grad()
+def verify_export(load: str, iteration: int | None, hf_dir: str, dtype: str, num_tokens: int = 48,
+                  tolerance: float = 1e-4, seed: int = 0) -> dict:
+    ours, cfg = build_our_model(load, iteration)
+    tokens = torch.randint(0, cfg.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(seed))
+    result = {"tokens": num_tokens, "index_topk": cfg.index_topk, "dtype": dtype, "tolerance": tolerance}
+    if dtype != "fp32":
+        unrounded = main_logits(ours, tokens)[..., : cfg.vocab_size]
+        round_model_like_export(ours, cfg, dtype)
+    hf, info = load_hf(hf_dir)
+    if type(hf).__name__ != "GlmMoeDsaForCausalLM":
+        raise VerificationError(f"transformers loaded {type(hf).__name__}, not GlmMoeDsaForCausalLM")
+    if info["missing_keys"]:
+        raise VerificationError(f"transformers reports missing keys: {sorted(info['missing_keys'])[:5]}")
+    ours_logits = main_logits(ours, tokens)[..., : cfg.vocab_size]
+    hf_logits = hf(input_ids=tokens).logits.float()
+    diff = (ours_logits - hf_logits).abs().max().item()
+    result["max_abs_logit_diff"] = diff
+    if dtype != "fp32":  # for information: what the rounding itself changes
+        result["rounding_max_abs_logit_change"] = (unrounded - hf_logits).abs().max().item()
+    if not diff <= tolerance:
+        raise VerificationError(f"max |logit difference| {diff:.3e} > {tolerance:g} over {num_tokens} tokens")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True)
+    p.add_argument("--iteration", type=int, default=None)
+    p.add_argument("--hf", required=True, help="the exported directory")
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    args = p.parse_args(argv)
+    config = json.loads((Path(args.hf) / "config.json").read_text())
+    dtype = ("fp8" if "quantization_config" in config
+             else "fp32" if config.get("torch_dtype", config.get("dtype")) == "float32" else "bf16")
+    try:
+        result = verify_export(args.load, args.iteration, args.hf, dtype, args.tokens, args.tolerance)
+    except VerificationError as e:
+        print(f"verify_hf: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
