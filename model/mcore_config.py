@@ -146,6 +146,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     )
     if o.recompute_modules is None:
         kwargs.pop("recompute_modules")
+    if o.recompute_granularity == "full":  # every layer, one at a time (Megatron-LM's uniform/1)
+        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     config = MLATransformerConfig(**kwargs)
     # megatron-core's __post_init__ refuses DSA with context parallelism ("Currently context
     # parallelism is not supported by DSAttention!"): its DSAttention has no CP. Our layer spec

@@ -47,3 +47,13 @@ def test_count_matches_the_built_tiny_model(single_process_group):
     built = sum(p.numel() for p in chunk.parameters())
     built += sum(b.numel() for n, b in chunk.named_buffers() if n.endswith("expert_bias"))
     assert built == count_parameters(cfg)["params_total_with_mtp"]
+
+
+def test_recipe_file_gives_memory_per_gpu_and_total_tokens():
+    out = subprocess.run([sys.executable, "tools/model_info.py", "--recipe", "launch/recipes/glm5-576xh100.args"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["world_size"] == 576 and info["layout"]["dp"] == 48
+    assert info["total_tokens"] == pytest.approx(28.5e12, rel=0.01)
+    assert info["ramp_tokens"] == pytest.approx(469e9, rel=0.01)
+    assert 20 < info["memory_gb_total_estimate"] < 80  # fits an H100 by the estimate

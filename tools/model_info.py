@@ -1,6 +1,9 @@
 """Print a GLM-5 model's sizes and training FLOPs as one JSON object.
 
     python tools/model_info.py --preset glm5 [--seq-length 4096]
+    python tools/model_info.py --recipe launch/recipes/glm5-576xh100.args   # + memory per GPU, total tokens
+
+A recipe is a file of launch/pretrain.py flags (the SLURM config format) with a `# world-size: N` line.
 """
 
 import argparse
@@ -10,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accounting import model_info  # noqa: E402
+from model.accounting import memory_per_gpu, model_info  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset  # noqa: E402
 
@@ -20,7 +23,11 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="glm5", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--model-config", default=None, help="an HF config.json instead of a preset")
     p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line")
     args = p.parse_args(argv)
+    if args.recipe:
+        print(json.dumps(recipe_info(args.recipe, p)))
+        return
     try:
         cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     except (ValueError, FileNotFoundError) as e:
@@ -28,6 +35,55 @@ def main(argv=None) -> None:
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     info = {"preset": None if args.model_config else args.preset, **model_info(cfg, seq)}
     print(json.dumps(info))
+
+
+def read_recipe(path: str, parser) -> tuple[list[str], int]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        parser.error(f"--recipe {path}: {e.strerror}")
+    world = [ln.split(":", 1)[1] for ln in lines if ln.strip().startswith("# world-size:")]
+    if not world:
+        parser.error(f"--recipe {path}: no '# world-size: N' line")
+    flags = [tok for ln in lines for tok in ln.split("#", 1)[0].split()]
+    return flags, int(world[0])
+
+
+def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, int]:
+    """(samples, of which during the ramp) over `iters` steps, with Megatron-LM's ramp rule."""
+    samples = ramp_samples = 0
+    for _ in range(iters):
+        bs = gbs
+        if ramp:
+            start, inc, over = ramp
+            steps = (gbs - start) // inc
+            bs = min(gbs, start + inc * (samples // (over // steps))) if samples < over else gbs
+            ramp_samples += bs if samples < over else 0
+        samples += bs
+    return samples, ramp_samples
+
+
+def recipe_info(path: str, parser) -> dict:
+    from pretrain.arguments import build_parser
+
+    flags, world = read_recipe(path, parser)
+    args = build_parser().parse_args(flags)
+    cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
+    seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world % (tp * pp * cp):
+        parser.error(f"--recipe {path}: world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    dp = world // (tp * pp * cp)
+    etp = args.expert_tensor_parallel_size or tp
+    memory = memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp,
+                            seq_length=seq // cp, micro_batch_size=args.micro_batch_size,
+                            distributed_optimizer=args.use_distributed_optimizer,
+                            full_recompute=args.recompute_granularity == "full")
+    samples, ramp = total_samples(args.train_iters, args.global_batch_size, args.rampup_batch_size)
+    return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
+            "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq,
+            "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
+            **memory, "memory_gb_total_estimate": sum(v for k, v in memory.items() if k.endswith(("_gb", "_estimate")))}
 
 
 if __name__ == "__main__":
