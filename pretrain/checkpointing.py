@@ -67,10 +67,9 @@ def sharded_state(model, optimizer, is_loading: bool) -> dict:
     for i, chunk in enumerate(map(_unwrap, model)):
         state[_model_key(i, len(model))] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
     if optimizer is not None:
-        model_state = {}
-        for v in state.values():
-            model_state.update(v)
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+        # The nested {model0: ..., model1: ...} of interleaved pipelining, not a merged dict: the
+        # chunks' keys are local to each chunk and would overwrite each other.
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=SHARDING_METADATA)
     return state
 

@@ -61,14 +61,21 @@ def data_synthetic(tmp_path):
 
 
 # --- training runs shared by several test modules --------------------------------------------
-TINY_RUN = ["--preset", "tiny", "--mock-data", "--train-iters", "8", "--global-batch-size", "8", "--lr", "3e-3"]
+TINY_RUN = ["--preset", "tiny", "--mock-data", "--train-iters", "8", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--seed", "1234", "--lr", "3e-3", "--lr-warmup-iters", "2"]
 
 
 @pytest.fixture(scope="session")
-def tiny_reference(tmp_path_factory) -> dict:
-    """TensorBoard scalars of an uninterrupted single-process run of TINY_RUN (8 iterations)."""
+def tiny_reference_run(tmp_path_factory):
+    """(stdout, TensorBoard scalars) of the uninterrupted single-process run of TINY_RUN: the first
+    training run's checks and the reference that parallel layouts and resumed runs must match."""
     from tests.helpers import read_scalars, torchrun
 
     tb = tmp_path_factory.mktemp("tiny_reference")
-    torchrun(1, [*TINY_RUN, "--tensorboard-dir", str(tb)])
-    return read_scalars(tb)
+    proc = torchrun(1, [*TINY_RUN, "--tensorboard-dir", str(tb)])
+    return proc.stdout, read_scalars(tb)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_reference_run) -> dict:
+    return tiny_reference_run[1]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from model import fp8_blocks
 from pretrain import checkpointing
 from tests.helpers import ROOT, child_env, free_port, torchrun
+from tests.test_export_hf import read_all as tensors
 from tests.test_export_hf import tiny_checkpoint
 from tools import export_hf
 from tools import import_hf as tools_import_hf
@@ -48,15 +49,6 @@ def import_hf(hf, save, *layout, nproc=1, check=True) -> subprocess.CompletedPro
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    out = {}
-    for name in sorted(set(index["weight_map"].values())):
-        with safe_open(str(directory / name), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def assert_bit_identical(a: Path, b: Path) -> None:

@@ -8,12 +8,13 @@ Adding a layout is one entry in LAYOUTS.
 
 import pytest
 
+from tests.conftest import TINY_RUN
 from tests.helpers import read_scalars, torchrun
 
 ITERS = 3
 TOL = 2e-3
-COMMON = ["--preset", "tiny", "--mock-data", "--train-iters", str(ITERS), "--global-batch-size", "8",
-          "--micro-batch-size", "1", "--seed", "1234", "--lr", "3e-3"]
+# The first iterations of the session's reference run (same LR schedule: decay over its 8 iterations)
+COMMON = [*TINY_RUN, "--train-iters", str(ITERS), "--lr-decay-iters", "8"]
 
 LAYOUTS = {
     "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
@@ -34,8 +35,8 @@ def train(tmp_path, nproc, extra):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("single"), 1, [])
+def reference(tiny_reference):
+    return tiny_reference
 
 
 @pytest.mark.slow

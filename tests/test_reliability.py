@@ -99,13 +99,13 @@ def test_non_finite_steps_are_skipped_counted_and_bounded_and_spikes_logged(tmp_
     assert s["skipped-iterations-total"][5] == 2 and s["lm loss"][4] == s["lm loss"][4]  # finite again
     assert proc.returncode != 0 and "2 consecutive iterations" in proc.stderr
     assert latest_iteration(ck) == 5  # never saved after the stop
-    assert "loss spike at iteration 2" in proc.stdout
+    assert "loss spike at iteration 3" in proc.stdout  # 2 was NaN: skipped, not a spike
 
 
 def test_a_rank_that_stops_answering_makes_the_others_fail_with_a_timeout(tmp_path):
     began = time.time()
-    proc = torchrun(2, [*BASE, "--expert-model-parallel-size", "2", "--distributed-timeout-minutes", "0.25"],
+    proc = torchrun(2, [*BASE, "--expert-model-parallel-size", "2", "--distributed-timeout-minutes", "0.15"],
                     check=False, timeout=240, env={"GLM5_INJECT_FAULT": "hang@2:rank1"})
     assert proc.returncode != 0
-    assert "timed out after 15s" in proc.stderr and "iteration 2" in proc.stderr
+    assert "timed out after 9s" in proc.stderr and "iteration 2" in proc.stderr
     assert time.time() - began < 200
