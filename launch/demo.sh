@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end on a CPU machine (about 5 minutes on 2 cores):
+# The main job on the embedded default, end to end on a CPU machine (about 6 minutes on 2 cores):
 #   1. set up .venv                      4. train the tiny GLM-5 with 2 processes (EP=2), TensorBoard + checkpoints
 #   2. train a byte-level BPE tokenizer  5. export the checkpoint to Hugging Face and verify its logits
 #   3. build token shards from a real corpus (Python's own standard library: no download)
@@ -10,7 +10,7 @@ bash launch/setup_env.sh test
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 PY=.venv/bin/python
 OUT="${OUT_DIR:-runs/demo}"
-ITERS="${TRAIN_ITERS:-300}"
+ITERS="${TRAIN_ITERS:-200}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 STDLIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 mapfile -t FILES < <(ls "$STDLIB"/*.py | head -400)

@@ -157,7 +157,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
             root_path.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
-            (partial / "rank_state").mkdir(parents=True)
+            partial.mkdir(parents=True)  # empty: dist_checkpointing calls a non-empty one corrupted
     except OSError as e:
         error = e
     if not _agree(error is None):
@@ -166,6 +166,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
     _results_queue_dies_with_us()
     dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
     try:
+        (partial / "rank_state").mkdir(exist_ok=True)
         torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
         faults.inject("save-shards")
         faults.inject(f"save-shards-{iteration}")
