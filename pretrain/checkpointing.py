@@ -130,13 +130,20 @@ def check_writable(root: str) -> None:
             probe.unlink()
         except OSError as e:
             problem = f"--save {root} is not a writable directory: {e.strerror or e}"
-    flag = torch.tensor([1 if problem else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
+    if not _agree(not problem):
         raise CheckpointError(problem or f"--save {root} is not a writable directory (see rank 0)")
 
 
+def _sub_optimizers(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _is_distributed(optimizer) -> bool:
+    return optimizer is not None and type(_sub_optimizers(optimizer)[0]).__name__ == "DistributedOptimizer"
+
+
 def _agree(ok: bool) -> bool:
+    """True only when every rank is ok (a collective)."""
     flag = torch.tensor([1 if ok else 0])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -171,9 +178,8 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
         faults.inject("save-shards")
         faults.inject(f"save-shards-{iteration}")
         if rank == 0:
-            distributed = getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
             state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
-                         distributed_optimizer=distributed == "DistributedOptimizer",
+                         distributed_optimizer=_is_distributed(optimizer),
                          scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
             _write_json_atomic(partial / "run_state.json", state)
     except OSError as e:
@@ -218,9 +224,7 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
         for i, chunk in enumerate(map(_unwrap, model)):
             chunk.load_state_dict(loaded[_model_key(i, len(model))])
         return state
-    distributed = bool(getattr(optimizer, "chained_optimizers", [optimizer])[0].__class__.__name__
-                       == "DistributedOptimizer")
-    if distributed and not state.get("distributed_optimizer", False):
+    if _is_distributed(optimizer) and not state.get("distributed_optimizer", False):
         raise CheckpointError(f"--load {root}: iteration {iteration} was saved without "
                               "--use-distributed-optimizer and lacks the fp32 main parameters it loads; "
                               "resume without that flag (the reverse direction works)")
@@ -256,7 +260,7 @@ def _materialize_adam_state(optimizer) -> None:
     """Give a fresh optimizer zero Adam state to load into. Without Apex/TE megatron-core's
     distributed optimizer reads a step count from every parameter's state while building the
     sharded state dict it loads into, and asserts when that state is still empty."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _sub_optimizers(optimizer):
         inner = opt.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
