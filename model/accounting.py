@@ -96,28 +96,38 @@ def model_info(c: GLM5Config, seq_length: int) -> dict:
 
 
 def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: int, seq_length: int,
-                   micro_batch_size: int, distributed_optimizer: bool, full_recompute: bool = False) -> dict:
+                   micro_batch_size: int, distributed_optimizer: bool, full_recompute: bool = False,
+                   zero_stage: int = 0, offload_optimizer: bool = False) -> dict:
     """Estimated peak memory of one GPU on the first pipeline stage (bf16 weights, fp32 grads,
     fp32 main params + Adam moments, 1F1B activations with sequence parallelism), in GiB.
     The activation term is an estimate: 34 bytes x hidden per token per layer (Korthikanti et al.,
     selective recompute) plus the routed experts' intermediates; it ignores DSA's score buffers.
-    With full recompute only each layer's input is kept, plus one layer's working set."""
+    With full recompute only each layer's input is kept, plus one layer's working set.
+
+    `zero_stage` (--dp-engine deepspeed): 1 partitions main params + moments like the distributed
+    optimizer but keeps bf16 grads on the weights next to an fp32 partition; 2 keeps only the fp32
+    partition of the grads (reduction buckets ignored); `offload_optimizer` moves main params and
+    moments to host memory (reported as host_optimizer_gb)."""
     p = count_parameters(c)
     layers = c.num_hidden_layers + c.num_nextn_predict_layers
     experts = (c.num_moe_layers + c.num_nextn_predict_layers) * c.n_routed_experts * p["params_expert"]
     dense = p["params_total_with_mtp"] - experts
     local_dense, local_experts = dense / (tp * pp), experts / (ep * etp * pp)
     expert_dp = tp * dp // (ep * etp)
-    shard_dense, shard_experts = (dp, expert_dp) if distributed_optimizer else (1, 1)
+    shard_dense, shard_experts = (dp, expert_dp) if distributed_optimizer or zero_stage else (1, 1)
+    local, partition = local_dense + local_experts, local_dense / shard_dense + local_experts / shard_experts
+    grads = {0: 4 * local, 1: 2 * local + 4 * partition, 2: 4 * partition}[zero_stage]
     gib = 2**30
     tokens = seq_length * micro_batch_size
     per_layer = tokens * (34 * c.hidden_size / tp
                           + 2 * 3 * c.num_experts_per_tok * c.moe_intermediate_size / etp)
+    optimizer = 12 * partition / gib
     return {
-        "params_per_gpu": local_dense + local_experts,
-        "weights_gb": 2 * (local_dense + local_experts) / gib,
-        "grads_gb": 4 * (local_dense + local_experts) / gib,
-        "optimizer_gb": 12 * (local_dense / shard_dense + local_experts / shard_experts) / gib,
+        "params_per_gpu": local,
+        "weights_gb": 2 * local / gib,
+        "grads_gb": grads / gib,
+        "optimizer_gb": 0.0 if offload_optimizer else optimizer,
+        **({"host_optimizer_gb": optimizer} if offload_optimizer else {}),
         # 1F1B keeps PP micro-batches in flight on the first stage, each through layers / PP layers
         "activations_gb_estimate": ((2 * tokens * c.hidden_size / tp * layers + per_layer) if full_recompute
                                     else per_layer * layers) / gib,

@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from model.modules.cp_attention import CPMLASelfAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
-from model.modules.norms import RMSNorm, fixed_eps_norm
+from model.modules.norms import RMSNorm, apex_rmsnorm, fixed_eps_norm
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (MAPPING.md D2)
 
@@ -41,7 +41,7 @@ class LocalBackend(LocalSpecProvider):
     linear the DSA indexer needs."""
 
     def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
-        return RMSNorm
+        return apex_rmsnorm() or RMSNorm
 
     def linear(self) -> type:
         return DuplicatedLinear

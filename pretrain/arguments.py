@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--overlap-p2p-comm", action="store_true")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--dp-engine", choices=["megatron", "deepspeed"], default="megatron",
+                   help="who reduces gradients and partitions optimizer state: megatron-core's DDP and "
+                        "distributed optimizer, or DeepSpeed ZeRO (no pipeline parallelism)")
+    g.add_argument("--zero-stage", type=int, choices=[1, 2], default=2, help="with --dp-engine deepspeed")
+    g.add_argument("--zero-offload-optimizer", action="store_true",
+                   help="with --dp-engine deepspeed: keep the optimizer state in CPU memory")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
@@ -151,6 +157,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         if (args.global_batch_size - start) % increment:
             raise ValueError(f"--rampup-batch-size: --global-batch-size {args.global_batch_size} - START {start} "
                              f"is not a multiple of INCREMENT {increment}")
+    _check_dp_engine(args, dims)
     use_te = torch.cuda.is_available() and _te_available()
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
@@ -178,7 +185,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather, seed=args.seed, mock_data=args.mock_data,
+        overlap_param_gather=args.overlap_param_gather, dp_engine=args.dp_engine, zero_stage=args.zero_stage,
+        zero_offload_optimizer=args.zero_offload_optimizer, seed=args.seed, mock_data=args.mock_data,
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
@@ -194,3 +202,27 @@ def _te_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def _check_dp_engine(args, dims: ParallelDims) -> None:
+    if args.dp_engine != "deepspeed":
+        if args.zero_offload_optimizer:
+            raise ValueError("--zero-offload-optimizer needs --dp-engine deepspeed")
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--dp-engine deepspeed: DeepSpeed is not installed ({e}); "
+                         "pip install -e .[deepspeed]") from e
+    refused = {
+        "--pipeline-model-parallel-size > 1": dims.pp > 1,
+        "--use-distributed-optimizer (ZeRO partitions the optimizer state itself)": args.use_distributed_optimizer,
+        "--overlap-grad-reduce / --overlap-param-gather (megatron DDP options)":
+            args.overlap_grad_reduce or args.overlap_param_gather,
+        "--skip-loss-spikes (ZeRO-2 has reduced the gradients by then)": args.skip_loss_spikes,
+        "--dsa-warmup-iters (it zeroes non-indexer gradients before the step)": args.dsa_warmup_iters > 0,
+    }
+    bad = [name for name, hit in refused.items() if hit]
+    if bad:
+        raise ValueError("--dp-engine deepspeed does not work with " + "; ".join(bad)
+                         + ": use the default --dp-engine megatron")

@@ -3,7 +3,8 @@
     SAVE/latest_checkpointed_iteration.txt      the pointer, moved last (atomic replace)
     SAVE/iter_0000100/                          model + optimizer (sharded, reshardable)
                      /run_state.json            iteration, tokens, scheduler, data position, config
-                     /rank_state/rank_00003.pt  per-rank RNG and data-reader state
+                     /rank_state/rank_00003.pt  per-rank RNG and data-reader state (and, under
+                                                --dp-engine deepspeed, the rank's ZeRO partition)
 
 A checkpoint is written into `iter_N.partial/`, every rank syncs, rank 0 renames it to `iter_N`
 and only then moves the pointer: a crash at any moment leaves the previous checkpoint as the
@@ -66,7 +67,7 @@ def sharded_state(model, optimizer, is_loading: bool) -> dict:
     state = {}
     for i, chunk in enumerate(map(_unwrap, model)):
         state[_model_key(i, len(model))] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-    if optimizer is not None:
+    if optimizer is not None and _is_sharded(optimizer):
         # The nested {model0: ..., model1: ...} of interleaved pipelining, not a merged dict: the
         # chunks' keys are local to each chunk and would overwrite each other.
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
@@ -80,13 +81,21 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _rank_state(data) -> dict:
-    return {
+def _is_sharded(optimizer) -> bool:
+    """megatron-core's optimizers save sharded, reshardable state; DeepSpeed's ZeRO saves per rank."""
+    return hasattr(optimizer, "sharded_state_dict")
+
+
+def _rank_state(data, optimizer) -> dict:
+    state = {
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker_rng": get_cuda_rng_tracker().get_states(),
         "data": data.state_dict(),
     }
+    if optimizer is not None and not _is_sharded(optimizer):
+        state["optimizer"] = optimizer.state_dict()
+    return state
 
 
 def _die_with_parent() -> None:
@@ -142,6 +151,10 @@ def _is_distributed(optimizer) -> bool:
     return optimizer is not None and type(_sub_optimizers(optimizer)[0]).__name__ == "DistributedOptimizer"
 
 
+def _engine(optimizer) -> str:
+    return "megatron" if optimizer is None or _is_sharded(optimizer) else "deepspeed"
+
+
 def _agree(ok: bool) -> bool:
     """True only when every rank is ok (a collective)."""
     flag = torch.tensor([1 if ok else 0])
@@ -174,12 +187,12 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
     dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
     try:
         (partial / "rank_state").mkdir(exist_ok=True)
-        torch.save(_rank_state(data), partial / "rank_state" / f"rank_{rank:05d}.pt")
+        torch.save(_rank_state(data, optimizer), partial / "rank_state" / f"rank_{rank:05d}.pt")
         faults.inject("save-shards")
         faults.inject(f"save-shards-{iteration}")
         if rank == 0:
             state = dict(run_state, iteration=iteration, format_version=FORMAT_VERSION,
-                         distributed_optimizer=_is_distributed(optimizer),
+                         distributed_optimizer=_is_distributed(optimizer), dp_engine=_engine(optimizer),
                          scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
             _write_json_atomic(partial / "run_state.json", state)
     except OSError as e:
@@ -223,19 +236,28 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
         loaded = dist_checkpointing.load(sharded_state(model, None, is_loading=True), str(directory))
         for i, chunk in enumerate(map(_unwrap, model)):
             chunk.load_state_dict(loaded[_model_key(i, len(model))])
+        if optimizer is not None:
+            optimizer.reload_model_params()  # fp32 main copies (bf16, ZeRO) were made from the init
         return state
+    same_layout = state.get("layout") == layout
+    saved_engine = state.get("dp_engine", "megatron")
+    if optimizer is not None and saved_engine != _engine(optimizer):
+        raise CheckpointError(f"--load {root}: iteration {iteration} holds {saved_engine}'s optimizer state, "
+                              f"this run uses --dp-engine {_engine(optimizer)}: resume with --dp-engine {saved_engine}")
+    if saved_engine == "deepspeed" and not same_layout:
+        raise CheckpointError(f"--load {root}: iteration {iteration} holds DeepSpeed ZeRO state partitioned for "
+                              f"the layout {state.get('layout')}; resume at that layout (this run: {layout})")
     if _is_distributed(optimizer) and not state.get("distributed_optimizer", False):
         raise CheckpointError(f"--load {root}: iteration {iteration} was saved without "
                               "--use-distributed-optimizer and lacks the fp32 main parameters it loads; "
                               "resume without that flag (the reverse direction works)")
-    if optimizer is not None:
+    if optimizer is not None and _is_sharded(optimizer):
         _materialize_adam_state(optimizer)
     request = sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(request, str(directory))
     for i, chunk in enumerate(map(_unwrap, model)):
         chunk.load_state_dict(loaded[_model_key(i, len(model))])
-    same_layout = state.get("layout") == layout
-    if optimizer is not None:
+    if optimizer is not None and _is_sharded(optimizer):
         opt_state = loaded["optimizer"]
         if not same_layout:
             opt_state = _conform_optimizer_state(request["optimizer"], opt_state)
@@ -250,6 +272,8 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
             torch.cuda.set_rng_state(rank_state["cuda_rng"])
         get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
         data.load_state_dict(rank_state["data"])
+        if optimizer is not None and not _is_sharded(optimizer):
+            optimizer.load_state_dict(rank_state["optimizer"])
     else:
         # Another layout: the data position is global (the same for every rank), RNG is reseeded.
         data.load_state_dict(state["data"])

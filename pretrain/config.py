@@ -36,6 +36,9 @@ class TrainConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    dp_engine: str = "megatron"  # or "deepspeed" (ZeRO-1/2, pretrain/deepspeed_engine.py)
+    zero_stage: int = 2
+    zero_offload_optimizer: bool = False
     seed: int = 1234
     # data
     mock_data: bool = False

@@ -26,6 +26,7 @@ from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
 from pretrain.config import TrainConfig
+from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
 from pretrain.moe_stats import LoadImbalanceTracker
@@ -47,10 +48,20 @@ class Trainer:
         for chunk in chunks:
             chunk.to(runtime.device)
         init_weights(chunks, cfg.model.vocab_size, cfg.seed)
-        self.model = wrap_ddp(wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.deepspeed = cfg.dp_engine == "deepspeed"
+        if self.deepspeed:
+            from pretrain import deepspeed_engine
+
+            self.model, self.optimizer = deepspeed_engine.build(
+                wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
+        else:
+            self.model = wrap_ddp(wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
+            self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
+        if runtime.rank == 0:
+            zero = self.optimizer.engine.optimizer if self.deepspeed else None
+            print(format_report(report(chunks, cfg.model_options.use_te, zero)), flush=True)
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts)
         self._hook_megatron(self.tconfig)
@@ -105,6 +116,10 @@ class Trainer:
     def _hook_megatron(self, tconfig) -> None:
         def finalize(*args, **kwargs):
             self.moe_stats.record()  # before finalize_model_grads updates the bias and zeroes counts
+            if self.deepspeed:
+                from pretrain.deepspeed_engine import finalize_grads
+
+                return finalize_grads(self.model, tconfig)
             return finalize_model_grads(*args, **kwargs)
 
         tconfig.finalize_model_grads_func = finalize
@@ -140,10 +155,13 @@ class Trainer:
         update_num_microbatches(self.consumed_samples, consistency_check=True)
         global_batch_size = get_current_global_batch_size()
         recipe_scalars = self.recipe.before_step(self.iteration, self.consumed_tokens)
-        for m in self.model:
-            m.zero_grad_buffer()
+        if not self.deepspeed:
+            for m in self.model:
+                m.zero_grad_buffer()
         self.optimizer.zero_grad()
         microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size)
+        if self.deepspeed:
+            self.optimizer.set_global_tokens(self._global_tokens(microbatches))
         iterators = [iter(microbatches) for _ in self.model]
         faults.inject(str(self.iteration + 1))
         self.phase = "forward-backward"
@@ -178,6 +196,12 @@ class Trainer:
         scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
         scalars.update(self.moe_stats.scalars())
         return scalars
+
+    @staticmethod
+    def _global_tokens(microbatches: list[dict]) -> int:
+        tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1)
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        return int(tokens.item())
 
     def _forward_step(self, data_iterator, model):
         output, loss_fn = self._model_forward(data_iterator, model)

@@ -57,3 +57,20 @@ def test_recipe_file_gives_memory_per_gpu_and_total_tokens():
     assert info["total_tokens"] == pytest.approx(28.5e12, rel=0.01)
     assert info["ramp_tokens"] == pytest.approx(469e9, rel=0.01)
     assert 20 < info["memory_gb_total_estimate"] < 80  # fits an H100 by the estimate
+
+
+def test_memory_per_gpu_under_each_data_parallel_engine():
+    from model.accounting import memory_per_gpu
+
+    def mem(**engine):
+        return memory_per_gpu(get_preset("glm5-proxy"), tp=1, pp=1, ep=8, etp=1, dp=8, seq_length=4096,
+                              micro_batch_size=1, **engine)
+
+    plain, distopt = mem(distributed_optimizer=False), mem(distributed_optimizer=True)
+    zero1, zero2 = mem(distributed_optimizer=False, zero_stage=1), mem(distributed_optimizer=False, zero_stage=2)
+    offload = mem(distributed_optimizer=False, zero_stage=2, offload_optimizer=True)
+    # optimizer state: partitioned by the distributed optimizer and by ZeRO alike (8x less for dense)
+    assert zero1["optimizer_gb"] == distopt["optimizer_gb"] < plain["optimizer_gb"] / 4
+    # grads: megatron's full fp32 buffer > ZeRO-1's bf16 grads + fp32 partition > ZeRO-2's partition
+    assert distopt["grads_gb"] > zero1["grads_gb"] > zero2["grads_gb"] and zero2["grads_gb"] < distopt["grads_gb"] / 4
+    assert offload["optimizer_gb"] == 0 and offload["host_optimizer_gb"] == zero2["optimizer_gb"]

@@ -23,11 +23,14 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="glm5", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--model-config", default=None, help="an HF config.json instead of a preset")
     p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line")
-    args = p.parse_args(argv)
+    p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line; "
+                   "training flags after it override the file's (e.g. --dp-engine deepspeed --zero-stage 2)")
+    args, overrides = p.parse_known_args(argv)
     if args.recipe:
-        print(json.dumps(recipe_info(args.recipe, p)))
+        print(json.dumps(recipe_info(args.recipe, p, overrides)))
         return
+    if overrides:
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     except (ValueError, FileNotFoundError) as e:
@@ -63,11 +66,11 @@ def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, in
     return samples, ramp_samples
 
 
-def recipe_info(path: str, parser) -> dict:
+def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
     from pretrain.arguments import build_parser
 
     flags, world = read_recipe(path, parser)
-    args = build_parser().parse_args(flags)
+    args = build_parser().parse_args([*flags, *overrides])
     cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
@@ -78,13 +81,17 @@ def recipe_info(path: str, parser) -> dict:
     memory = memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp,
                             seq_length=seq // cp, micro_batch_size=args.micro_batch_size,
                             distributed_optimizer=args.use_distributed_optimizer,
-                            full_recompute=args.recompute_granularity == "full")
+                            full_recompute=args.recompute_granularity == "full",
+                            zero_stage=args.zero_stage if args.dp_engine == "deepspeed" else 0,
+                            offload_optimizer=args.zero_offload_optimizer)
     samples, ramp = total_samples(args.train_iters, args.global_batch_size, args.rampup_batch_size)
+    engine = "megatron" if args.dp_engine == "megatron" else (
+        f"deepspeed zero-{args.zero_stage}" + ("+offload" if args.zero_offload_optimizer else ""))
+    on_gpu = sum(v for k, v in memory.items() if k.endswith(("_gb", "_estimate")) and not k.startswith("host_"))
     return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
-            "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq,
+            "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq, "dp_engine": engine,
             "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
-            **memory, "memory_gb_total_estimate": sum(v for k, v in memory.items() if k.endswith(("_gb", "_estimate")))}
-
+            **memory, "memory_gb_total_estimate": on_gpu}
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,24 @@ class RMSNorm(torch.nn.RMSNorm):
         _mark_sequence_parallel(self, config.sequence_parallel)
 
 
+def apex_rmsnorm() -> type | None:
+    """Apex's fused CUDA RMSNorm with the same constructor and parameter names, when NVIDIA's apex
+    is importable and a GPU is present (the local backend on a GPU without Transformer Engine)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from apex.normalization import FusedRMSNorm
+    except ImportError:
+        return None
+
+    class ApexRMSNorm(FusedRMSNorm):
+        def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+            super().__init__(hidden_size, eps=eps)
+            _mark_sequence_parallel(self, config.sequence_parallel)
+
+    return ApexRMSNorm
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """torch LayerNorm (with bias) with megatron's constructor signature."""
 

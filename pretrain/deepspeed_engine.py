@@ -1,0 +1,255 @@
+"""`--dp-engine deepspeed`: DeepSpeed ZeRO-1/2 in place of megatron-core's DDP + distributed optimizer.
+
+megatron-core still builds the model (TP, EP, CP, MoE dispatch) and runs the no-pipeline schedule;
+DeepSpeed only owns gradient reduction, optimizer-state partitioning (optionally offloaded to CPU),
+clipping and the update. The pieces that join the two:
+
+- DeepSpeed's data-parallel group is megatron's (with context parallel); megatron's experts carry
+  `allreduce=False`, which DeepSpeed reads as "MoE parameter", and reduce over megatron's
+  expert-data-parallel group, registered in DeepSpeed's group table under one name.
+- DeepSpeed looks for its own MoE layer class to decide that a model has experts; megatron's are
+  not that class, so `_Engine` answers from the parameters instead.
+- The schedule calls `torch.autograd.backward` itself: DeepSpeed's torch-style backward with
+  `managed_gradient_accumulation: false` makes `step()` the accumulation boundary.
+- The loss is normalized by the global token count up front (`grad_scale_func`): megatron's
+  `finalize_model_grads` would divide by it afterwards, DeepSpeed averages over data parallel.
+- What `finalize_model_grads` does besides DP reduction happens here: gradients of weights
+  replicated over TP but fed different tokens (sequence-parallel norms, the router) are summed over
+  TP as they are produced, and the expert bias is updated once per global batch.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed.finalize_model_grads import (
+    _update_router_expert_bias,
+    reset_model_temporary_tensors,
+)
+
+from pretrain.config import TrainConfig
+
+EXPERT_GROUP = "megatron_ep"
+
+
+def _mpu() -> SimpleNamespace:
+    """The subset of Megatron-LM's `mpu` that DeepSpeed asks for, from megatron-core's groups."""
+    mp_group = ps.get_model_parallel_group()
+    return SimpleNamespace(
+        get_model_parallel_group=lambda: mp_group,
+        get_model_parallel_rank=lambda: dist.get_rank(mp_group),
+        get_model_parallel_world_size=lambda: dist.get_world_size(mp_group),
+        get_data_parallel_group=lambda: ps.get_data_parallel_group(with_context_parallel=True),
+        get_data_parallel_rank=lambda: ps.get_data_parallel_rank(with_context_parallel=True),
+        get_data_parallel_world_size=lambda: ps.get_data_parallel_world_size(with_context_parallel=True),
+        get_tensor_model_parallel_group=ps.get_tensor_model_parallel_group,
+        get_tensor_model_parallel_rank=ps.get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size=ps.get_tensor_model_parallel_world_size,
+        get_tensor_model_parallel_src_rank=ps.get_tensor_model_parallel_src_rank,
+    )
+
+
+def _register_expert_groups() -> None:
+    from deepspeed.utils import groups
+
+    edp = ps.get_expert_data_parallel_group()
+    ep = ps.get_expert_model_parallel_group()
+    groups._EXPERT_DATA_PARALLEL_GROUP[EXPERT_GROUP] = edp
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[EXPERT_GROUP] = dist.get_process_group_ranks(edp)
+    groups._EXPERT_PARALLEL_GROUP[EXPERT_GROUP] = ep
+    groups._EXPERT_PARALLEL_GROUP_RANKS[EXPERT_GROUP] = dist.get_process_group_ranks(ep)
+
+
+def _is_expert(param) -> bool:
+    return getattr(param, "allreduce", True) is False
+
+
+def _param_groups(module, weight_decay: float) -> list[dict]:
+    """megatron-core's grouping: no weight decay on biases and 1-D weights (norms); experts apart,
+    as DeepSpeed partitions them over the expert-data-parallel group."""
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            no_wd = name.endswith(".bias") or p.ndim == 1
+            buckets.setdefault((_is_expert(p), no_wd), []).append(p)
+    out = []
+    for (expert, no_wd), params in sorted(buckets.items()):
+        group = {"params": params, "wd_mult": 0.0 if no_wd else 1.0,
+                 "weight_decay": 0.0 if no_wd else weight_decay}
+        if expert:
+            for p in params:
+                p.group_name = EXPERT_GROUP
+            group.update(moe=True, name=EXPERT_GROUP)
+        out.append(group)
+    return out
+
+
+def _sum_over_tp_when_produced(module, tconfig) -> None:
+    """The weights finalize_model_grads sums (or averages) over TP: each TP rank saw other tokens."""
+    tp_group = ps.get_tensor_model_parallel_group()
+    if dist.get_world_size(tp_group) == 1:
+        return
+
+    def reducer(op):
+        def hook(grad):
+            grad = grad.clone()
+            dist.all_reduce(grad, op=op, group=tp_group)
+            return grad
+        return hook
+
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "average_gradients_across_tp_domain", False):
+            p.register_hook(reducer(dist.ReduceOp.AVG))
+        elif (tconfig.sequence_parallel and getattr(p, "sequence_parallel", False)) or (
+                tconfig.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)):
+            p.register_hook(reducer(dist.ReduceOp.SUM))
+
+
+def ds_config(cfg: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # megatron's schedule accumulates; step() is the boundary
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.clip_grad,
+        "bf16": {"enabled": cfg.model_options.bf16},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            "overlap_comm": cfg.zero_stage == 2 and torch.cuda.is_available(),
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+               if cfg.zero_offload_optimizer else {}),
+        },
+        # our torch AdamW (megatron-core's "adam") also when the state is offloaded
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def base_optimizer_class(offload: bool) -> type:
+    """AdamW as megatron-core picks it (TE's fused, apex's fused, else torch); with the state
+    offloaded, DeepSpeed's CPU Adam on a GPU machine (its C++ op, built on first use), else torch."""
+    if offload:
+        if torch.cuda.is_available():
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam  # adamw_mode=True by default: decoupled weight decay
+        return torch.optim.AdamW
+    from megatron.core.optimizer import Adam
+
+    return Adam
+
+
+def _engine_class():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class Engine(DeepSpeedEngine):
+        # DeepSpeed decides "has MoE" by finding its own MoE layer class; ask the parameters instead.
+        @property
+        def has_moe_layers(self):
+            module = self.__dict__.get("_modules", {}).get("module")
+            return module is not None and any(_is_expert(p) for p in module.parameters())
+
+        @has_moe_layers.setter
+        def has_moe_layers(self, value):
+            pass
+
+    return Engine
+
+
+class ScheduleView:
+    """What megatron's schedule and our checkpointing see as the model chunk: calls go through
+    the engine (its backward hooks), `config` is megatron's (the engine's own `config` is
+    DeepSpeed's dict) and `module` the megatron model, as under megatron's DDP."""
+
+    def __init__(self, engine, tconfig):
+        self.engine, self.config, self.module = engine, tconfig, engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def parameters(self):
+        return self.engine.module.parameters()
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class DeepSpeedOptimizer:
+    """The optimizer face the trainer and checkpointing see (megatron's: step() -> (updated,
+    grad norm, zeros)); the schedule's normalization by global tokens lives here."""
+
+    def __init__(self, engine, tconfig):
+        self.engine, self.tconfig = engine, tconfig
+        self._scale = 1.0
+        self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups
+
+    def set_global_tokens(self, tokens: int) -> None:
+        # DeepSpeed divides by the data-parallel size; megatron divides by the global token count.
+        self._scale = self.dp_size / tokens
+
+    def scale_loss(self, loss):
+        return loss * self._scale
+
+    def zero_grad(self) -> None:
+        self.engine.optimizer.zero_grad()
+
+    def step(self):
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        return applied, (float(norm) if norm is not None else None), None
+
+    def reload_model_params(self) -> None:
+        self.engine.optimizer._restore_from_bit16_weights()
+
+    def state_dict(self) -> dict:
+        return self.engine.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        # ZeRO-1/2 state is this rank's partition, fp32 master copy included; DeepSpeed takes a
+        # list indexed by data-parallel rank and reads only this rank's entry at an unchanged layout.
+        states = [None] * self.dp_size
+        states[ps.get_data_parallel_rank(with_context_parallel=True)] = state
+        self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def build(chunks, tconfig, cfg: TrainConfig):
+    """megatron-core model chunk(s) -> ([the engine, seen as a model chunk], optimizer face)."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    (module,) = chunks  # no pipeline parallelism (checked by the arguments)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               dist_init_required=False)
+    _register_expert_groups()
+    _sum_over_tp_when_produced(module, tconfig)
+    base = base_optimizer_class(cfg.zero_offload_optimizer)(
+        _param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    mpu, config = _mpu(), ds_config(cfg)
+    engine = _engine_class()(args=None, model=module, optimizer=base, mpu=mpu, config=config,
+                             config_class=DeepSpeedConfig(config, mpu), dist_init_required=False)
+    return [ScheduleView(engine, tconfig)], DeepSpeedOptimizer(engine, tconfig)
+
+
+def finalize_grads(model, tconfig) -> None:
+    """What megatron's finalize_model_grads does that DeepSpeed does not (see the module doc)."""
+    modules = [m.module for m in model]
+    if tconfig.moe_router_enable_expert_bias:
+        _update_router_expert_bias(modules, tconfig)
+    reset_model_temporary_tensors(tconfig, modules)

@@ -1,0 +1,46 @@
+"""Which implementation runs each piece (Transformer Engine, apex or torch), read from the classes
+and functions megatron-core and we actually picked; logged once at start-up.
+
+megatron-core chooses its fused Adam and multi-tensor grad-norm/clip kernels at import: TE's when
+installed, else NVIDIA apex's, else torch. We add apex's fused RMSNorm to the local backend on a
+GPU (model/modules/norms.py). apex is never a dependency: it is used when importable.
+"""
+
+from __future__ import annotations
+
+_LIBRARIES = {"transformer_engine": "TE", "apex": "apex", "amp_C": "apex", "deepspeed": "DeepSpeed",
+              "torch": "torch", "megatron": "torch"}  # megatron-core's local fallbacks are torch code
+
+
+def origin(obj) -> str:
+    """'TE', 'apex', 'DeepSpeed' or 'torch', and the name: from the first library class in a class's
+    MRO, or a function's module."""
+    for cls in getattr(obj, "__mro__", [obj]):
+        top = (getattr(cls, "__module__", None) or "").split(".")[0]
+        if top in _LIBRARIES:
+            return f"{_LIBRARIES[top]} {getattr(cls, '__name__', cls)}"
+    return f"unknown {obj!r}"
+
+
+def report(chunks, use_te: bool, deepspeed_optimizer=None) -> dict[str, str]:
+    """`deepspeed_optimizer`: the ZeRO optimizer under --dp-engine deepspeed (it clips itself)."""
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import clip_grads
+
+    norms = {type(m) for c in chunks for m in c.modules() if "Norm" in type(m).__name__}
+    if deepspeed_optimizer is None:
+        optimizer = f"megatron-core over {origin(mcore_optimizer.Adam)}"
+        grad_norm = origin(clip_grads.l2_norm_impl)
+    else:
+        optimizer = f"{origin(type(deepspeed_optimizer))} over {origin(type(deepspeed_optimizer.optimizer))}"
+        grad_norm = "DeepSpeed ZeRO (per partition)"
+    return {
+        "linear+attention": "TE" if use_te else "torch (megatron-core local modules)",
+        "norms": ", ".join(sorted({origin(t) for t in norms})) or "none",
+        "optimizer": optimizer,
+        "grad-norm+clip": grad_norm,
+    }
+
+
+def format_report(items: dict[str, str]) -> str:
+    return "implementations: " + " | ".join(f"{k}: {v}" for k, v in items.items())
