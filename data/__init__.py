@@ -12,7 +12,8 @@ __all__ = ["build_pretraining_data"]
 
 def build_pretraining_data(data_path: list[str], seq_length: int, global_batch_size: int, dp_rank: int,
                            dp_size: int, seed: int, vocab_size: int | None = None, tokenizer_dir: str | None = None,
-                           num_workers: int = 0, skip_bad_shards: bool = False, num_streams: int | None = None):
+                           num_workers: int = 0, skip_bad_shards: bool = False, num_streams: int | None = None,
+                           rampup_batch_size: list[int] | None = None):
     """The trainer's entry point: a PretrainingLoader over the manifests of `data_path` (Megatron syntax).
 
     Checks before reading anything: the manifests are well formed, all datasets share one tokenizer and EOD
@@ -52,4 +53,5 @@ def build_pretraining_data(data_path: list[str], seq_length: int, global_batch_s
                                    for w, m in zip(weights, manifests)))
     return PretrainingLoader(manifests, weights, seq_length=seq_length, global_batch_size=global_batch_size,
                              dp_rank=dp_rank, dp_size=dp_size, seed=seed, num_streams=num_streams,
-                             num_workers=num_workers, vocab_size=vocab_size, skip_bad_shards=skip_bad_shards)
+                             num_workers=num_workers, vocab_size=vocab_size, skip_bad_shards=skip_bad_shards,
+                             rampup_batch_size=rampup_batch_size)

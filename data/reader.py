@@ -1,14 +1,16 @@
 """The packed, resumable, rank-split reader (the design is in docs/DATA.md, "Reading").
 
-Global batch row j of every step comes from logical stream j // (global_batch_size / num_streams); by
-default num_streams == global_batch_size, one stream per row. Each stream has, per dataset, a SubStream
+Global batch row j of step t comes from logical stream j // (B_t / num_streams), B_t being the step's global
+batch size: fixed, or growing by Megatron-LM's --rampup-batch-size rule (BatchRamp). By default
+num_streams == global_batch_size, one stream per row; under a ramp, the largest number dividing every
+batch size of it (so a stream gives 1, 2, ... rows per step as the batch grows). Each stream has, per dataset, a SubStream
 that walks its own share of that dataset's shards (items stream, stream + S, stream + 2S, ... of the
 infinite sequence perm(epoch 0) ++ perm(epoch 1) ++ ..., each perm seeded by (seed, dataset, epoch)),
 shuffles the documents of each chunk (seeded by (seed, dataset, epoch, shard, chunk)), and cuts the
 resulting token stream into seq_length + 1 windows that overlap by one token, as Megatron's GPTDataset does.
 
 So the global batch sequence depends only on (datasets, weights, seed, seq_length, global_batch_size,
-num_streams); a DP rank reads only the streams of its rows, and dataloader workers split those streams. A
+ramp, num_streams); a DP rank reads only the streams of its rows, and dataloader workers split those streams. A
 stream's position is three integers per dataset (shard item, chunk, token offset): the checkpoint state is
 O(streams), whatever the number of shards, and resuming re-opens one shard per stream and seeks to its chunk.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 
 import numpy as np
 import torch
@@ -145,16 +148,53 @@ class SubStream:
             self.pos, doc_id = pos + n, doc_id + 1  # chunks end on document boundaries
 
 
+class BatchRamp:
+    """Megatron-LM's `--rampup-batch-size START INCREMENT SAMPLES`: the global batch grows from START by
+    INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed samples, then stays at GBS."""
+
+    def __init__(self, start: int, increment: int, ramp_samples: int, global_batch_size: int):
+        if not 0 < start < global_batch_size or increment <= 0 or (global_batch_size - start) % increment:
+            raise ValueError(f"batch ramp {start} -> {global_batch_size} by {increment} is not a whole number of "
+                             "positive increments")
+        self.start, self.increment, self.ramp_samples, self.global_batch_size = (
+            start, increment, ramp_samples, global_batch_size)
+        self.samples_per_increment = ramp_samples / ((global_batch_size - start) // increment)
+        self._consumed = [0]  # samples consumed before step i, through the ramp
+
+    def size_after(self, consumed: int) -> int:
+        if consumed > self.ramp_samples:
+            return self.global_batch_size
+        return self.start + int(consumed / self.samples_per_increment) * self.increment
+
+    def consumed_before(self, step: int) -> int:
+        while len(self._consumed) <= step and self._consumed[-1] <= self.ramp_samples:
+            self._consumed.append(self._consumed[-1] + self.size_after(self._consumed[-1]))
+        last = len(self._consumed) - 1
+        if step <= last:
+            return self._consumed[step]
+        return self._consumed[last] + (step - last) * self.global_batch_size  # past the ramp
+
+    def size(self, step: int) -> int:
+        return self.size_after(self.consumed_before(step))
+
+
 class _Plan:
     """Everything a worker needs to produce its rows; picklable (sent to dataloader workers)."""
 
     def __init__(self, manifests: list[Manifest], weights: list[float], seq_length: int, global_batch_size: int,
-                 num_streams: int, seed: int, vocab_size: int | None, skip_bad_shards: bool):
+                 num_streams: int, seed: int, vocab_size: int | None, skip_bad_shards: bool,
+                 ramp: BatchRamp | None = None):
         self.manifests, self.seq_length, self.global_batch_size = manifests, seq_length, global_batch_size
-        self.num_streams, self.seed = num_streams, seed
+        self.num_streams, self.seed, self.ramp = num_streams, seed, ramp
         self.vocab_size, self.skip_bad_shards = vocab_size, skip_bad_shards
-        self.rows_per_stream = global_batch_size // num_streams
         self.blend = BlendSchedule(weights, seed)
+
+    def batch_size(self, step: int) -> int:
+        return self.ramp.size(step) if self.ramp else self.global_batch_size
+
+    def first_sample(self, step: int) -> int:
+        """Global index of the step's first row: the blend's choice is keyed by it."""
+        return self.ramp.consumed_before(step) if self.ramp else step * self.global_batch_size
 
 
 class _StreamSet(IterableDataset):
@@ -171,11 +211,13 @@ class _StreamSet(IterableDataset):
         orders = [ShardOrder(len(m.shards), p.seed, d) for d, m in enumerate(p.manifests)]
         subs = {s: [SubStream(m, orders[d], s, p.num_streams, self.states[s][d], p.vocab_size, p.skip_bad_shards,
                               skipped) for d, m in enumerate(p.manifests)] for s in streams}
-        rows = np.array([s * p.rows_per_stream + i for s in streams for i in range(p.rows_per_stream)], np.int64)
-        row_subs = [subs[row // p.rows_per_stream] for row in rows.tolist()]
-        step, width = self.step, p.seq_length + 1
+        step, width, rows_per_stream = self.step, p.seq_length + 1, None
         while True:
-            choice = p.blend.choose(step * p.global_batch_size + rows).tolist()
+            if p.batch_size(step) // p.num_streams != rows_per_stream:  # every step, or as the batch ramps
+                rows_per_stream = p.batch_size(step) // p.num_streams
+                rows = np.array([s * rows_per_stream + i for s in streams for i in range(rows_per_stream)], np.int64)
+                row_subs = [subs[row // rows_per_stream] for row in rows.tolist()]
+            choice = p.blend.choose(p.first_sample(step) + rows).tolist()
             tokens = np.empty((len(rows), width), np.int64)
             doc_ids = np.empty((len(rows), width), np.int32)
             for i, d in enumerate(choice):
@@ -199,8 +241,14 @@ class PretrainingLoader:
 
     def __init__(self, manifests: list[Manifest], weights: list[float], *, seq_length: int, global_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, num_streams: int | None = None, num_workers: int = 0,
-                 vocab_size: int | None = None, skip_bad_shards: bool = False):
-        num_streams = global_batch_size if num_streams is None else num_streams
+                 vocab_size: int | None = None, skip_bad_shards: bool = False,
+                 rampup_batch_size: list[int] | None = None):
+        ramp = BatchRamp(*rampup_batch_size, global_batch_size) if rampup_batch_size else None
+        if num_streams is None:  # one stream per row, or per row of the ramp's common divisor
+            num_streams = math.gcd(ramp.start, ramp.increment, global_batch_size) if ramp else global_batch_size
+        if ramp and (ramp.start % num_streams or ramp.increment % num_streams):
+            raise ValueError(f"num_streams {num_streams} must divide the batch ramp's start {ramp.start} and "
+                             f"increment {ramp.increment}")
         if seq_length <= 0 or global_batch_size <= 0:
             raise ValueError(f"seq_length ({seq_length}) and global_batch_size ({global_batch_size}) must be positive")
         if dp_size <= 0 or not 0 <= dp_rank < dp_size or global_batch_size % dp_size:
@@ -214,7 +262,7 @@ class PretrainingLoader:
         if len(manifests) != len(weights):
             raise ValueError(f"{len(manifests)} datasets but {len(weights)} weights")
         self.plan = _Plan(manifests, weights, seq_length, global_batch_size, num_streams, seed, vocab_size,
-                          skip_bad_shards)
+                          skip_bad_shards, ramp)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         per_rank = num_streams // dp_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
@@ -263,6 +311,7 @@ class PretrainingLoader:
         p = self.plan
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "seed": p.seed, "seq_length": p.seq_length,
                 "global_batch_size": p.global_batch_size, "num_streams": p.num_streams,
+                "rampup_batch_size": [p.ramp.start, p.ramp.increment, p.ramp.ramp_samples] if p.ramp else None,
                 "datasets": [{"shards": len(m.shards), "tokens": m.total_tokens, "weight": float(w)}
                              for m, w in zip(p.manifests, p.blend.weights)]}
 

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints from a background process while training continues")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     return p
@@ -130,8 +132,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
                          f"{torch.cuda.get_device_name()} is {torch.cuda.get_device_capability()}: use blockwise")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
-    if args.save_interval is not None and not args.save:
-        raise ValueError("--save-interval needs --save DIR")
+    if (args.save_interval is not None or args.async_save) and not args.save:
+        raise ValueError(f"{'--save-interval' if args.save_interval is not None else '--async-save'} needs --save DIR")
     dims = ParallelDims(
         world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
         cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
@@ -144,9 +146,6 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.dsa_warmup_iters and args.dsa_indexer_loss_coeff <= 0:
         raise ValueError("--dsa-warmup-iters trains the indexer with its KL loss: "
                          "set --dsa-indexer-loss-coeff > 0")
-    if args.rampup_batch_size and args.data_path:
-        raise ValueError("--rampup-batch-size works with --mock-data only for now: the shard reader keeps "
-                         "one stream per row of a fixed --global-batch-size")
     if args.rampup_batch_size:
         start, increment, _ = args.rampup_batch_size
         unit = args.micro_batch_size * dims.dp
@@ -154,6 +153,9 @@ def config_from_args(args, world_size: int) -> TrainConfig:
             if value <= 0 or value % unit:
                 raise ValueError(f"--rampup-batch-size {name}={value} must be a positive multiple of "
                                  f"--micro-batch-size x data-parallel size = {unit}")
+        if start >= args.global_batch_size:
+            raise ValueError(f"--rampup-batch-size START={start} must be below --global-batch-size "
+                             f"{args.global_batch_size}")
         if (args.global_batch_size - start) % increment:
             raise ValueError(f"--rampup-batch-size: --global-batch-size {args.global_batch_size} - START {start} "
                              f"is not a multiple of INCREMENT {increment}")
@@ -190,6 +192,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
+        async_save=args.async_save,
         exit_interval=args.exit_interval, max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
         loss_spike_factor=args.loss_spike_factor, skip_loss_spikes=args.skip_loss_spikes,
         distributed_timeout_s=args.distributed_timeout_minutes * 60,

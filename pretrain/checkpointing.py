@@ -162,11 +162,17 @@ def _agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict) -> Path:
+def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict,
+         async_queue=None) -> Path:
     """Save a complete checkpoint of iteration `iteration` (collective: every rank calls it).
 
     Any failure (a full disk, a vanished directory) leaves no `iter_N` and the pointer where it
-    was, and raises CheckpointError on every rank."""
+    was, and raises CheckpointError on every rank.
+
+    With `async_queue` (megatron-core's AsyncCallsQueue, --async-save) the tensors are staged
+    in host memory here and written by a background process while training goes on; the rename
+    and the pointer move happen when the queue finalizes the write on every rank (the trainer
+    polls it each iteration and waits for it before exiting)."""
     root_path = Path(root)
     final = iter_dir(root_path, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -184,7 +190,8 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
         raise CheckpointError(f"--save {root}: cannot create {partial}: {error or 'see rank 0'}")
 
     _results_queue_dies_with_us()
-    dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial))
+    request = dist_checkpointing.save(sharded_state(model, optimizer, is_loading=False), str(partial),
+                                      async_sharded_save=async_queue is not None)
     try:
         (partial / "rank_state").mkdir(exist_ok=True)
         torch.save(_rank_state(data, optimizer), partial / "rank_state" / f"rank_{rank:05d}.pt")
@@ -202,14 +209,24 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(f"--save {root}: writing iteration {iteration} failed ({error or 'on another rank'}); "
                               f"the previous checkpoint (iteration {latest_iteration(root)}) is intact")
-    if rank == 0:
+    if async_queue is not None:
+        request.add_finalize_fn(lambda: _publish(root_path, partial, final, iteration))
+        async_queue.schedule_async_request(request)
+    else:
+        _publish(root_path, partial, final, iteration)
+    return final
+
+
+def _publish(root: Path, partial: Path, final: Path, iteration: int) -> None:
+    """Every rank's files are written: rename the directory, then move the pointer."""
+    if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        (root_path / (TRACKER + ".tmp")).write_text(f"{iteration}\n")
-        os.replace(root_path / (TRACKER + ".tmp"), root_path / TRACKER)
+        (root / (TRACKER + ".tmp")).write_text(f"{iteration}\n")
+        os.replace(root / (TRACKER + ".tmp"), root / TRACKER)
+        print(f"saved checkpoint {final}", flush=True)
     dist.barrier()
-    return final
 
 
 def read_run_state(root: str, iteration: int | None = None) -> tuple[int, dict]:

@@ -53,6 +53,7 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    async_save: bool = False
     exit_interval: int | None = None
     # faults
     max_consecutive_skipped_iters: int = 5

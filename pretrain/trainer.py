@@ -29,7 +29,7 @@ from pretrain.config import TrainConfig
 from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
-from pretrain.moe_stats import LoadImbalanceTracker
+from pretrain.moe_stats import LoadImbalanceTracker, aux_loss_scalars
 from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp, wrap_precision
 from pretrain.recipe import Recipe
 from pretrain.signals import StopSignal
@@ -80,6 +80,11 @@ class Trainer:
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
         self._model_forward = make_forward_step(runtime.device)
+        self.async_queue = None
+        if cfg.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
             self._load()
 
@@ -108,9 +113,18 @@ class Trainer:
                      "model_config": self.cfg.model.to_hf_dict(),
                      "layout": checkpointing.layout_of(self.cfg.dims), "data": self._global_data_state(),
                      "preset": self.cfg.preset, "seq_length": self.cfg.seq_length}
-        path = checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, **self._checkpoint_objects())
-        if self.runtime.rank == 0:
-            print(f"saved checkpoint {path}", flush=True)
+        if self.async_queue is not None:
+            self._finish_async_saves(blocking=True)  # one save in flight at a time
+        checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, async_queue=self.async_queue,
+                           **self._checkpoint_objects())
+
+    def _finish_async_saves(self, blocking: bool) -> None:
+        """Publish the background saves that are done on every rank (a collective)."""
+        try:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as e:  # megatron raises the writer's failure on every rank
+            raise checkpointing.CheckpointError(
+                f"--save {self.cfg.save}: a background save failed ({e}); the checkpoint before it is intact") from e
 
     # --- wiring ---------------------------------------------------------------------------
     def _hook_megatron(self, tconfig) -> None:
@@ -142,12 +156,17 @@ class Trainer:
             data_path=cfg.data_path, seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
             dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
+            rampup_batch_size=cfg.rampup_batch_size,
         )
 
     def _next_batch(self, global_batch_size: int) -> dict:
         if isinstance(self.data, MockData):
             return self.data.next_batch(global_batch_size)
-        return next(self.data)  # shard reader: a fixed global batch (ramp refused by the arguments)
+        batch = next(self.data)  # the shard reader follows the same ramp by its own step count
+        if batch["tokens"].shape[0] * self.cfg.dims.dp != global_batch_size:
+            raise RuntimeError(f"data reader gave {batch['tokens'].shape[0]} rows per rank, megatron's batch "
+                               f"schedule expects {global_batch_size} / {self.cfg.dims.dp}")
+        return batch
 
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -232,6 +251,8 @@ class Trainer:
                 values = MTPLossLoggingHelper.tracker["values"] / num_microbatches
                 out["mtp loss"] = float(values.mean())
                 MTPLossLoggingHelper.clean_loss_in_tracker()
+        if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
+            out.update(aux_loss_scalars(self.cfg.model, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
             DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
             values = DSAIndexerLossLoggingHelper.tracker["values"] / num_microbatches
@@ -244,6 +265,8 @@ class Trainer:
         cfg = self.cfg
         history, saved = [], False
         while self.iteration < cfg.train_iters:
+            if self.async_queue is not None:
+                self._finish_async_saves(blocking=False)
             start = time.perf_counter()
             try:
                 scalars = self.train_step()
@@ -270,6 +293,9 @@ class Trainer:
                 break  # SLURM's pre-timeout signal: the save below writes the checkpoint
         if cfg.save and not saved:
             self.save()
+        if self.async_queue is not None:
+            self.phase = "checkpoint save"
+            self._finish_async_saves(blocking=True)
         return history
 
     def close(self) -> None:

@@ -13,8 +13,11 @@ from tests.helpers import read_scalars, torchrun
 
 @pytest.fixture(scope="module")
 def saved_at_3(tmp_path_factory):
+    # --async-save: written by megatron-core's background writer, published (renamed, pointer
+    # moved) when it finishes; the sync path is what every other checkpoint test uses.
     ck = tmp_path_factory.mktemp("saved") / "ck"
-    torchrun(1, [*TINY_RUN, "--save", str(ck), "--save-interval", "2", "--exit-interval", "3"])
+    proc = torchrun(1, [*TINY_RUN, "--save", str(ck), "--save-interval", "2", "--exit-interval", "3", "--async-save"])
+    assert proc.stdout.count("saved checkpoint") == 2
     return ck
 
 
