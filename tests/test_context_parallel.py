@@ -5,7 +5,9 @@ with real torchrun processes over gloo; the per-iteration `lm loss`, `mtp loss` 
 read back from TensorBoard must match the single-process run, and so must every weight's
 gradient after the first step (dumped by this file run as a torchrun worker, see `_worker`),
 which checks the gather/reduce-scatter bookkeeping far more tightly than the loss can.
-`test_indexer_loss_gradients_under_cp_and_tp` does the same with the indexer's KL loss on.
+`test_indexer_loss_gradients_under_cp_and_tp` does the same with the indexer's KL loss on. The
+harness also serves one non-CP layout, interleaved PP x EP x DP, whose per-weight check the
+loss-only tests of tests/test_parallel_equivalence.py lack.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ LAYOUTS = {
     "cp2": (2, ["--context-parallel-size", "2"]),
     "cp4": (4, ["--context-parallel-size", "4"]),
     "cp2xtp2": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    # Not CP: the same per-weight check for interleaved pipeline stages x experts x data parallel
+    # (gradients keyed by global layer and expert names, every rank's copy checked).
+    "pp2-vpp2xep2xdp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                             "--expert-model-parallel-size", "2"]),
 }
 INDEXER_LOSS = ["--dsa-indexer-loss-coeff", "1.0"]
 
@@ -88,8 +94,18 @@ def train(out: Path, nproc: int, extra: list[str]) -> tuple[dict, list[dict]]:
 
 
 def assert_same_gradients(name: str, want: dict, ranks: list[dict], tp: int) -> None:
-    """Ranks 0..tp-1 are the TP group of CP rank 0 (TP is the fastest-varying rank)."""
+    """Ranks 0..tp-1 are the TP group of CP rank 0 (TP is the fastest-varying rank). Without TP,
+    every rank's gradients are checked (pipeline stages and experts are spread over the ranks,
+    replicas of a weight must all be right) and together they must cover the model."""
     scale = torch.stack([g.norm() for g in want.values()]).norm()
+    if tp == 1:
+        for r, grads in enumerate(ranks):
+            for key, have in grads.items():
+                err = (have - want[key]).norm() / max(want[key].norm(), 1e-6 * scale)
+                assert err < GRAD_TOL, f"{name}: rank {r}: gradient of {key} off by {err:.2e} (relative)"
+        covered = set().union(*ranks)
+        assert covered == set(want), f"{name}: not covered: {sorted(set(want) - covered)[:5]}"
+        return
     checked = 0
     for key, ref in want.items():
         shards = [r[key] for r in ranks[:tp]]
@@ -122,7 +138,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
         for it in range(1, ITERS + 1):
             assert got[tag][it] == pytest.approx(want[tag][it], rel=TOL), \
                 f"{name}: {tag} at iteration {it}: {got[tag][it]} vs {want[tag][it]}"
-    tp = 2 if "tp2" in name else 1
+    tp = 2 if "tp2" in name else 1  # "ep2": no TP
     assert_same_gradients(name, want_grads[0], got_grads, tp)
 
 
@@ -141,9 +157,15 @@ def test_indexer_loss_gradients_under_cp_and_tp(tmp_path):
 def _worker(argv: list[str]) -> None:
     i = argv.index("--dump-grads")
     dump, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    from model.init import _global_name
     from parallel import runtime as rt
     from pretrain.arguments import parse_args
     from pretrain.trainer import Trainer
+
+    def _unwrap(chunk):  # DDP (and Float16Module) -> the GPT model, whose names init_weights uses
+        while not hasattr(chunk, "decoder"):
+            chunk = chunk.module
+        return chunk
 
     cfg = parse_args(argv, world_size=rt.world_size_from_env())
     runtime = rt.init_distributed(cfg.distributed_timeout_s)
@@ -154,9 +176,9 @@ def _worker(argv: list[str]) -> None:
         step, dumped = trainer.optimizer.step, []
 
         def step_and_dump():  # main grads are final here: reduced over DP x CP and TP, per-token scaled
-            if not dumped:
-                grads = {n: p.main_grad.detach().clone() for chunk in trainer.model
-                         for n, p in chunk.named_parameters() if getattr(p, "main_grad", None) is not None}
+            if not dumped:  # keyed by global layer / expert numbers (model/init.py), as one process names them
+                grads = {_global_name(n, _unwrap(chunk)): p.main_grad.detach().clone() for chunk in trainer.model
+                         for n, p in _unwrap(chunk).named_parameters() if getattr(p, "main_grad", None) is not None}
                 torch.save(grads, dump / f"rank{runtime.rank}.pt")
                 dumped.append(True)
             return step()
