@@ -38,6 +38,7 @@ class ModelOptions:
     mtp_loss_scaling_factor: float = 0.3
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
+    moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
     moe_grouped_gemm: bool = False
     moe_permute_fusion: bool = False
     recompute_granularity: str | None = None
@@ -122,7 +123,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         moe_router_dtype="fp32",
         moe_router_load_balancing_type=load_balancing,
         moe_aux_loss_coeff=o.moe_aux_loss_coeff,
-        moe_expert_capacity_factor=None,
+        moe_expert_capacity_factor=o.moe_expert_capacity_factor,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=o.moe_grouped_gemm,
         moe_permute_fusion=o.moe_permute_fusion,

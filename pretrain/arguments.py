@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense warm-up iterations in which only the DSA indexer trains (KL loss)")
     g.add_argument("--dsa-warmup-lr", type=float, default=None, help="learning rate during the DSA warm-up")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="drop tokens beyond this x the balanced load per expert (default: dropless)")
     g.add_argument("--moe-grouped-gemm", action="store_true", help="TE grouped GEMM for experts (GPU)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
 
@@ -143,6 +145,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
     bias_schedule = TokenSchedule.parse(args.moe_router_bias_update_rate, "--moe-router-bias-update-rate")
+    if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
+        raise ValueError(f"--moe-expert-capacity-factor {args.moe_expert_capacity_factor} must be positive")
     if args.dsa_warmup_iters and args.dsa_indexer_loss_coeff <= 0:
         raise ValueError("--dsa-warmup-iters trains the indexer with its KL loss: "
                          "set --dsa-indexer-loss-coeff > 0")
@@ -172,7 +176,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
         mtp_loss_scaling_factor=mtp_schedule(0),
         moe_router_bias_update_rate=bias_schedule(0),
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
         recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=torch.cuda.is_available(),
     )

@@ -19,14 +19,28 @@ def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
 
 
 class LoadImbalanceTracker:
-    """max / mean tokens per expert for each MoE layer, over the whole global batch."""
+    """max / mean tokens per expert for each MoE layer, over the whole global batch, and the
+    share of token-to-expert assignments dropped by a capacity factor."""
 
-    def __init__(self, chunks, total_layers: int, num_experts: int):
+    def __init__(self, chunks, total_layers: int, num_experts: int, topk: int):
         self.routers = routers(chunks)
-        self.total_layers, self.num_experts = total_layers, num_experts
+        self.total_layers, self.num_experts, self.topk = total_layers, num_experts, topk
         self.moe_layers = None
         self.per_layer: dict[int, float] = {}
         self.bias_range: tuple[float, float] = (0.0, 0.0)
+        self.dropped_fraction = 0.0
+        # megatron counts the tokens each expert *kept* (after capacity dropping); count what was
+        # routed, under the same condition (grad enabled: not eval, not the no-grad first pass of
+        # activation recompute), to know how many were dropped.
+        self.routed = torch.zeros(total_layers)
+        for layer, router in self.routers:
+            router.register_forward_hook(self._count_routed(layer))
+
+    def _count_routed(self, layer: int):
+        def hook(module, args, output):
+            if torch.is_grad_enabled():
+                self.routed[layer] += args[0].numel() // args[0].shape[-1]
+        return hook
 
     def record(self) -> None:
         counts = torch.zeros(self.total_layers, self.num_experts)
@@ -40,13 +54,18 @@ class LoadImbalanceTracker:
         # Every rank that holds a layer saw a share of its tokens (TP ranks see the same ones,
         # which scales the whole row and leaves max/mean unchanged): summing over the world
         # gives each layer's global counts, from every pipeline stage.
+        routed = self.routed.clone().to(device)
+        self.routed.zero_()
         dist.all_reduce(counts)
         dist.all_reduce(bias)
+        dist.all_reduce(routed)
         holders = counts.new_zeros(self.total_layers)
         for layer, _ in self.routers:
             holders[layer] = 1
         dist.all_reduce(holders)
-        counts, bias, holders = counts.cpu(), bias.cpu(), holders.cpu()
+        counts, bias, holders, routed = counts.cpu(), bias.cpu(), holders.cpu(), routed.cpu()
+        assigned = routed.sum() * self.topk
+        self.dropped_fraction = float(1 - counts.sum() / assigned) if assigned > 0 else 0.0
         self.per_layer = {}
         for layer in range(self.total_layers):
             total = counts[layer].sum()
@@ -61,7 +80,8 @@ class LoadImbalanceTracker:
         if not self.per_layer:
             return {}
         out = {"moe/load-imbalance": sum(self.per_layer.values()) / len(self.per_layer),
-               "moe/expert-bias-min": self.bias_range[0], "moe/expert-bias-max": self.bias_range[1]}
+               "moe/expert-bias-min": self.bias_range[0], "moe/expert-bias-max": self.bias_range[1],
+               "moe/dropped-tokens-fraction": self.dropped_fraction}
         for layer, value in self.per_layer.items():
             out[f"moe/load-imbalance/layer-{layer:02d}"] = value
         return out

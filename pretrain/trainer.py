@@ -63,7 +63,8 @@ class Trainer:
             zero = self.optimizer.engine.optimizer if self.deepspeed else None
             print(format_report(report(chunks, cfg.model_options.use_te, zero)), flush=True)
         self.moe_stats = LoadImbalanceTracker(
-            chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts)
+            chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
+            cfg.model.num_experts_per_tok)
         self._hook_megatron(self.tconfig)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
                              tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)

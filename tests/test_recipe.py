@@ -37,6 +37,15 @@ def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance(tmp_path):
     aux_balanced, s_aux = imbalance("0", aux="1")
     assert aux_balanced < unbalanced - 0.01, (aux_balanced, unbalanced)
     assert 0.9 < s_aux["moe/seq_load_balancing_loss"][16] < 1.5 and "moe/seq_load_balancing_loss" not in s0
+    assert set(s0["moe/dropped-tokens-fraction"].values()) == {0.0}  # dropless by default
+
+
+def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
+    # Capacity 0.5 x the balanced load per expert keeps at most half of the assignments.
+    torchrun(2, [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2",
+                 "--moe-expert-capacity-factor", "0.5", "--tensorboard-dir", str(tmp_path)])
+    dropped = read_scalars(tmp_path)["moe/dropped-tokens-fraction"]
+    assert all(0.45 < v < 0.6 for v in dropped.values()), dropped
 
 
 def test_dsa_warmup_trains_only_the_indexer(tmp_path, single_process_group):
