@@ -264,19 +264,22 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
     if saved_engine == "deepspeed" and not same_layout:
         raise CheckpointError(f"--load {root}: iteration {iteration} holds DeepSpeed ZeRO state partitioned for "
                               f"the layout {state.get('layout')}; resume at that layout (this run: {layout})")
-    if _is_distributed(optimizer) and not state.get("distributed_optimizer", False):
-        raise CheckpointError(f"--load {root}: iteration {iteration} was saved without "
-                              "--use-distributed-optimizer and lacks the fp32 main parameters it loads; "
-                              "resume without that flag (the reverse direction works)")
     if optimizer is not None and _is_sharded(optimizer):
         _materialize_adam_state(optimizer)
     request = sharded_state(model, optimizer, is_loading=True)
+    # Saved without --use-distributed-optimizer, loaded with it: its fp32 main parameters come from
+    # the plain optimizer's fp32 copies (bf16) or the fp32 weights themselves.
+    switched = _is_distributed(optimizer) and not state.get("distributed_optimizer", False)
+    if switched:
+        _main_params_from_plain_checkpoint(request["optimizer"], directory)
     loaded = dist_checkpointing.load(request, str(directory))
     for i, chunk in enumerate(map(_unwrap, model)):
         chunk.load_state_dict(loaded[_model_key(i, len(model))])
     if optimizer is not None and _is_sharded(optimizer):
         opt_state = loaded["optimizer"]
-        if not same_layout:
+        if switched:
+            _fill_from_weights(opt_state, request, loaded)
+        if not same_layout or switched:
             opt_state = _conform_optimizer_state(request["optimizer"], opt_state)
         optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(state["scheduler"])
@@ -295,6 +298,73 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
         # Another layout: the data position is global (the same for every rank), RNG is reseeded.
         data.load_state_dict(state["data"])
     return state
+
+
+_MAIN_PARAM = "optimizer.state.param."  # the distributed optimizer's fp32 main parameters
+
+
+class _FromWeight(tuple):
+    """Placeholder in a load request: fill with the loaded model weight of this (checkpoint key,
+    global offset): the local experts of a layer share one key, at different offsets."""
+
+
+def _main_params_from_plain_checkpoint(request, directory: Path) -> None:
+    """Point the distributed optimizer's main-parameter requests at what a plain optimizer saved:
+    `optimizer.state.fp32_param.X` (bf16 training), or, in fp32 training, the weight `X` itself,
+    which the model part of the same load already reads (a key may be loaded once: a placeholder
+    here, filled by `_fill_from_weights`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    stack = [request]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            if isinstance(v, ShardedBase) and v.key.startswith(_MAIN_PARAM) and v.key not in saved:
+                name = v.key[len(_MAIN_PARAM):]
+                if "optimizer.state.fp32_param." + name in saved:
+                    v.key = "optimizer.state.fp32_param." + name
+                else:
+                    node[k] = LocalNonpersistentObject(_FromWeight((name, _offset(v))))
+            elif isinstance(v, (dict, list)):
+                stack.append(v)
+
+
+def _offset(sharded) -> tuple:
+    """Where a sharded tensor sits in its key's global tensor; for a factory (SwiGLU's split fc1),
+    where the first tensor it builds sits."""
+    if hasattr(sharded, "global_offset"):
+        return tuple(sharded.global_offset)
+    if hasattr(sharded, "build"):
+        built = sharded.build()
+        parts = built.values() if isinstance(built, dict) else built if isinstance(built, (list, tuple)) else [built]
+        return next((_offset(part) for part in parts if isinstance(part, ShardedBase)), ())
+    return ()
+
+
+def _fill_from_weights(loaded_optimizer, request: dict, loaded: dict) -> None:
+    by_key = {}
+
+    def index(req, got):
+        if isinstance(req, ShardedBase):
+            by_key[(req.key, _offset(req))] = got
+        elif isinstance(req, dict):
+            for k, v in req.items():
+                index(v, got[k])
+
+    for key in request:
+        if key.startswith("model"):
+            index(request[key], loaded[key])
+    stack = [loaded_optimizer]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            if isinstance(v, _FromWeight):
+                node[k] = by_key[tuple(v)].detach().clone().float()
+            elif isinstance(v, (dict, list)):
+                stack.append(v)
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -328,8 +398,8 @@ def _find_steps(obj, found: list) -> list:
 def _conform(request, loaded, step):
     if isinstance(request, ShardedBase):
         return loaded
-    if isinstance(request, LocalNonpersistentObject):
-        return request.unwrap()
+    if isinstance(request, LocalNonpersistentObject):  # its value as loaded (_fill_from_weights may set it)
+        return request.unwrap() if loaded is None else loaded
     if isinstance(request, dict):
         out = {k: _conform(v, loaded.get(k) if isinstance(loaded, dict) else None, step)
                for k, v in request.items() if k != "common_step"}

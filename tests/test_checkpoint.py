@@ -62,6 +62,20 @@ def test_reshard_to_one_process(tmp_path, tiny_reference, nproc, layout):
         assert resumed[it] == pytest.approx(tiny_reference["lm loss"][it], rel=2e-3), it
 
 
+@pytest.mark.slow
+def test_plain_optimizer_checkpoint_resumes_under_ep2_with_the_distributed_optimizer(saved_at_3, tmp_path,
+                                                                                   tiny_reference):
+    # fp32: the distributed optimizer's main parameters come from the saved weights, Adam moments and
+    # step from the plain optimizer's state, at another layout.
+    torchrun(2, [*TINY_RUN, "--train-iters", "5", "--lr-decay-iters", "8", "--load", str(saved_at_3),
+                 "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
+                 "--tensorboard-dir", str(tmp_path / "tb")])
+    resumed = read_scalars(tmp_path / "tb")
+    for it in (4, 5):
+        for tag in ("lm loss", "grad-norm"):
+            assert resumed[tag][it] == pytest.approx(tiny_reference[tag][it], rel=1e-5), (tag, it)
+
+
 def test_load_with_another_model_config_is_refused(saved_at_3, tmp_path):
     from model.presets import get_preset
 
