@@ -8,11 +8,12 @@ clipping and the update. The pieces that join the two:
   `allreduce=False`, which DeepSpeed reads as "MoE parameter", and reduce over megatron's
   expert-data-parallel group, registered in DeepSpeed's group table under one name.
 - DeepSpeed looks for its own MoE layer class to decide that a model has experts; megatron's are
-  not that class, so `_Engine` answers from the parameters instead.
+  not that class, so our engine subclass (`_engine_class`) answers from the parameters instead.
 - The schedule calls `torch.autograd.backward` itself: DeepSpeed's torch-style backward with
   `managed_gradient_accumulation: false` makes `step()` the accumulation boundary.
-- The loss is normalized by the global token count up front (`grad_scale_func`): megatron's
-  `finalize_model_grads` would divide by it afterwards, DeepSpeed averages over data parallel.
+- The loss is normalized by the global token count up front (`DeepSpeedOptimizer.scale_loss` as
+  megatron's `grad_scale_func`): megatron's `finalize_model_grads` would divide by it afterwards;
+  DeepSpeed averages over data parallel instead.
 - What `finalize_model_grads` does besides DP reduction happens here: gradients of weights
   replicated over TP but fed different tokens (sequence-parallel norms, the router) are summed over
   TP as they are produced, and the expert bias is updated once per global batch.
