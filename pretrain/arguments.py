@@ -227,7 +227,6 @@ def _check_dp_engine(args, dims: ParallelDims) -> None:
         "--overlap-grad-reduce / --overlap-param-gather (megatron DDP options)":
             args.overlap_grad_reduce or args.overlap_param_gather,
         "--skip-loss-spikes (ZeRO-2 has reduced the gradients by then)": args.skip_loss_spikes,
-        "--dsa-warmup-iters (it zeroes non-indexer gradients before the step)": args.dsa_warmup_iters > 0,
     }
     bad = [name for name, hit in refused.items() if hit]
     if bad:

@@ -87,10 +87,21 @@ class Recipe:
     def in_dsa_warmup(self, iteration: int) -> bool:
         return iteration < self.rc.dsa_warmup_iters
 
+    def zero_grads_as_produced(self) -> None:
+        """For engines that reduce gradients during backward (DeepSpeed ZeRO-2), where zeroing them
+        before the step is too late: in the warm-up, every non-indexer gradient is zero as autograd
+        produces it (with zero Adam moments at the start and no weight decay, those weights stay)."""
+        self._warmup_now = False
+        for chunk in self.chunks:
+            for name, p in chunk.named_parameters():
+                if p.requires_grad and not is_indexer_param(name):
+                    p.register_hook(lambda g: torch.zeros_like(g) if self._warmup_now else g)
+
     def before_step(self, iteration: int, consumed_tokens: int) -> dict[str, float]:
         """`iteration` is the 0-based index of the step about to run."""
         c = self.tconfig
         warmup = self.in_dsa_warmup(iteration)
+        self._warmup_now = warmup
         c.mtp_loss_scaling_factor = self.rc.mtp_loss_scaling(consumed_tokens)
         c.moe_router_bias_update_rate = 0.0 if warmup else self.rc.bias_update_rate(consumed_tokens)
         # Warm-up: dense attention (top-k = every key) and the dense KL; then sparse.

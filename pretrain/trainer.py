@@ -68,6 +68,8 @@ class Trainer:
         self._hook_megatron(self.tconfig)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
                              tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)
+        if self.deepspeed and cfg.recipe.dsa_warmup_iters:
+            self.recipe.zero_grads_as_produced()
         init_num_microbatches_calculator(
             runtime.rank, cfg.rampup_batch_size, cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp,
             decrease_batch_size_if_needed=False)

@@ -73,7 +73,6 @@ def test_zero1_with_tensor_and_sequence_parallel_and_offload_matches(distributed
     (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
     (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
     (["--skip-loss-spikes", "--loss-spike-factor", "3"], "--skip-loss-spikes"),
-    (["--dsa-warmup-iters", "2", "--dsa-indexer-loss-coeff", "1"], "--dsa-warmup-iters"),
 ])
 def test_layouts_deepspeed_cannot_serve_are_refused(extra, named, capsys):
     with pytest.raises(SystemExit):

@@ -48,14 +48,24 @@ def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
     assert all(0.45 < v < 0.6 for v in dropped.values()), dropped
 
 
-def test_dsa_warmup_trains_only_the_indexer(tmp_path, single_process_group):
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory):
+    """The initial model (the same for every layout and engine: model/init.py)."""
     from megatron.core.dist_checkpointing import load_plain_tensors
 
-    torchrun(1, [*TINY, "--train-iters", "0", "--save", str(tmp_path / "init")])
-    torchrun(1, [*TINY, "--train-iters", "2", "--dsa-warmup-iters", "2", "--dsa-indexer-loss-coeff", "1",
-                 "--save", str(tmp_path / "warm"), "--tensorboard-dir", str(tmp_path / "tb")])
-    before = load_plain_tensors(str(tmp_path / "init" / "iter_0000000"))
-    after = load_plain_tensors(str(tmp_path / "warm" / "iter_0000002"))
+    init = tmp_path_factory.mktemp("init")
+    torchrun(1, [*TINY, "--train-iters", "0", "--save", str(init)])
+    return load_plain_tensors(str(init / "iter_0000000"))
+
+
+@pytest.mark.parametrize("nproc, engine", [(1, []), (2, ["--dp-engine", "deepspeed", "--zero-stage", "2"])],
+                         ids=["megatron", "deepspeed-zero2"])
+def test_dsa_warmup_trains_only_the_indexer(tmp_path, single_process_group, initial_weights, nproc, engine):
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    torchrun(nproc, [*TINY, "--train-iters", "2", "--dsa-warmup-iters", "2", "--dsa-indexer-loss-coeff", "1",
+                     *engine, "--save", str(tmp_path / "warm"), "--tensorboard-dir", str(tmp_path / "tb")])
+    before, after = initial_weights, load_plain_tensors(str(tmp_path / "warm" / "iter_0000002"))
     model_keys = [k for k in before if k.startswith("model.") or not k.startswith("optimizer")]
     changed = {k for k in model_keys if not torch.equal(before[k], after[k])}
     indexer = {k for k in model_keys if ".indexer." in k}
