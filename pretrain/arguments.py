@@ -176,7 +176,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
         mtp_loss_scaling_factor=mtp_schedule(0),
         moe_router_bias_update_rate=bias_schedule(0),
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor, moe_grouped_gemm=args.moe_grouped_gemm and use_te,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_grouped_gemm=args.moe_grouped_gemm and use_te,
         recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=torch.cuda.is_available(),
     )

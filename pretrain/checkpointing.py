@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -316,19 +317,17 @@ def _main_params_from_plain_checkpoint(request, directory: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     saved = set(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
-    stack = [request]
-    while stack:
-        node = stack.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for k, v in items:
-            if isinstance(v, ShardedBase) and v.key.startswith(_MAIN_PARAM) and v.key not in saved:
-                name = v.key[len(_MAIN_PARAM):]
-                if "optimizer.state.fp32_param." + name in saved:
-                    v.key = "optimizer.state.fp32_param." + name
-                else:
-                    node[k] = LocalNonpersistentObject(_FromWeight((name, _offset(v))))
-            elif isinstance(v, (dict, list)):
-                stack.append(v)
+
+    def redirect(v):
+        if not (isinstance(v, ShardedBase) and v.key.startswith(_MAIN_PARAM) and v.key not in saved):
+            return v
+        name = v.key[len(_MAIN_PARAM):]
+        if "optimizer.state.fp32_param." + name in saved:
+            v.key = "optimizer.state.fp32_param." + name
+            return v
+        return LocalNonpersistentObject(_FromWeight((name, _offset(v))))
+
+    dict_list_map_inplace(redirect, request)
 
 
 def _offset(sharded) -> tuple:
@@ -356,15 +355,8 @@ def _fill_from_weights(loaded_optimizer, request: dict, loaded: dict) -> None:
     for key in request:
         if key.startswith("model"):
             index(request[key], loaded[key])
-    stack = [loaded_optimizer]
-    while stack:
-        node = stack.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for k, v in items:
-            if isinstance(v, _FromWeight):
-                node[k] = by_key[tuple(v)].detach().clone().float()
-            elif isinstance(v, (dict, list)):
-                stack.append(v)
+    dict_list_map_inplace(
+        lambda v: by_key[tuple(v)].detach().clone().float() if isinstance(v, _FromWeight) else v, loaded_optimizer)
 
 
 def _materialize_adam_state(optimizer) -> None:

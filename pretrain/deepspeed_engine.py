@@ -32,6 +32,7 @@ from megatron.core.distributed.finalize_model_grads import (
 )
 
 from pretrain.config import TrainConfig
+from pretrain.optim import optimizer_config
 
 EXPERT_GROUP = "megatron_ep"
 
@@ -68,24 +69,19 @@ def _is_expert(param) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def _param_groups(module, weight_decay: float) -> list[dict]:
-    """megatron-core's grouping: no weight decay on biases and 1-D weights (norms); experts apart,
-    as DeepSpeed partitions them over the expert-data-parallel group."""
-    buckets: dict[tuple[bool, bool], list] = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            no_wd = name.endswith(".bias") or p.ndim == 1
-            buckets.setdefault((_is_expert(p), no_wd), []).append(p)
-    out = []
-    for (expert, no_wd), params in sorted(buckets.items()):
-        group = {"params": params, "wd_mult": 0.0 if no_wd else 1.0,
-                 "weight_decay": 0.0 if no_wd else weight_decay}
-        if expert:
-            for p in params:
+def _param_groups(module, cfg: TrainConfig) -> list[dict]:
+    """megatron-core's own grouping, as its optimizer gets it (no weight decay on biases and 1-D
+    weights: `wd_mult` 0, applied by the LR/WD scheduler), with its expert groups marked for
+    DeepSpeed, which partitions them over the expert-data-parallel group."""
+    from megatron.core.optimizer import _get_param_groups
+
+    groups = [g for g in _get_param_groups([module], optimizer_config(cfg), None) if g["params"]]
+    for group in groups:
+        if group["is_expert_parallel"]:
+            for p in group["params"]:
                 p.group_name = EXPERT_GROUP
             group.update(moe=True, name=EXPERT_GROUP)
-        out.append(group)
-    return out
+    return groups
 
 
 def _sum_over_tp_when_produced(module, tconfig) -> None:
@@ -191,8 +187,8 @@ class DeepSpeedOptimizer:
     """The optimizer face the trainer and checkpointing see (megatron's: step() -> (updated,
     grad norm, zeros)); the schedule's normalization by global tokens lives here."""
 
-    def __init__(self, engine, tconfig):
-        self.engine, self.tconfig = engine, tconfig
+    def __init__(self, engine):
+        self.engine = engine
         self._scale = 1.0
         self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
 
@@ -241,11 +237,12 @@ def build(chunks, tconfig, cfg: TrainConfig):
     _register_expert_groups()
     _sum_over_tp_when_produced(module, tconfig)
     base = base_optimizer_class(cfg.zero_offload_optimizer)(
-        _param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        _param_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps)
     mpu, config = _mpu(), ds_config(cfg)
     engine = _engine_class()(args=None, model=module, optimizer=base, mpu=mpu, config=config,
                              config_class=DeepSpeedConfig(config, mpu), dist_init_required=False)
-    return [ScheduleView(engine, tconfig)], DeepSpeedOptimizer(engine, tconfig)
+    return [ScheduleView(engine, tconfig)], DeepSpeedOptimizer(engine)
 
 
 def finalize_grads(model, tconfig) -> None:

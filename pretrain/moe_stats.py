@@ -87,7 +87,7 @@ class LoadImbalanceTracker:
         return out
 
 
-def aux_loss_scalars(model_config, num_microbatches: int) -> dict[str, float]:
+def aux_loss_scalars(tconfig, num_microbatches: int) -> dict[str, float]:
     """The routers' auxiliary losses (the sequence-wise balance loss under --moe-aux-loss-coeff),
     without their coefficient, averaged over MoE layers and micro-batches as Megatron-LM logs them.
     A collective (every rank calls it); clears megatron's tracker for the next step."""
@@ -99,10 +99,9 @@ def aux_loss_scalars(model_config, num_microbatches: int) -> dict[str, float]:
 
     if not get_moe_layer_wise_logging_tracker():
         return {}
-    c = model_config
     totals: dict[str, torch.Tensor] = {}
     track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals,
-                      num_layers=c.num_hidden_layers, mtp_num_layers=c.num_nextn_predict_layers,
-                      moe_layer_freq=[0] * c.first_k_dense_replace + [1] * (c.num_hidden_layers - c.first_k_dense_replace))
+                      num_layers=tconfig.num_layers, moe_layer_freq=tconfig.moe_layer_freq,
+                      mtp_num_layers=tconfig.mtp_num_layers)
     clear_aux_losses_tracker()
     return {f"moe/{name}": float(value) for name, value in totals.items()}

@@ -36,15 +36,18 @@ def wrap_ddp(chunks, tconfig, cfg: TrainConfig):
     ]
 
 
-def build_optimizer(model, cfg: TrainConfig):
-    opt_config = OptimizerConfig(
+def optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
+    return OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.model_options.bf16, params_dtype=cfg.model_options.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         overlap_param_gather=cfg.overlap_param_gather,
     )
-    return get_megatron_optimizer(opt_config, model)
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    return get_megatron_optimizer(optimizer_config(cfg), model)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:

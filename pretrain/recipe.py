@@ -80,6 +80,7 @@ class Recipe:
         self.indexer_loss_coeff = indexer_loss_coeff
         self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
         self.sparse_topk = tconfig.dsa_indexer_topk
+        self._warmup_now = False  # read by the hooks of zero_grads_as_produced
         # megatron scales the indexer's KL (a per-micro-batch mean) by 1 while the main loss is a
         # token sum later divided by the global token count: weigh it by its tokens likewise.
         DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(float(tokens_per_microbatch)))
@@ -91,7 +92,6 @@ class Recipe:
         """For engines that reduce gradients during backward (DeepSpeed ZeRO-2), where zeroing them
         before the step is too late: in the warm-up, every non-indexer gradient is zero as autograd
         produces it (with zero Adam moments at the start and no weight decay, those weights stay)."""
-        self._warmup_now = False
         for chunk in self.chunks:
             for name, p in chunk.named_parameters():
                 if p.requires_grad and not is_indexer_param(name):

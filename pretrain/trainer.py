@@ -255,7 +255,7 @@ class Trainer:
                 out["mtp loss"] = float(values.mean())
                 MTPLossLoggingHelper.clean_loss_in_tracker()
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
-            out.update(aux_loss_scalars(self.cfg.model, num_microbatches))
+            out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
             DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
             values = DSAIndexerLossLoggingHelper.tracker["values"] / num_microbatches
