@@ -5,7 +5,8 @@ chunk of whole consecutive documents: `<chunk>.tokens` (token ids, little-endian
 EOD closing every document) and `<chunk>.lengths` (little-endian uint32 document lengths, EOD included).
 
 Remote shards are opened with webdataset's `gopen` (http(s) via curl, `pipe:` commands; `s3://` is mapped
-to `pipe:aws s3 cp URL -`); local shards are memory-mapped (no read copy; a resume seeks over skipped chunks
+to `pipe:aws s3 cp URL -`); a manifest naming a `pipe:` command is refused unless the caller allows it
+(check_shard_locations); local shards are memory-mapped (no read copy; a resume seeks over skipped chunks
 for free). Tar headers are parsed here rather than by tarfile's stream mode, which webdataset's iterator uses
 and which reads 4 MiB members in 10 KiB pieces: about 6x slower (docs/PERFORMANCE.md).
 """
@@ -31,6 +32,7 @@ TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 LENGTHS_DTYPE = np.dtype("<u4")
 BLOCK = 512
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+DATA_SCHEMES = ("http", "https", "s3", "gs")  # what a manifest may name: opened without a shell, by URL alone
 
 
 class ShardError(RuntimeError):
@@ -41,8 +43,8 @@ class ManifestError(ValueError):
     """A manifest that is missing, malformed or inconsistent; the message names the manifest."""
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:06d}.tar"
+def shard_name(index: int, prefix: str = "") -> str:
+    return f"{prefix}shard_{index:06d}.tar"
 
 
 def member_name(chunk: int, ext: str) -> str:
@@ -70,6 +72,7 @@ class Manifest:
     total_tokens: int
     chunk_tokens: int = 0
     location: str = ""  # where it was loaded from: not written, used to resolve relative shard paths
+    part: dict | None = None  # only in a part manifest (one task of a split run): {"index", "count", "inputs"}
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -79,7 +82,9 @@ class Manifest:
         return {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "tokenizer": self.tokenizer, "dtype": self.dtype,
             "eod_id": self.eod_id, "chunk_tokens": self.chunk_tokens, "total_docs": self.total_docs,
-            "total_tokens": self.total_tokens, "shards": [asdict(s) for s in self.shards],
+            "total_tokens": self.total_tokens,
+            **({"part": self.part} if self.part is not None else {}),
+            "shards": [asdict(s) for s in self.shards],
         }
 
     def shard_url(self, index: int) -> str:
@@ -91,7 +96,7 @@ class Manifest:
             raise ManifestError(f"{where}: dtype {self.dtype!r} is not one of {sorted(TOKEN_DTYPES)}")
         if not 0 <= self.eod_id < np.iinfo(self.np_dtype).max + 1:
             raise ManifestError(f"{where}: eod_id {self.eod_id} does not fit dtype {self.dtype}")
-        if not self.shards:
+        if not self.shards and self.part is None:  # a part (one task's share) may be empty
             raise ManifestError(f"{where}: lists no shards")
         seen = set()
         for s in self.shards:
@@ -127,17 +132,34 @@ def resolve(manifest_location: str, path: str) -> str:
 
 def open_stream(location: str) -> BinaryIO:
     """Open a local path, URL or pipe: command for reading (webdataset's gopen; s3:// goes through the aws CLI)."""
-    import webdataset as wds  # imported here so writing shards does not need it
-
     if location.startswith("s3://"):
         location = f"pipe:aws s3 cp {shlex.quote(location)} -"
     if not is_remote(location):
         return open(location, "rb")
+    import webdataset as wds  # imported here: local files (writing, loading a manifest) do not need it (~2 s)
+
     return wds.gopen(location, "rb")
 
 
+def check_shard_locations(paths: list[str], where: str, allow_pipe: bool = False) -> None:
+    """A manifest is data: its shard locations are paths or URLs (DATA_SCHEMES), never commands. `pipe:` (and
+    any other scheme, which webdataset would hand to some program) only with allow_pipe, an explicit choice of
+    whoever runs the reader; a `pipe:` manifest location given on the command line is such a choice already."""
+    if allow_pipe:
+        return
+    for path in paths:
+        if not isinstance(path, str):
+            raise ManifestError(f"{where}: shard path {path!r} is not a string")
+        scheme = path.split(":", 1)[0].lower() if path.startswith("pipe:") or _URL.match(path) else None
+        if scheme is not None and scheme not in DATA_SCHEMES:
+            raise ManifestError(f"{where}: shard {path!r} is a {scheme}: location; a manifest is data and may name "
+                                f"only paths and {'/'.join(DATA_SCHEMES)} URLs, never a command (if you wrote it "
+                                "and trust it, allow it explicitly: allow_pipe=True / --data-allow-pipe)")
+
+
 # --- manifest I/O --------------------------------------------------------------------------------
-def load_manifest(location: str) -> Manifest:
+def load_manifest(location: str, *, allow_pipe: bool = False) -> Manifest:
+    """Read and validate a manifest; shard locations that would run a command are refused unless allow_pipe."""
     try:
         with open_stream(location) as f:
             raw = f.read()
@@ -152,10 +174,12 @@ def load_manifest(location: str) -> Manifest:
     if obj.get("version") != FORMAT_VERSION:
         raise ManifestError(f"{location}: format version {obj.get('version')} is not the supported {FORMAT_VERSION}")
     try:
+        check_shard_locations([s["path"] for s in obj["shards"]], location, allow_pipe)
         shards = [ShardInfo(**s) for s in obj["shards"]]
         m = Manifest(tokenizer=obj["tokenizer"], dtype=obj["dtype"], eod_id=int(obj["eod_id"]), shards=shards,
                      total_docs=int(obj["total_docs"]), total_tokens=int(obj["total_tokens"]),
-                     chunk_tokens=int(obj.get("chunk_tokens", 0)), location=location)
+                     chunk_tokens=int(obj.get("chunk_tokens", 0)), location=location,
+                     part=obj.get("part"))
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{location}: missing or malformed field: {e}") from e
     m.validate()

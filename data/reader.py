@@ -17,7 +17,6 @@ O(streams), whatever the number of shards, and resuming re-opens one shard per s
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 
@@ -67,8 +66,6 @@ class SubStream:
         self._read_buffers: dict = {}  # for streamed (remote) shards; local ones are memory-mapped
         self._buf = np.empty(0, manifest.np_dtype)  # reused: fresh 4 MiB arrays per chunk cost page faults
         self._tok: np.ndarray | None = None  # the loaded chunk, documents shuffled (a view of _buf)
-        self._ends: list[int] = []  # its documents' end offsets
-        self._doc = 0  # the document holding token `pos`
         self._bad_in_a_row = 0
 
     def state(self) -> list[int]:
@@ -102,7 +99,6 @@ class SubStream:
         self._shuffle(tok, lens, epoch, shard, chunk)
         if self.pos > self._tok.size:
             raise ShardError(f"{url}: resume offset {self.pos} is past the {self._tok.size} tokens of chunk {chunk}")
-        self._doc = bisect.bisect_right(self._ends, self.pos)
 
     def _skip(self, error: ShardError) -> None:
         self._bad_in_a_row += 1
@@ -118,34 +114,26 @@ class SubStream:
         out = self._tok = self._buf[:tok.size]
         if lens.size == 1:
             out[:] = tok
-            self._ends = [tok.size]
             return
         seed = [self.order.seed, self.order.dataset, epoch, shard, chunk, _DOC_TAG]
         perm = np.random.Generator(np.random.PCG64(seed)).permutation(lens.size)
         ends = np.cumsum(lens, dtype=np.int64)
         starts, stops = (ends - lens)[perm].tolist(), ends[perm].tolist()
         np.concatenate([tok[a:b] for a, b in zip(starts, stops)], out=out)  # slices: cheaper than a gather
-        self._ends = np.cumsum(lens[perm], dtype=np.int64).tolist()
 
-    def take(self, out_tokens: np.ndarray, out_doc_ids: np.ndarray) -> None:
-        """Fill one window (len(out_tokens) tokens); the next window starts at its last token."""
-        size, filled, doc_id = out_tokens.shape[0], 0, 0
+    def take(self, out: np.ndarray) -> None:
+        """Fill one window (len(out) tokens); the next window starts at its last token."""
+        size, filled = out.shape[0], 0
         while True:
             if self._tok is None or self.pos >= self._tok.size:
                 self._load()
-            pos, n = self.pos, min(size - filled, self._tok.size - self.pos)
-            out_tokens[filled:filled + n] = self._tok[pos:pos + n]
-            ends, d, start = self._ends, self._doc, filled
-            while ends[d] < pos + n:  # documents ending inside the window: a few per window
-                stop = filled + ends[d] - pos
-                out_doc_ids[start:stop] = doc_id
-                start, doc_id, d = stop, doc_id + 1, d + 1
-            out_doc_ids[start:filled + n] = doc_id
+            n = min(size - filled, self._tok.size - self.pos)
+            out[filled:filled + n] = self._tok[self.pos:self.pos + n]
             filled += n
             if filled == size:
-                self.pos, self._doc = pos + n - 1, d
+                self.pos += n - 1
                 return
-            self.pos, doc_id = pos + n, doc_id + 1  # chunks end on document boundaries
+            self.pos += n
 
 
 class BatchRamp:
@@ -219,10 +207,9 @@ class _StreamSet(IterableDataset):
                 row_subs = [subs[row // rows_per_stream] for row in rows.tolist()]
             choice = p.blend.choose(p.first_sample(step) + rows).tolist()
             tokens = np.empty((len(rows), width), np.int64)
-            doc_ids = np.empty((len(rows), width), np.int32)
             for i, d in enumerate(choice):
-                row_subs[i][d].take(tokens[i], doc_ids[i])
-            yield {"step": step, "tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(doc_ids),
+                row_subs[i][d].take(tokens[i])
+            yield {"step": step, "tokens": torch.from_numpy(tokens),
                    "state": {s: [sub.state() for sub in subs[s]] for s in streams}, "skipped": skipped[:]}
             skipped.clear()
             step += 1
@@ -234,8 +221,7 @@ def _identity(x):
 
 class PretrainingLoader:
     """Iterator of this DP rank's part of each global batch:
-    {"tokens": int64 [global_batch_size // dp_size, seq_length + 1],
-     "doc_ids": int32, same shape: index of the document each token belongs to, counted from 0 in each row}.
+    {"tokens": int64 [global_batch_size // dp_size, seq_length + 1]} (documents end in eod_id).
     state_dict()/load_state_dict() save and restore the exact position (see merge_state_dicts to change dp_size).
     """
 
@@ -303,8 +289,8 @@ class PretrainingLoader:
                 log.warning("skipped %d bad shard(s) so far on dp rank %d", len(self.skipped_shards), self.dp_rank)
         self._step += 1
         if len(parts) == 1:
-            return {"tokens": parts[0]["tokens"], "doc_ids": parts[0]["doc_ids"]}
-        return {"tokens": torch.cat([p["tokens"] for p in parts]), "doc_ids": torch.cat([p["doc_ids"] for p in parts])}
+            return {"tokens": parts[0]["tokens"]}
+        return {"tokens": torch.cat([p["tokens"] for p in parts])}
 
     # --- checkpointing -----------------------------------------------------------------------------
     def _header(self) -> dict:

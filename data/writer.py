@@ -29,8 +29,8 @@ def _member_header(name: str, size: int) -> bytes:
 class _Shard:
     """One tar file being written, hashed as it goes."""
 
-    def __init__(self, directory: str, index: int):
-        self.name = shard_name(index)
+    def __init__(self, directory: str, index: int, prefix: str = ""):
+        self.name = shard_name(index, prefix)
         self.final = os.path.join(directory, self.name)
         self.tmp = self.final + ".tmp"
         self.file = open(self.tmp, "wb")
@@ -72,10 +72,15 @@ def chunk_bytes(num_tokens: int, num_docs: int, itemsize: int) -> int:
 
 class ShardWriter:
     """Append documents; chunks of about `chunk_tokens` whole documents go into shards of at most
-    `shard_size` bytes (a single chunk larger than that gets a shard of its own)."""
+    `shard_size` bytes (a single chunk larger than that gets a shard of its own).
+
+    With `prefix`, the files are `<prefix>shard_NNNNNN.tar` and `<prefix>manifest.json`, so several writers
+    (the tasks of a split run, a validation split) share a directory. `part` goes into the manifest as it is
+    (see data/format.py); a part manifest may list no shards."""
 
     def __init__(self, output_dir: str, *, tokenizer: dict, eod_id: int, dtype: str = "uint32",
-                 shard_size: int = 1 << 30, chunk_tokens: int = 1 << 20):
+                 shard_size: int = 1 << 30, chunk_tokens: int = 1 << 20, prefix: str = "",
+                 part: dict | None = None):
         if dtype not in TOKEN_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(TOKEN_DTYPES)}")
         if not 0 <= eod_id <= np.iinfo(TOKEN_DTYPES[dtype]).max:
@@ -83,9 +88,11 @@ class ShardWriter:
         if chunk_tokens <= 0 or shard_size <= 0:
             raise ValueError(f"chunk_tokens ({chunk_tokens}) and shard_size ({shard_size}) must be positive")
         os.makedirs(output_dir, exist_ok=True)
+        self.prefix, self.manifest_name = prefix, prefix + MANIFEST_NAME
         for existing in os.listdir(output_dir):
-            if existing == MANIFEST_NAME or existing.startswith("shard_"):
+            if existing == self.manifest_name or existing.startswith(prefix + "shard_"):
                 raise FileExistsError(f"{output_dir} already holds a dataset ({existing}); use an empty directory")
+        self.part = part
         self.output_dir, self.tokenizer, self.eod_id = output_dir, tokenizer, eod_id
         self.dtype, self.np_dtype = dtype, TOKEN_DTYPES[dtype]
         self.shard_size, self.chunk_tokens = shard_size, chunk_tokens
@@ -147,7 +154,7 @@ class ShardWriter:
             self._shards.append(self._shard.close())
             self._shard = None
         if self._shard is None:
-            self._shard = _Shard(self.output_dir, len(self._shards))
+            self._shard = _Shard(self.output_dir, len(self._shards), self.prefix)
         shard = self._shard
         shard.add_member(member_name(shard.chunks, TOKENS_EXT), memoryview(tokens).cast("B"))
         shard.add_member(member_name(shard.chunks, LENGTHS_EXT), memoryview(lengths).cast("B"))
@@ -165,14 +172,24 @@ class ShardWriter:
             self._shards.append(self._shard.close())
             self._shard = None
         self._closed = True
-        if not self._shards:
+        if not self._shards and self.part is None:
             raise ValueError(f"no documents were written to {self.output_dir}")
         manifest = Manifest(tokenizer=self.tokenizer, dtype=self.dtype, eod_id=self.eod_id, shards=self._shards,
                             total_docs=sum(s.docs for s in self._shards),
                             total_tokens=sum(s.tokens for s in self._shards), chunk_tokens=self.chunk_tokens,
-                            location=os.path.join(self.output_dir, MANIFEST_NAME))
+                            location=os.path.join(self.output_dir, self.manifest_name),
+                            part=self.part)
         write_manifest(manifest, manifest.location)
         return manifest
+
+    @property
+    def shards_written(self) -> int:
+        return len(self._shards)
+
+    @property
+    def is_empty(self) -> bool:
+        """No document added yet."""
+        return not self._pending and not self._shards and self._shard is None
 
     def abort(self) -> None:
         """Drop the shard in progress (no manifest is written); complete shards stay for inspection."""

@@ -9,16 +9,19 @@ from __future__ import annotations
 from model.config import GLM5Config
 
 
-def attention_params(c: GLM5Config) -> int:
-    """MLA + DSA indexer of one layer, norms inside attention included."""
+def attention_params(c: GLM5Config, tp: int = 1, replicated_down_projection: bool = True) -> int:
+    """MLA + DSA indexer of one layer, norms inside attention included, as held by one of `tp`
+    tensor-parallel ranks. The up/output projections are sharded over TP; the latent norms and the
+    indexer are replicated; the q/kv down projections are replicated under Transformer Engine and
+    sharded by megatron's local ColumnParallelLinear (model/specs.py)."""
     h, nh = c.hidden_size, c.num_attention_heads
-    q = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim
-    kv = (h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-          + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim))
+    down = h * c.q_lora_rank + h * (c.kv_lora_rank + c.qk_rope_head_dim)
+    up = c.q_lora_rank * nh * c.qk_head_dim + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
     o = nh * c.v_head_dim * h
+    norms = c.q_lora_rank + c.kv_lora_rank
     indexer = (c.q_lora_rank * c.index_n_heads * c.index_head_dim + h * c.index_head_dim
                + 2 * c.index_head_dim + h * c.index_n_heads)
-    return q + kv + o + indexer
+    return (down if replicated_down_projection else down // tp) + (up + o) // tp + norms + indexer
 
 
 def mlp_params(hidden: int, ffn: int) -> int:
@@ -95,40 +98,135 @@ def model_info(c: GLM5Config, seq_length: int) -> dict:
     return info
 
 
+def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None) -> list[list[int]]:
+    """The decoder layers of each model chunk of pipeline stage `pp_rank` (megatron's even split:
+    chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
+    chunks = vpp or 1
+    per_chunk = c.num_hidden_layers // (pp * chunks)
+    return [list(range((v * pp + pp_rank) * per_chunk, (v * pp + pp_rank + 1) * per_chunk)) for v in range(chunks)]
+
+
+def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_rank: int, vpp: int | None = None,
+                     replicated_down_projection: bool = True) -> dict:
+    """Parameters one GPU holds: the layers of its pipeline stage (the embedding on the first, final
+    norm, output head and MTP layer on the last), its TP shard of each, its EP share of the routed
+    experts. `experts` are the routed experts (reduced over expert-DP), `dense` everything else
+    (reduced over DP); `expert_bias` counts the fp32 router-bias buffers (not trained by the optimizer)."""
+    from model.mcore_config import padded_vocab_size
+
+    h = c.hidden_size
+    attn = attention_params(c, tp, replicated_down_projection) + 2 * h  # + input / pre-MLP norms
+    shared = mlp_params(h, c.n_shared_experts * c.moe_intermediate_size) // tp
+    moe_dense = c.n_routed_experts * h + shared  # router (replicated) + shared expert
+    moe_experts = c.n_routed_experts // ep * mlp_params(h, c.moe_intermediate_size) // etp
+    dense = experts = bias = 0
+    layers = [i for chunk in stage_layers(c, pp, pp_rank, vpp) for i in chunk]
+    for i in layers:
+        dense += attn
+        if c.is_moe_layer(i):
+            dense, experts, bias = dense + moe_dense, experts + moe_experts, bias + c.n_routed_experts
+        else:
+            dense += mlp_params(h, c.intermediate_size) // tp
+    vocab = padded_vocab_size(c.vocab_size, tp) * h // tp
+    if pp_rank == 0:
+        dense += vocab  # input embedding
+    if pp_rank == pp - 1:
+        dense += vocab + h  # output head, final norm
+        mtp = c.num_nextn_predict_layers
+        if mtp and pp > 1:
+            dense += vocab  # megatron builds the input embedding again for the MTP layer (kept in sync)
+        # enorm, hnorm, eh_proj (column-parallel), the MoE layer, its final norm
+        dense += mtp * (3 * h + 2 * h * h // tp + attn + moe_dense)
+        experts, bias = experts + mtp * moe_experts, bias + mtp * c.n_routed_experts
+    return {"dense": dense, "experts": experts, "expert_bias": bias, "layers": len(layers)}
+
+
+def activation_bytes_per_layer(c: GLM5Config, tokens: int, tp: int, etp: int) -> float:
+    """Activations one layer keeps for backward per micro-batch of `tokens` tokens (sequence
+    parallel): 34 bytes x hidden per token (Korthikanti et al., selective recompute) plus the
+    routed experts' intermediates."""
+    return tokens * (34 * c.hidden_size / tp + 2 * 3 * c.num_experts_per_tok * c.moe_intermediate_size / etp)
+
+
+def dsa_buffer_bytes(c: GLM5Config, tokens: int, keys: int, tp: int, path: str = "blockwise") -> dict:
+    """DSA's own buffers in one layer, for `tokens` queries of this rank against `keys` keys (S):
+    `saved` for backward per layer and micro-batch, `working` for the one layer running. `path` is
+    the one model/modules/dsa.py runs: "blockwise" (torch) or "triton" keep the top-k indices
+    (int64) and the softmax log-sum-exp, and a working set bounded per block of queries (torch:
+    model.modules.dsa_blockwise.BLOCK_BUDGET fp32 elements for a few temporaries) or the fp32
+    gradient buffers of the latent rows and the absorbed queries (Triton); "dense" keeps fp32
+    softmax probabilities [heads, tokens, S] and builds scores, masks and the indexer's
+    [tokens, index_heads, S] scores on top."""
+    heads, k = c.num_attention_heads / tp, min(c.index_topk, keys)
+    latent = c.kv_lora_rank + c.qk_rope_head_dim
+    if path == "dense":
+        return {"saved": 6 * heads * tokens * keys + 4 * tokens * keys,
+                "working": 4 * (3 * heads + c.index_n_heads + 3) * tokens * keys}
+    saved = 8 * tokens * k + 4 * tokens * heads
+    if path == "triton":
+        return {"saved": saved, "working": 4 * keys * latent + 4 * tokens * heads * latent}
+    return {"saved": saved, "working": 4 * 4 * (1 << 24)}
+
+
+def in_flight_microbatches(pp: int, pp_rank: int, vpp: int | None = None, num_microbatches: int | None = None,
+                           group_size: int | None = None) -> float:
+    """Micro-batches whose activations stage `pp_rank` holds at its peak, in units of the whole stage
+    (all its chunks): 1F1B warms up pp - rank of them; the interleaved schedule warms up
+    2 (pp - rank - 1) + (vpp - 1) group_size + 1 chunk-passes (megatron-core's count), each through
+    one of the vpp chunks."""
+    if vpp is None:
+        n = pp - pp_rank
+    else:
+        n = (2 * (pp - pp_rank - 1) + (vpp - 1) * (group_size or pp) + 1) / vpp
+    return min(n, num_microbatches) if num_microbatches else n
+
+
 def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: int, seq_length: int,
                    micro_batch_size: int, distributed_optimizer: bool, full_recompute: bool = False,
-                   zero_stage: int = 0, offload_optimizer: bool = False) -> dict:
-    """Estimated peak memory of one GPU on the first pipeline stage (bf16 weights, fp32 grads,
-    fp32 main params + Adam moments, 1F1B activations with sequence parallelism), in GiB.
-    The activation term is an estimate: 34 bytes x hidden per token per layer (Korthikanti et al.,
-    selective recompute) plus the routed experts' intermediates; it ignores DSA's score buffers.
-    With full recompute only each layer's input is kept, plus one layer's working set.
+                   zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
+                   vpp: int | None = None, bf16: bool = True, replicated_down_projection: bool = True,
+                   num_microbatches: int | None = None, microbatch_group_size: int | None = None,
+                   dsa_path: str = "triton") -> dict:
+    """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
+    bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
+    (sharded over DP by the distributed optimizer, experts over expert-DP), and the activations of
+    the micro-batches the pipeline keeps in flight on that stage (sequence parallel). `seq_length`
+    is the sequence each CP rank holds. With full recompute only each layer's input is kept, plus
+    one layer's working set. Checked against what megatron-core builds by tools/simulate_layout.py.
 
     `zero_stage` (--dp-engine deepspeed): 1 partitions main params + moments like the distributed
     optimizer but keeps bf16 grads on the weights next to an fp32 partition; 2 keeps only the fp32
     partition of the grads (reduction buckets ignored); `offload_optimizer` moves main params and
     moments to host memory (reported as host_optimizer_gb)."""
-    p = count_parameters(c)
-    layers = c.num_hidden_layers + c.num_nextn_predict_layers
-    experts = (c.num_moe_layers + c.num_nextn_predict_layers) * c.n_routed_experts * p["params_expert"]
-    dense = p["params_total_with_mtp"] - experts
-    local_dense, local_experts = dense / (tp * pp), experts / (ep * etp * pp)
-    expert_dp = tp * dp // (ep * etp)
-    shard_dense, shard_experts = (dp, expert_dp) if distributed_optimizer or zero_stage else (1, 1)
+    p = local_parameters(c, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=pp_rank, vpp=vpp,
+                         replicated_down_projection=replicated_down_projection)
+    local_dense, local_experts = p["dense"], p["experts"]
+    expert_dp = tp * cp * dp // (ep * etp)
+    shard_dense, shard_experts = (dp * cp, expert_dp) if distributed_optimizer or zero_stage else (1, 1)
     local, partition = local_dense + local_experts, local_dense / shard_dense + local_experts / shard_experts
     grads = {0: 4 * local, 1: 2 * local + 4 * partition, 2: 4 * partition}[zero_stage]
     gib = 2**30
+    # fp32 main params exist only for bf16 weights (fp32 weights are their own main params)
+    optimizer = ((4 if bf16 else 0) + 8) * partition / gib
     tokens = seq_length * micro_batch_size
-    per_layer = tokens * (34 * c.hidden_size / tp
-                          + 2 * 3 * c.num_experts_per_tok * c.moe_intermediate_size / etp)
-    optimizer = 12 * partition / gib
+    layer = activation_bytes_per_layer(c, tokens, tp, etp)
+    layer_input = 2 * tokens * c.hidden_size / tp
+    in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
+    stage_layers_ = p["layers"] + (c.num_nextn_predict_layers if pp_rank == pp - 1 else 0)
+    activations = (in_flight * layer_input * stage_layers_ + layer) if full_recompute \
+        else in_flight * layer * stage_layers_
+    dsa = dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)  # the DSA path of a GPU: Triton
+    activations += dsa["working"] + (0 if full_recompute else in_flight * stage_layers_ * dsa["saved"])
+    if pp_rank == pp - 1:  # fp32 logits of the main and MTP heads, one micro-batch at a time
+        from model.mcore_config import padded_vocab_size
+
+        activations += (1 + c.num_nextn_predict_layers) * 4 * tokens * padded_vocab_size(c.vocab_size, tp) / tp
     return {
+        "pp_stage": pp_rank,
         "params_per_gpu": local,
-        "weights_gb": 2 * local / gib,
+        "weights_gb": ((2 if bf16 else 4) * local + 4 * p["expert_bias"]) / gib,
         "grads_gb": grads / gib,
         "optimizer_gb": 0.0 if offload_optimizer else optimizer,
         **({"host_optimizer_gb": optimizer} if offload_optimizer else {}),
-        # 1F1B keeps PP micro-batches in flight on the first stage, each through layers / PP layers
-        "activations_gb_estimate": ((2 * tokens * c.hidden_size / tp * layers + per_layer) if full_recompute
-                                    else per_layer * layers) / gib,
+        "activations_gb_estimate": activations / gib,
     }

@@ -14,6 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+_NONE_MEANS_DEFAULT = {"rope_interleave", "indexer_rope_interleave", "topk_method", "rope_theta"}
+
+
+def _rope_theta(d: dict) -> float | None:
+    """rope_theta from an HF config: plain RoPE only. A scaled RoPE (yarn, linear, ...) is refused, not dropped."""
+    params = d.get("rope_parameters")
+    if d.get("rope_scaling") not in (None, {}):
+        raise ValueError(f"GLM5Config: rope_scaling={d['rope_scaling']!r}: only plain RoPE is supported")
+    if params is None:
+        return d.get("rope_theta")
+    if not isinstance(params, dict):
+        raise ValueError(f"GLM5Config: rope_parameters={params!r} is not a dict")
+    if params.get("rope_type", "default") != "default" or set(params) - {"rope_type", "rope_theta"}:
+        raise ValueError(f"GLM5Config: rope_parameters={params!r}: only plain RoPE "
+                         "({'rope_type': 'default', 'rope_theta': ...}) is supported")
+    theta = params.get("rope_theta", d.get("rope_theta"))
+    if d.get("rope_theta") is not None and theta != d["rope_theta"]:
+        raise ValueError(f"GLM5Config: rope_theta={d['rope_theta']!r} disagrees with rope_parameters={params!r}")
+    return theta
+
+
 @dataclass
 class GLM5Config:
     vocab_size: int = 154880
@@ -95,6 +116,17 @@ class GLM5Config:
         need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers must be 0 or 1")
         need(not self.tie_word_embeddings, "GLM-5 unties embeddings and output head (tie_word_embeddings=false)")
         need(self.hidden_act == "silu", "hidden_act must be 'silu' (SwiGLU)")
+        # Parsed HF fields the model implements one way only: anything else would be silently ignored.
+        need(self.norm_topk_prob is True, f"norm_topk_prob={self.norm_topk_prob!r}: megatron-core's sigmoid "
+             "routing always normalizes the top-k scores (only true is supported)")
+        need(self.topk_method == "noaux_tc", f"topk_method={self.topk_method!r}: only 'noaux_tc' (aux-loss-free "
+             "expert bias) is supported")
+        need(self.rope_interleave is True, f"rope_interleave={self.rope_interleave!r}: MLA rotates interleaved "
+             "pairs (only true is supported)")
+        need(self.indexer_rope_interleave is True, f"indexer_rope_interleave={self.indexer_rope_interleave!r}: "
+             "the DSA indexer rotates interleaved pairs (only true is supported)")
+        need(self.attention_bias is False, f"attention_bias={self.attention_bias!r}: the attention linears have "
+             "no bias (only false is supported)")
 
     # --- HF config.json ---------------------------------------------------------------
     def to_hf_dict(self) -> dict:
@@ -116,9 +148,11 @@ class GLM5Config:
         if d.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected {cls.model_type!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
-            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+        # transformers writes None for the fields its config class does not define (it hard-codes them).
+        kwargs = {k: v for k, v in d.items() if k in known and not (v is None and k in _NONE_MEANS_DEFAULT)}
+        theta = _rope_theta(d)
+        if theta is not None:
+            kwargs["rope_theta"] = theta
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
         return cls(**kwargs)

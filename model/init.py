@@ -19,6 +19,8 @@ from megatron.core import parallel_state
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+# TE's grouped experts (--moe-grouped-gemm) hold local expert i's weight as `experts.linear_fc1.weight{i}`.
+_GROUPED_EXPERT = re.compile(r"^(.*\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -27,6 +29,11 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _global_name(name: str, chunk) -> str:
+    """The name one process gives this parameter: global layer and expert numbers, and a grouped
+    expert's weight named like SequentialMLP's (so both draw the same values)."""
+    m = _GROUPED_EXPERT.match(name)
+    if m:
+        name = f"{m.group(1)}local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"
     m = _LAYER.match(name)
     if m:
         layer = chunk.decoder.layers[int(m.group(2))]

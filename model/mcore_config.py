@@ -41,10 +41,13 @@ class ModelOptions:
     moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
     moe_grouped_gemm: bool = False
     moe_permute_fusion: bool = False
-    recompute_granularity: str | None = None
-    recompute_modules: list[str] | None = None
+    recompute_granularity: str | None = None  # full | selective
+    recompute_method: str | None = None  # with full: uniform (default) | block
+    recompute_num_layers: int | None = None  # with full: default 1
+    recompute_modules: list[str] | None = None  # with selective: default ["core_attn"]
     gradient_accumulation_fusion: bool = False
     overlap_p2p_comm: bool = False
+    microbatch_group_size_per_vp_stage: int | None = None  # interleaved schedule; None: megatron's (PP)
     # gloo matches a batch of isend/irecv between the same two ranks in issue order, unlike NCCL's
     # grouped calls: interleaved PP=2 then swaps activations and gradients. Unbatched on CPU.
     batch_p2p_comm: bool = True
@@ -127,6 +130,9 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=o.moe_grouped_gemm,
         moe_permute_fusion=o.moe_permute_fusion,
+        # FP8 GEMMs need each expert's token count padded to a multiple of 16 (32 for MXFP8): done
+        # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
+        moe_router_padding_for_quantization=bool(o.fp8_recipe),
         # MTP
         mtp_num_layers=c.num_nextn_predict_layers or None,
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
@@ -141,14 +147,16 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         recompute_granularity=o.recompute_granularity,
         recompute_modules=o.recompute_modules,
         overlap_p2p_comm=o.overlap_p2p_comm,
+        microbatch_group_size_per_vp_stage=o.microbatch_group_size_per_vp_stage,
         batch_p2p_comm=o.batch_p2p_comm and not o.overlap_p2p_comm,
         deterministic_mode=o.deterministic_mode,
         transformer_impl="transformer_engine" if o.use_te else "local",
     )
     if o.recompute_modules is None:
         kwargs.pop("recompute_modules")
-    if o.recompute_granularity == "full":  # every layer, one at a time (Megatron-LM's uniform/1)
-        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if o.recompute_granularity == "full":  # default: every layer, one at a time (uniform, 1)
+        kwargs.update(recompute_method=o.recompute_method or "uniform",
+                      recompute_num_layers=o.recompute_num_layers or 1)
     config = MLATransformerConfig(**kwargs)
     # megatron-core's __post_init__ refuses DSA with context parallelism ("Currently context
     # parallelism is not supported by DSAttention!"): its DSAttention has no CP. Our layer spec

@@ -28,10 +28,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from model.modules.cp_attention import CPMLASelfAttention
+from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.modules.norms import RMSNorm, apex_rmsnorm, fixed_eps_norm
+from model.transformer_impl import repair_te_stand_ins
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (MAPPING.md D2)
 
@@ -70,6 +71,7 @@ def te_backend():
 
 
 def get_backend(use_te: bool):
+    repair_te_stand_ins()  # megatron-core's local path breaks on its own TE stand-ins when TE is absent
     return te_backend() if use_te else LocalBackend()
 
 
@@ -80,10 +82,10 @@ def attention_spec(backend) -> ModuleSpec:
         submodules=DSAIndexerSubmodules(linear_wq_b=backend.linear(), linear_wk=backend.linear(),
                                         linear_weights_proj=backend.linear()),
     )
-    # megatron's MLASelfAttention, plus context parallelism for the DSA core attention (it is
-    # MLASelfAttention unchanged at --context-parallel-size 1).
+    # megatron's MLASelfAttention, plus context parallelism for the DSA core attention
+    # (model/modules/cp_attention.py) and its selective recompute (attention_recompute.py).
     return ModuleSpec(
-        module=CPMLASelfAttention,
+        module=GLMAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_down_proj=backend.down_projection(),

@@ -7,20 +7,14 @@ all-to-all token dispatcher; the CUDA RNG tracker. On a machine without CUDA, `a
 
 1. enters a TorchFunctionMode that turns every CUDA device argument into "cpu", makes
    `Tensor.cuda()` a no-op and answers `Tensor.type()` with the CUDA name of the CPU type;
-2. tells megatron-core modules that Transformer Engine is absent where they think otherwise
-   (their TE names are MagicMocks without TE, and `isinstance(x, mock)` raises; the router's
-   gating references an undefined `te_general_gemm`);
-3. makes the all-to-all dispatcher's split sizes plain arrays (it converts them only when they
+2. makes the all-to-all dispatcher's split sizes plain arrays (it converts them only when they
    are CUDA tensors, and gloo's all_to_all_single refuses tensors there);
-4. lets the distributed optimizer load its reshardable checkpoints with torch's Adam (without
-   Apex/TE it keeps Adam's `step` among the per-parameter tensors it copies, and the checkpoint
-   has none there, and it gives all parameters one shared `step` tensor that Adam then
-   increments once per parameter);
-5. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
+3. replaces the few `torch.cuda` functions megatron calls (current_device, streams, events,
    synchronize, memory stats, RNG state) with CPU equivalents.
 
 It is a debugging/CI runtime, not a production path: with CUDA present `activate()` does nothing,
-so nothing here can change what runs on a GPU.
+so nothing here can change what runs on a GPU. (Transformer Engine's absence is a separate matter,
+repaired wherever it is absent, GPU or not: model/transformer_impl.py.)
 """
 
 from __future__ import annotations
@@ -97,19 +91,6 @@ class _DummyEvent:
         return 0.0
 
 
-def _mark_te_absent() -> None:
-    try:
-        import transformer_engine  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-    import megatron.core.transformer.multi_latent_attention as mla
-
-    mla.HAVE_TE = False
-    moe_utils.te_general_gemm = None  # referenced but never defined without TE
-
-
 def _fix_dispatcher_splits() -> None:
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
@@ -123,24 +104,6 @@ def _fix_dispatcher_splits() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-
-
-def _fix_distopt_step_on_load() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        step = state.pop("step", None) if "step" not in tensors else None
-        try:
-            original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step.clone()  # megatron hands every parameter the same tensor
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def activate() -> bool:
@@ -171,9 +134,7 @@ def activate() -> bool:
     cuda.set_rng_state = cuda.random.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mc_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    _mark_te_absent()
     _fix_dispatcher_splits()
-    _fix_distopt_step_on_load()
     _CudaToCpu().__enter__()  # for the life of the process
     _ACTIVE = True
     return True

@@ -25,6 +25,7 @@ class ParallelDims:
     etp: int | None = None  # expert tensor parallel; megatron's default is tp
     sequence_parallel: bool = False
     layers_per_virtual_stage: int | None = None
+    microbatch_group_size: int | None = None  # interleaved: micro-batches per virtual stage in a row
 
     @property
     def dp(self) -> int:
@@ -93,6 +94,9 @@ class ParallelDims:
              f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
              f"{self.pp} (the MTP layer goes on the last stage)")
         if self.layers_per_virtual_stage is not None:
+            need(self.layers_per_virtual_stage >= 1,
+                 f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be >= 1 "
+                 "(a virtual stage without layers)")
             need(self.pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
             per_stage = cfg.num_hidden_layers // self.pp
             need(per_stage % self.layers_per_virtual_stage == 0,
@@ -104,9 +108,22 @@ class ParallelDims:
              f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
              f"data-parallel size {self.dp} = {micro_batch_size * self.dp}")
         if self.layers_per_virtual_stage is not None:
+            # megatron-core's interleaved schedule runs micro-batches in groups of G (default PP) per
+            # virtual stage: PP <= G <= M, and a last partial group of at least PP micro-batches.
             n_micro = global_batch_size // (micro_batch_size * self.dp)
-            need(n_micro % self.pp == 0,
-                 f"interleaved pipelining needs the number of micro-batches ({n_micro} = --global-batch-size / "
-                 f"(--micro-batch-size x DP)) divisible by --pipeline-model-parallel-size {self.pp}")
+            group = self.microbatch_group_size or self.pp
+            m = (f"the number of micro-batches {n_micro} (--global-batch-size {global_batch_size} / "
+                 f"(--micro-batch-size {micro_batch_size} x DP {self.dp}))")
+            g = (f"--microbatch-group-size-per-virtual-pipeline-stage {group}" if self.microbatch_group_size
+                 else f"--pipeline-model-parallel-size {self.pp} (the default micro-batch group of the "
+                      "interleaved schedule, --microbatch-group-size-per-virtual-pipeline-stage)")
+            need(self.pp <= group <= n_micro,
+                 f"interleaved pipelining: {g} must be between --pipeline-model-parallel-size {self.pp} and {m}")
+            need(n_micro % group == 0 or n_micro % group >= self.pp,
+                 f"interleaved pipelining needs {m} divisible by {g}, or a remainder of at least "
+                 f"--pipeline-model-parallel-size {self.pp}")
+        elif self.microbatch_group_size is not None:
+            raise LayoutError("--microbatch-group-size-per-virtual-pipeline-stage needs "
+                              "--num-layers-per-virtual-pipeline-stage")
         need(seq_length <= cfg.max_position_embeddings,
              f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")

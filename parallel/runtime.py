@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,12 @@ class Runtime:
         return self.device.type == "cpu"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -39,7 +46,8 @@ def init_distributed(timeout_s: float = 600.0) -> Runtime:
     if not cuda:
         cpu_runtime.activate()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # a single process without torchrun: any free port, as
+        os.environ["MASTER_PORT"] = str(_free_port())  # several single-process tools may run at once
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,7 +61,9 @@ def init_distributed(timeout_s: float = 600.0) -> Runtime:
     return Runtime(device=device, rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
-def init_model_parallel(dims: ParallelDims, num_layers: int, seed: int, timeout_s: float = 600.0) -> None:
+def init_model_parallel(dims: ParallelDims, num_layers: int, seed: int, timeout_s: float = 600.0,
+                        gloo_groups: bool = True) -> None:
+    """megatron-core's groups for `dims`; `gloo_groups=False` under a fake process group (no gloo there)."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(
@@ -64,7 +74,7 @@ def init_model_parallel(dims: ParallelDims, num_layers: int, seed: int, timeout_
         expert_model_parallel_size=dims.ep,
         expert_tensor_parallel_size=dims.expert_tp,
         distributed_timeout_minutes=timeout_s / 60,  # a timedelta inside: fractions work
-        create_gloo_process_groups=True,
+        create_gloo_process_groups=gloo_groups,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 
 import torch
 
+from model import transformer_impl
 from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
@@ -21,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)}")
     g.add_argument("--model-config", default=None, help="an HF config.json (overrides --preset)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="your tokenizer's vocabulary size: the model's vocab_size becomes this, padded to a "
+                        "multiple of --make-vocab-size-divisible-by x TP (Megatron-LM's rule)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad --vocab-size to a multiple of this x --tensor-model-parallel-size")
     g.add_argument("--seq-length", type=int, default=None, help="default: the preset's")
     g.add_argument("--dsa-indexer-topk", type=int, default=None, help="override index_topk")
     g.add_argument("--dsa-indexer-loss-coeff", type=float, default=0.0)
@@ -35,14 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="drop tokens beyond this x the balanced load per expert (default: dropless)")
-    g.add_argument("--moe-grouped-gemm", action="store_true", help="TE grouped GEMM for experts (GPU)")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--transformer-impl", choices=list(transformer_impl.IMPLS), default=None,
+                   help="Transformer Engine or megatron-core's local modules "
+                        "(default: transformer_engine when TE and a GPU are present, else local)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="TE's grouped GEMM for the experts (needs --transformer-impl transformer_engine)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: recompute whole layers in backward; selective: only --recompute-modules")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: recompute every layer in chunks of --recompute-num-layers (uniform), or only "
+                        "the first --recompute-num-layers layers of each pipeline stage (block); default uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="with full (default 1)")
+    g.add_argument("--recompute-modules", nargs="+", default=None,
+                   help="with selective: megatron-core's module names (default core_attn)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
@@ -74,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   help="on --load, this run's LR/WD schedule flags win over the checkpoint's (extending a run)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", help="on --load, the checkpoint's LR/WD schedule wins over the flags")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -92,12 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="HF tokenizer dir, checked against the manifests")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--skip-bad-shards", action="store_true")
+    g.add_argument("--data-allow-pipe", action="store_true",
+                   help="accept pipe: shard locations in manifests (they run commands; refused by default)")
+    g.add_argument("--valid-data-path", nargs="+", default=[],
+                   help="validation manifest.json paths, optionally weighted (as --data-path)")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss at positions whose input is the EOD token (Megatron-LM's rule)")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at each document (refused: see the error)")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="no attention across documents (refused: see the error)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="evaluate on the validation set every N iterations and at the end of training")
+    g.add_argument("--eval-iters", type=int, default=100,
+                   help="global batches per evaluation (the same ones every time)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop if it holds no checkpoint instead of starting from random weights")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training continues")
@@ -117,21 +160,44 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfi
     args = parser.parse_args(argv)
     try:
         return config_from_args(args, world_size)
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # one line, from rank 0 only (every rank finds the same error)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def config_from_args(args, world_size: int) -> TrainConfig:
     cfg = _model_config(args)
+    if args.vocab_size is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=padded_vocab_size(
+            args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size))
     seq_length = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --mock-data and --data-path")
-    if args.fp8_recipe and not (torch.cuda.is_available() and _te_available()):
+    _check_document_flags(args)
+    _check_evaluation(args)
+    if args.exit_on_missing_checkpoint:
+        from pretrain.checkpointing import TRACKER
+
+        if not args.load:
+            raise ValueError("--exit-on-missing-checkpoint needs --load DIR")
+        if not os.path.exists(os.path.join(args.load, TRACKER)):
+            raise ValueError(f"--load {args.load} holds no checkpoint (no {TRACKER}) and --exit-on-missing-checkpoint "
+                             "is set: check the path, or drop the flag to start from random weights")
+    if args.fp8_recipe and not (torch.cuda.is_available() and transformer_impl.te_available()):
         raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; "
                          f"{'Transformer Engine is not installed' if torch.cuda.is_available() else 'no GPU is present'}")
+    use_te = transformer_impl.resolve(args.transformer_impl) == "transformer_engine"
+    for flag, on in (("--fp8-recipe", args.fp8_recipe), ("--moe-grouped-gemm", args.moe_grouped_gemm)):
+        if on and not use_te:  # megatron's non-TE grouped experts need the deprecated grouped_gemm package
+            raise ValueError(f"{flag} needs --transformer-impl transformer_engine (this run: local)")
+    _check_recompute(args, cfg)
     if args.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability() < (10, 0):
         raise ValueError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
                          f"{torch.cuda.get_device_name()} is {torch.cuda.get_device_capability()}: use blockwise")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict "
+                         "each other: give one (the flags win, or the checkpoint does)")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if (args.save_interval is not None or args.async_save) and not args.save:
@@ -141,6 +207,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+        microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
     )
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
@@ -164,7 +231,6 @@ def config_from_args(args, world_size: int) -> TrainConfig:
             raise ValueError(f"--rampup-batch-size: --global-batch-size {args.global_batch_size} - START {start} "
                              f"is not a multiple of INCREMENT {increment}")
     _check_dp_engine(args, dims)
-    use_te = torch.cuda.is_available() and _te_available()
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
@@ -177,11 +243,14 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         mtp_loss_scaling_factor=mtp_schedule(0),
         moe_router_bias_update_rate=bias_schedule(0),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_grouped_gemm=args.moe_grouped_gemm and use_te,
-        recompute_granularity=args.recompute_granularity, overlap_p2p_comm=args.overlap_p2p_comm,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules,
+        overlap_p2p_comm=args.overlap_p2p_comm,
+        microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_virtual_pipeline_stage,
         batch_p2p_comm=torch.cuda.is_available(),
     )
-    return TrainConfig(
+    train_config = TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
         recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,
                             dsa_warmup_iters=args.dsa_warmup_iters, dsa_warmup_lr=args.dsa_warmup_lr,
@@ -189,27 +258,87 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         rampup_batch_size=args.rampup_batch_size,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
+        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, dp_engine=args.dp_engine, zero_stage=args.zero_stage,
         zero_offload_optimizer=args.zero_offload_optimizer, seed=args.seed, mock_data=args.mock_data,
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
-        skip_bad_shards=args.skip_bad_shards, log_interval=args.log_interval,
+        skip_bad_shards=args.skip_bad_shards, data_allow_pipe=args.data_allow_pipe, log_interval=args.log_interval,
+        valid_data_path=args.valid_data_path, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        eod_mask_loss=args.eod_mask_loss, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
         tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
         async_save=args.async_save,
         exit_interval=args.exit_interval, max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
         loss_spike_factor=args.loss_spike_factor, skip_loss_spikes=args.skip_loss_spikes,
         distributed_timeout_s=args.distributed_timeout_minutes * 60,
     )
+    from pretrain.evaluate import check_validation_set
+
+    check_validation_set(train_config)
+    return train_config
 
 
-def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: the next multiple of divisible_by x TP (each TP rank gets whole rows)."""
+    if vocab_size <= 0 or divisible_by <= 0:
+        raise ValueError(f"--vocab-size {vocab_size} and --make-vocab-size-divisible-by {divisible_by} "
+                         "must be positive")
+    unit = divisible_by * tp
+    return -(-vocab_size // unit) * unit
+
+
+def _check_document_flags(args) -> None:
+    # GLM-5's attention takes the causal structure and RoPE positions from the packed sequence
+    # itself (model/modules/dsa.py: the indexer's mask and RoPE, and its top-k), not from
+    # per-document masks or position ids: accepting these flags would silently ignore them.
+    why = {
+        "--reset-position-ids": "MLA and the DSA indexer apply RoPE at positions 0..S-1 of the packed sequence "
+                                "(model/modules/dsa.py takes no per-document positions yet)",
+        "--reset-attention-mask": "DSA attention and its indexer's top-k use a causal mask over the whole packed "
+                                  "sequence (model/modules/dsa.py takes no document mask yet)",
+    }
+    for flag, reason in why.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise ValueError(f"{flag} is not supported with DSA: {reason}; drop it (--eod-mask-loss still "
+                             "removes the loss across a document boundary)")
+
+
+def _check_evaluation(args) -> None:
+    if args.eval_interval is None:
+        if args.valid_data_path:
+            raise ValueError("--valid-data-path is read for evaluation only: add --eval-interval N")
+        return
+    if args.eval_interval <= 0 or args.eval_iters <= 0:
+        raise ValueError(f"--eval-interval {args.eval_interval} and --eval-iters {args.eval_iters} must be positive")
+    if args.data_path and not args.valid_data_path:
+        raise ValueError("--eval-interval with --data-path needs a validation set: --valid-data-path "
+                         "MANIFEST (tools/preprocess_data.py --valid-fraction writes one)")
+    if args.mock_data and args.valid_data_path:
+        raise ValueError("--valid-data-path with --mock-data: evaluation uses a held-out mock stream; drop one")
+
+
+def _check_recompute(args, cfg: GLM5Config) -> None:
+    full, selective = args.recompute_granularity == "full", args.recompute_granularity == "selective"
+    for flag, value in (("--recompute-method", args.recompute_method),
+                        ("--recompute-num-layers", args.recompute_num_layers)):
+        if value is not None and not full:
+            raise ValueError(f"{flag} {value} needs --recompute-granularity full")
+    if args.recompute_modules is not None and not selective:
+        raise ValueError("--recompute-modules needs --recompute-granularity selective")
+    n = args.recompute_num_layers
+    if n is not None and not 1 <= n <= cfg.num_hidden_layers:
+        raise ValueError(f"--recompute-num-layers {n} must be between 1 and the model's "
+                         f"{cfg.num_hidden_layers} layers")
+    allowed = {"core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "shared_experts", "moe_act"}
+    bad = sorted(set(args.recompute_modules or []) - allowed)
+    if bad:
+        raise ValueError(f"--recompute-modules {' '.join(bad)}: choose from {', '.join(sorted(allowed))}")
+    if "moe_act" in (args.recompute_modules or []) and not args.moe_grouped_gemm:
+        raise ValueError("--recompute-modules moe_act needs --moe-grouped-gemm (megatron-core recomputes "
+                         "the activation of grouped experts only)")
 
 
 def _check_dp_engine(args, dims: ParallelDims) -> None:

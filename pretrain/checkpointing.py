@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from pretrain import faults
+from pretrain import extra_state, faults
+from pretrain.optim import schedule_differences
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -129,7 +131,7 @@ def _results_queue_dies_with_us() -> None:
         filesystem_async._results_queue = _QUEUE_MANAGER.Queue()
 
 
-def check_writable(root: str) -> None:
+def check_writable(root: str, device: torch.device) -> None:
     """Refuse an unusable --save before any work (every rank calls it; rank 0 probes)."""
     problem = ""
     if dist.get_rank() == 0:
@@ -140,7 +142,7 @@ def check_writable(root: str) -> None:
             probe.unlink()
         except OSError as e:
             problem = f"--save {root} is not a writable directory: {e.strerror or e}"
-    if not _agree(not problem):
+    if not _agree(not problem, device):
         raise CheckpointError(problem or f"--save {root} is not a writable directory (see rank 0)")
 
 
@@ -156,14 +158,14 @@ def _engine(optimizer) -> str:
     return "megatron" if optimizer is None or _is_sharded(optimizer) else "deepspeed"
 
 
-def _agree(ok: bool) -> bool:
-    """True only when every rank is ok (a collective)."""
-    flag = torch.tensor([1 if ok else 0])
+def _agree(ok: bool, device: torch.device) -> bool:
+    """True only when every rank is ok (a collective, on the runtime's device: NCCL takes no CPU tensor)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict,
+def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_state: dict, device: torch.device,
          async_queue=None) -> Path:
     """Save a complete checkpoint of iteration `iteration` (collective: every rank calls it).
 
@@ -187,7 +189,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
             partial.mkdir(parents=True)  # empty: dist_checkpointing calls a non-empty one corrupted
     except OSError as e:
         error = e
-    if not _agree(error is None):
+    if not _agree(error is None, device):
         raise CheckpointError(f"--save {root}: cannot create {partial}: {error or 'see rank 0'}")
 
     _results_queue_dies_with_us()
@@ -205,7 +207,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, data, run_st
             _write_json_atomic(partial / "run_state.json", state)
     except OSError as e:
         error = e
-    if not _agree(error is None):
+    if not _agree(error is None, device):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(f"--save {root}: writing iteration {iteration} failed ({error or 'on another rank'}); "
@@ -248,10 +250,17 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
         theirs, ours = state.get("model_config", {}), model_config
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
+    differ = [] if state.get("weights_only") else schedule_differences(scheduler, state["scheduler"])
+    if differ:
+        raise CheckpointError(
+            f"--load {root}: this run's learning-rate schedule differs from iteration {iteration}'s "
+            f"({'; '.join(differ)}). Say which wins: --override-opt_param-scheduler (this run's flags, "
+            "e.g. to extend a run with a longer --train-iters) or --use-checkpoint-opt_param-scheduler "
+            "(the checkpoint's schedule)")
     directory = iter_dir(root, iteration)
     if state.get("weights_only"):
         # Model weights only (tools/import_hf.py): optimizer, scheduler, data position and RNG start fresh.
-        loaded = dist_checkpointing.load(sharded_state(model, None, is_loading=True), str(directory))
+        loaded = extra_state.load(sharded_state(model, None, is_loading=True), directory)
         for i, chunk in enumerate(map(_unwrap, model)):
             chunk.load_state_dict(loaded[_model_key(i, len(model))])
         if optimizer is not None:
@@ -267,13 +276,14 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
                               f"the layout {state.get('layout')}; resume at that layout (this run: {layout})")
     if optimizer is not None and _is_sharded(optimizer):
         _materialize_adam_state(optimizer)
+        _load_steps_apart(optimizer)
     request = sharded_state(model, optimizer, is_loading=True)
     # Saved without --use-distributed-optimizer, loaded with it: its fp32 main parameters come from
     # the plain optimizer's fp32 copies (bf16) or the fp32 weights themselves.
     switched = _is_distributed(optimizer) and not state.get("distributed_optimizer", False)
     if switched:
         _main_params_from_plain_checkpoint(request["optimizer"], directory)
-    loaded = dist_checkpointing.load(request, str(directory))
+    loaded = extra_state.load(request, directory)  # written by either transformer implementation
     for i, chunk in enumerate(map(_unwrap, model)):
         chunk.load_state_dict(loaded[_model_key(i, len(model))])
     if optimizer is not None and _is_sharded(optimizer):
@@ -287,7 +297,7 @@ def load(root: str, *, model, optimizer, scheduler, data, model_config: dict, la
 
     rank_file = directory / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
     if same_layout and rank_file.exists():
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank_state = _read_rank_state(rank_file)
         torch.set_rng_state(rank_state["torch_rng"])
         if torch.cuda.is_available() and rank_state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"])
@@ -359,17 +369,75 @@ def _fill_from_weights(loaded_optimizer, request: dict, loaded: dict) -> None:
         lambda v: by_key[tuple(v)].detach().clone().float() if isinstance(v, _FromWeight) else v, loaded_optimizer)
 
 
+def _rank_state_globals() -> list:
+    """The classes a rank-state file holds besides tensors and plain data: DeepSpeed ZeRO's stage
+    enum, loss scaler and partition map (--dp-engine deepspeed)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def _read_rank_state(path: Path) -> dict:
+    """A rank's RNG, data and ZeRO state, unpickled without running code from the file (weights_only)."""
+    try:
+        with torch.serialization.safe_globals(_rank_state_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--load: {path} holds more than tensors and plain data, and is not unpickled "
+                              f"(it could run code): {reason}") from None
+
+
+def _keeps_step_per_parameter(inner) -> bool:
+    """torch's Adam/AdamW keep the step count as a tensor in every parameter's state; Transformer
+    Engine's and apex's FusedAdam keep it in the param groups, and their per-parameter state is the
+    moments only (TE's state_dict looks up a dtype for each state name: a `step` there is a KeyError)."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _materialize_adam_state(optimizer) -> None:
-    """Give a fresh optimizer zero Adam state to load into. Without Apex/TE megatron-core's
-    distributed optimizer reads a step count from every parameter's state while building the
-    sharded state dict it loads into, and asserts when that state is still empty."""
+    """Give a fresh torch Adam zero state to load into: megatron-core's distributed optimizer reads
+    its step count from every parameter's state while building the sharded state dict it loads into
+    (and asserts when the state is empty); its plain optimizers ask for the count (`common_step`)
+    only when there is one. FusedAdam needs nothing: megatron allocates its moments itself."""
     for opt in _sub_optimizers(optimizer):
         inner = opt.optimizer
+        if not _keeps_step_per_parameter(inner):
+            continue
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
                 if not state:
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+
+
+def _load_steps_apart(optimizer) -> None:
+    """megatron-core's distributed optimizer copies each parameter's state from the checkpoint tensor
+    by tensor; the step count comes from the param groups instead, so torch Adam's per-parameter
+    `step` has no tensor to copy from, and megatron gives all parameters one shared `step` tensor
+    (which Adam would then increment once per parameter). Per optimizer instance, for torch Adam:
+    copy everything else, and give each parameter its own copy of the step."""
+    for opt in _sub_optimizers(optimizer):
+        done = "_set_main_param_and_optimizer_states" in vars(opt)
+        if done or not (_is_distributed(opt) and _keeps_step_per_parameter(opt.optimizer)):
+            continue
+        copy_states = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, copy_states=copy_states):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                copy_states(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step.clone()
+
+        opt._set_main_param_and_optimizer_states = set_states
 
 
 def _find_steps(obj, found: list) -> list:

@@ -28,6 +28,9 @@ class TrainConfig:
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None
     lr_decay_style: str = "cosine"
+    # on --load, which LR/WD schedule wins when the flags and the checkpoint differ (Megatron-LM's flags)
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -46,12 +49,19 @@ class TrainConfig:
     tokenizer: str | None = None
     num_workers: int = 0
     skip_bad_shards: bool = False
+    data_allow_pipe: bool = False  # manifests may name pipe: commands (docs/DATA.md, Remote data)
+    valid_data_path: list[str] = field(default_factory=list)
+    eod_mask_loss: bool = False  # no loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
+    # evaluation (pretrain/evaluate.py): every eval_interval iterations and at the end, eval_iters global batches
+    eval_interval: int | None = None
+    eval_iters: int = 100
     # logging
     log_interval: int = 1
     tensorboard_dir: str | None = None
     # checkpoints
     save: str | None = None
     load: str | None = None
+    exit_on_missing_checkpoint: bool = False
     save_interval: int | None = None
     async_save: bool = False
     exit_interval: int | None = None

@@ -13,7 +13,8 @@ clipping and the update. The pieces that join the two:
   `managed_gradient_accumulation: false` makes `step()` the accumulation boundary.
 - The loss is normalized by the global token count up front (`DeepSpeedOptimizer.scale_loss` as
   megatron's `grad_scale_func`): megatron's `finalize_model_grads` would divide by it afterwards;
-  DeepSpeed averages over data parallel instead.
+  DeepSpeed averages over data parallel instead. The auxiliary losses go through the same function
+  (megatron's schedule does it for MoE and MTP, the recipe for the DSA indexer's).
 - What `finalize_model_grads` does besides DP reduction happens here: gradients of weights
   replicated over TP but fed different tokens (sequence-parallel norms, the router) are summed over
   TP as they are produced, and the expert bias is updated once per global batch.

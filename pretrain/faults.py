@@ -68,8 +68,9 @@ class StepGuard:
         self.mean_loss: float | None = None
 
     @staticmethod
-    def grads_finite(chunks) -> bool:
-        local = torch.ones(1)
+    def grads_finite(chunks, device: torch.device) -> bool:
+        """Every rank's gradients are finite (a collective; `device`: the runtime's, where NCCL reduces)."""
+        local = torch.ones(1, device=device)
         for chunk in chunks:
             grads = [p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
             if grads and not all(torch.isfinite(n) for n in torch._foreach_norm(grads)):

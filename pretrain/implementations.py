@@ -8,6 +8,8 @@ GPU (model/modules/norms.py). apex is never a dependency: it is used when import
 
 from __future__ import annotations
 
+import torch
+
 _LIBRARIES = {"transformer_engine": "TE", "apex": "apex", "amp_C": "apex", "deepspeed": "DeepSpeed",
               "torch": "torch", "megatron": "torch"}  # megatron-core's local fallbacks are torch code
 
@@ -22,12 +24,42 @@ def origin(obj) -> str:
     return f"unknown {obj!r}"
 
 
-def report(chunks, use_te: bool, deepspeed_optimizer=None) -> dict[str, str]:
-    """`deepspeed_optimizer`: the ZeRO optimizer under --dp-engine deepspeed (it clips itself)."""
+def _libraries(classes) -> str:
+    """'TE', 'torch', or 'TE + torch' for a set of module classes (by library, not by class: a model
+    has a dozen linear classes)."""
+    return " + ".join(sorted({origin(t).split(" ")[0] for t in classes})) or "none"
+
+
+def core_attention(chunks) -> str:
+    """What computes attention: the DSA core attention's own answer about the path it takes on its
+    device (blockwise torch, Triton kernels, ...) when it can say, else its class's library."""
+    paths = set()
+    for chunk in chunks:
+        for m in chunk.modules():
+            attention = getattr(m, "core_attention", None)
+            if attention is None or not isinstance(attention, torch.nn.Module):
+                continue
+            if hasattr(attention, "resolved_path"):
+                param = next(attention.parameters(), None)
+                device = param.device if param is not None else torch.device("cpu")
+                path = attention.resolved_path(device)
+                paths.add(f"DSA {path} ({'Triton' if path == 'triton' else 'torch'})")
+            elif hasattr(attention, "indexer"):
+                paths.add("torch (DSA)")
+            else:
+                paths.add(origin(type(attention)))
+    return ", ".join(sorted(paths)) or "none"
+
+
+def report(chunks, deepspeed_optimizer=None) -> dict[str, str]:
+    """Read from the built modules. `deepspeed_optimizer`: the ZeRO optimizer under --dp-engine
+    deepspeed (it clips itself)."""
     from megatron.core import optimizer as mcore_optimizer
     from megatron.core.optimizer import clip_grads
 
-    norms = {type(m) for c in chunks for m in c.modules() if "Norm" in type(m).__name__}
+    modules = [type(m) for c in chunks for m in c.modules()]
+    norms = {t for t in modules if "Norm" in t.__name__}
+    linears = {t for t in modules if "Linear" in t.__name__}
     if deepspeed_optimizer is None:
         optimizer = f"megatron-core over {origin(mcore_optimizer.Adam)}"
         grad_norm = origin(clip_grads.l2_norm_impl)
@@ -35,7 +67,8 @@ def report(chunks, use_te: bool, deepspeed_optimizer=None) -> dict[str, str]:
         optimizer = f"{origin(type(deepspeed_optimizer))} over {origin(type(deepspeed_optimizer.optimizer))}"
         grad_norm = "DeepSpeed ZeRO (per partition)"
     return {
-        "linear+attention": "TE" if use_te else "torch (megatron-core local modules)",
+        "linear": _libraries(linears),
+        "core attention": core_attention(chunks),
         "norms": ", ".join(sorted({origin(t) for t in norms})) or "none",
         "optimizer": optimizer,
         "grad-norm+clip": grad_norm,

@@ -46,6 +46,21 @@ class Metrics:
                                  else f"{name}: {scalars[name]:.3f}")
             print(" | ".join(parts), flush=True, file=sys.stdout)
 
+    def log_validation(self, iteration: int, scalars: dict[str, float]) -> None:
+        """One evaluation: Megatron-LM's TensorBoard tags, and one stdout line."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, iteration)
+            self.writer.flush()
+        parts = [f" validation loss at iteration {iteration:8d}",
+                 f"lm loss value: {scalars['lm loss validation']:.6E}",
+                 f"lm loss PPL: {scalars['lm loss validation ppl']:.6E}"]
+        if "mtp loss validation" in scalars:
+            parts.append(f"mtp loss value: {scalars['mtp loss validation']:.6E}")
+        print(" | ".join(parts), flush=True, file=sys.stdout)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

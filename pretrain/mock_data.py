@@ -3,18 +3,22 @@
 Sequences come from a seeded Markov chain (each token has a preferred successor 80% of the time),
 so a model can learn them and the loss really falls. Sequence i depends only on (seed, i) and a
 step takes the next `global_batch_size` sequences: every parallel layout and every batch-size ramp
-sees the same global stream, each DP rank its contiguous slice of the step's batch.
+sees the same global stream, each DP rank its contiguous slice of the step's batch. The validation
+stream is the same chain from sequence HELD_OUT on.
 """
 
 from __future__ import annotations
 
 import torch
 
+HELD_OUT = 1 << 40  # the validation stream's first sequence: no training run reaches it
+
 
 class MockData:
     def __init__(self, vocab_size: int, seq_length: int, dp_rank: int, dp_size: int, seed: int,
-                 follow_prob: float = 0.8):
+                 follow_prob: float = 0.8, first_sample: int = 0):
         self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.first_sample = first_sample  # where the stream starts: HELD_OUT for the validation stream
         self.dp_rank, self.dp_size, self.seed, self.follow_prob = dp_rank, dp_size, seed, follow_prob
         self.successor = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
         self.consumed_samples = 0
@@ -37,7 +41,7 @@ class MockData:
 
     def next_batch(self, global_batch_size: int) -> dict:
         per_rank = global_batch_size // self.dp_size
-        first = self.consumed_samples + self.dp_rank * per_rank
+        first = self.first_sample + self.consumed_samples + self.dp_rank * per_rank
         self.consumed_samples += global_batch_size
         return {"tokens": self.sequences(first, per_rank)}
 

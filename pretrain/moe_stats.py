@@ -22,9 +22,10 @@ class LoadImbalanceTracker:
     """max / mean tokens per expert for each MoE layer, over the whole global batch, and the
     share of token-to-expert assignments dropped by a capacity factor."""
 
-    def __init__(self, chunks, total_layers: int, num_experts: int, topk: int):
+    def __init__(self, chunks, total_layers: int, num_experts: int, topk: int, device: torch.device):
         self.routers = routers(chunks)
         self.total_layers, self.num_experts, self.topk = total_layers, num_experts, topk
+        self.device = device  # where the counts are reduced (NCCL: the GPU), also on a stage without MoE layers
         self.moe_layers = None
         self.per_layer: dict[int, float] = {}
         self.bias_range: tuple[float, float] = (0.0, 0.0)
@@ -49,12 +50,11 @@ class LoadImbalanceTracker:
             counts[layer] = router.local_tokens_per_expert.detach().float().cpu()
             b = router.expert_bias.detach().float().cpu()
             bias[layer] = torch.stack([b.min(), b.max()])
-        device = self.routers[0][1].local_tokens_per_expert.device if self.routers else "cpu"
-        counts, bias = counts.to(device), bias.to(device)
+        counts, bias = counts.to(self.device), bias.to(self.device)
         # Every rank that holds a layer saw a share of its tokens (TP ranks see the same ones,
         # which scales the whole row and leaves max/mean unchanged): summing over the world
         # gives each layer's global counts, from every pipeline stage.
-        routed = self.routed.clone().to(device)
+        routed = self.routed.clone().to(self.device)
         self.routed.zero_()
         dist.all_reduce(counts)
         dist.all_reduce(bias)

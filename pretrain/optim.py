@@ -46,26 +46,69 @@ def optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
     )
 
 
-def build_optimizer(model, cfg: TrainConfig):
-    return get_megatron_optimizer(optimizer_config(cfg), model)
+def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True):
+    # gloo_groups=False under a fake process group (tools/simulate_layout.py), which has no gloo groups
+    return get_megatron_optimizer(optimizer_config(cfg), model, use_gloo_process_groups=gloo_groups)
+
+
+def samples_after(iterations: int, cfg: TrainConfig) -> int:
+    """Samples consumed by the first `iterations` iterations: the global batch size each, or, under
+    --rampup-batch-size, the batch sizes of megatron-core's ramp (the trainer's own schedule)."""
+    if not cfg.rampup_batch_size:
+        return iterations * cfg.global_batch_size
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    ramp = RampupBatchsizeNumMicroBatchesCalculator(
+        cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp, False, -1, *cfg.rampup_batch_size)
+    consumed = 0
+    for done in range(iterations):
+        ramp.update(consumed, consistency_check=False)
+        batch = ramp.get_current_global_batch_size()
+        if batch == cfg.global_batch_size:  # ramp over: the rest at full size
+            return consumed + (iterations - done) * batch
+        consumed += batch
+    return consumed
 
 
 def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
-    # Megatron counts scheduler steps in samples: one optimizer step = one global batch.
-    gbs = cfg.global_batch_size
+    """Megatron's scheduler counts steps in samples (one optimizer step = one global batch); the
+    --lr-warmup-iters / --lr-decay-iters / --train-iters are iterations, also under a batch ramp
+    (converted with `samples_after`). On --load, a schedule that differs from the checkpoint's is
+    refused unless --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler says which wins."""
     decay_iters = max(1, cfg.lr_decay_iters or cfg.train_iters)  # --train-iters 0 saves the initial model
+    decay_samples = samples_after(decay_iters, cfg)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
+        lr_warmup_steps=samples_after(cfg.lr_warmup_iters, cfg),
+        lr_decay_steps=decay_samples,
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
-        wd_incr_steps=decay_iters * gbs,
+        wd_incr_steps=decay_samples,
         wd_incr_style="constant",
-        wsd_decay_steps=(decay_iters * gbs) // 5 if cfg.lr_decay_style == "WSD" else None,
+        # the last 20% of the decay iterations (long after any ramp: at the full batch size)
+        wsd_decay_steps=(decay_iters * cfg.global_batch_size) // 5 if cfg.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if cfg.lr_decay_style == "WSD" else None,
+        use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
+
+
+# What megatron's scheduler checks against a checkpoint (its state_dict keys), as the user knows them.
+_SCHEDULE_FIELDS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "warm-up samples",
+                    "lr_decay_steps": "decay samples", "lr_decay_style": "--lr-decay-style",
+                    "start_wd": "--weight-decay", "end_wd": "--weight-decay (end)",
+                    "wd_incr_steps": "weight-decay samples", "wd_incr_style": "weight-decay style"}
+
+
+def schedule_differences(scheduler: OptimizerParamScheduler, saved: dict) -> list[str]:
+    """Where this run's LR/WD schedule differs from a checkpoint's (its scheduler state), unless a
+    flag said which wins (then megatron's load_state_dict applies that choice)."""
+    if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
+        return []
+    ours = scheduler.state_dict()
+    return [f"{name}: {saved[key]} in the checkpoint, {ours[key]} now" for key, name in _SCHEDULE_FIELDS.items()
+            if key in saved and saved[key] != ours[key]]

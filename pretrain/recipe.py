@@ -81,9 +81,16 @@ class Recipe:
         self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
         self.sparse_topk = tconfig.dsa_indexer_topk
         self._warmup_now = False  # read by the hooks of zero_grads_as_produced
-        # megatron scales the indexer's KL (a per-micro-batch mean) by 1 while the main loss is a
-        # token sum later divided by the global token count: weigh it by its tokens likewise.
-        DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(float(tokens_per_microbatch)))
+        self.tokens_per_microbatch = tokens_per_microbatch
+
+    def scale_indexer_loss(self, grad_scale_func, device: torch.device) -> None:
+        """Before each forward-backward. megatron scales the indexer's KL (a per-micro-batch mean) by
+        1, while the main loss is a token sum that the engine normalizes by the global token count
+        (megatron's after the backward, DeepSpeed's before it, in grad_scale_func): weigh the KL by
+        its tokens and pass it through the same grad_scale_func, as megatron-core's schedule does
+        for the MoE and MTP auxiliary losses."""
+        tokens = torch.tensor(float(self.tokens_per_microbatch), device=device)
+        DSAIndexerLossAutoScaler.set_loss_scale(grad_scale_func(tokens).reshape(()))
 
     def in_dsa_warmup(self, iteration: int) -> bool:
         return iteration < self.rc.dsa_warmup_iters

@@ -30,9 +30,11 @@ def _context_parallel_layout(cp_size: int | None, cp_rank: int | None) -> tuple[
 
 
 def split_microbatches(tokens: torch.Tensor, micro_batch_size: int, cp_size: int | None = None,
-                       cp_rank: int | None = None) -> list[dict]:
+                       cp_rank: int | None = None, eod_id: int | None = None) -> list[dict]:
     """[n, seq+1] tokens of this DP rank -> model inputs per micro-batch, this CP rank's part of the
-    sequence (CP size and rank default to megatron's parallel state, or 1 without it)."""
+    sequence (CP size and rank default to megatron's parallel state, or 1 without it).
+    With `eod_id` (--eod-mask-loss), positions whose input is EOD carry no loss: Megatron-LM's rule
+    (the token after EOD starts another document and cannot be predicted)."""
     cp_size, cp_rank = _context_parallel_layout(cp_size, cp_rank)
     out = []
     for mb in tokens.split(micro_batch_size):
@@ -40,7 +42,8 @@ def split_microbatches(tokens: torch.Tensor, micro_batch_size: int, cp_size: int
         batch = {
             "input_ids": mb[:, :-1].contiguous(),
             "labels": mb[:, 1:].contiguous(),
-            "loss_mask": torch.ones(mb.shape[0], seq, dtype=torch.float32),
+            "loss_mask": (torch.ones(mb.shape[0], seq, dtype=torch.float32) if eod_id is None
+                          else (mb[:, :-1] != eod_id).float()),
             "position_ids": torch.arange(seq).expand(mb.shape[0], seq).contiguous(),
         }
         if cp_size > 1:

@@ -4,6 +4,8 @@ checkpoint -> train. megatron-core does the heavy lifting (schedules, DDP, optim
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import torch
@@ -19,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from data.format import ShardError
 from model.accounting import flops_per_token
 from model.builder import build_model
 from model.init import init_weights
@@ -26,6 +29,7 @@ from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
 from pretrain.config import TrainConfig
+from pretrain.evaluate import Evaluator
 from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.mock_data import MockData
@@ -40,8 +44,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: rt.Runtime):
         self.cfg, self.runtime = cfg, runtime
         if cfg.save:
-            checkpointing.check_writable(cfg.save)  # before any work
+            checkpointing.check_writable(cfg.save, runtime.device)  # before any work
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
+        self.data = self._build_data()  # first: it checks the manifests, tokenizer and vocabulary
         self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
 
         chunks = build_model(cfg.model, self.tconfig, cfg.model_options.use_te)
@@ -61,10 +66,10 @@ class Trainer:
 
         if runtime.rank == 0:
             zero = self.optimizer.engine.optimizer if self.deepspeed else None
-            print(format_report(report(chunks, cfg.model_options.use_te, zero)), flush=True)
+            print(format_report(report(chunks, deepspeed_optimizer=zero)), flush=True)
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
-            cfg.model.num_experts_per_tok)
+            cfg.model.num_experts_per_tok, runtime.device)
         self._hook_megatron(self.tconfig)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
                              tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)
@@ -76,13 +81,16 @@ class Trainer:
 
         self.guard = faults.StepGuard(cfg.max_consecutive_skipped_iters, cfg.loss_spike_factor, cfg.skip_loss_spikes)
         self.phase = "start-up"
-        self.data = self._build_data()
         self.iteration = 0
+        self.evaluated = None  # the iteration of the last evaluation
         self.consumed_tokens = 0
         self.consumed_samples = 0
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
         self._model_forward = make_forward_step(runtime.device)
+        self.eod_id = self._eod_id() if cfg.eod_mask_loss else None
+        self.evaluator = (Evaluator(cfg, self.model, self._model_forward, self.eod_id)
+                          if cfg.eval_interval else None)
         self.async_queue = None
         if cfg.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -90,6 +98,10 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
             self._load()
+        elif cfg.load:  # (--exit-on-missing-checkpoint stopped at the arguments)
+            if runtime.rank == 0:
+                print(f"--load {cfg.load} holds no checkpoint (no {checkpointing.TRACKER}): starting from random "
+                      "weights at iteration 0 (--exit-on-missing-checkpoint stops instead)", flush=True)
 
     # --- checkpoints ------------------------------------------------------------------------
     def _checkpoint_objects(self) -> dict:
@@ -118,8 +130,20 @@ class Trainer:
                      "preset": self.cfg.preset, "seq_length": self.cfg.seq_length}
         if self.async_queue is not None:
             self._finish_async_saves(blocking=True)  # one save in flight at a time
-        checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, async_queue=self.async_queue,
-                           **self._checkpoint_objects())
+        # --overlap-param-gather leaves the all-gather of the updated parameters to the next forward's
+        # pre-hooks: finish it now, or each rank saves the other ranks' shards from the step before
+        # (Megatron-LM disables the hooks around its saves the same way).
+        gather_first = self.cfg.overlap_param_gather and self.cfg.use_distributed_optimizer
+        if gather_first:
+            for m in self.model:
+                m.disable_forward_pre_hook(param_sync=True)
+        try:
+            checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, device=self.runtime.device,
+                               async_queue=self.async_queue, **self._checkpoint_objects())
+        finally:
+            if gather_first:
+                for m in self.model:
+                    m.enable_forward_pre_hook()
 
     def _finish_async_saves(self, blocking: bool) -> None:
         """Publish the background saves that are done on every rank (a collective)."""
@@ -159,8 +183,14 @@ class Trainer:
             data_path=cfg.data_path, seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
             dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
-            rampup_batch_size=cfg.rampup_batch_size,
+            rampup_batch_size=cfg.rampup_batch_size, allow_pipe=cfg.data_allow_pipe,
         )
+
+    def _eod_id(self) -> int:
+        if isinstance(self.data, MockData):  # the model's EOS stands for the tokenizer's EOD
+            eos = self.cfg.model.eos_token_id
+            return eos[0] if isinstance(eos, list) else eos
+        return self.data.eod_id
 
     def _next_batch(self, global_batch_size: int) -> dict:
         if isinstance(self.data, MockData):
@@ -181,9 +211,11 @@ class Trainer:
             for m in self.model:
                 m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size)
+        microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size,
+                                          eod_id=self.eod_id)
         if self.deepspeed:
             self.optimizer.set_global_tokens(self._global_tokens(microbatches))
+        self.recipe.scale_indexer_loss(self.optimizer.scale_loss, self.runtime.device)
         iterators = [iter(microbatches) for _ in self.model]
         faults.inject(str(self.iteration + 1))
         self.phase = "forward-backward"
@@ -219,9 +251,10 @@ class Trainer:
         scalars.update(self.moe_stats.scalars())
         return scalars
 
-    @staticmethod
-    def _global_tokens(microbatches: list[dict]) -> int:
+    def _global_tokens(self, microbatches: list[dict]) -> int:
+        # the micro-batches are still on the host (the forward step moves them): NCCL needs the device
         tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1)
+        tokens = tokens.to(self.runtime.device)
         dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         return int(tokens.item())
 
@@ -231,13 +264,14 @@ class Trainer:
 
     def _should_skip(self, lm_loss: float | None) -> bool:
         """Every rank agrees: skip when any gradient is non-finite, or on a loss spike if asked."""
-        finite = faults.StepGuard.grads_finite(self.model)
+        finite = faults.StepGuard.grads_finite(self.model, self.runtime.device)
         spike = self.guard.is_spike(lm_loss)
         if spike and self.runtime.rank == self.runtime.world_size - 1:
             print(f"loss spike at iteration {self.iteration + 1}: lm loss {lm_loss:.4f} > "
                   f"{self.cfg.loss_spike_factor} x running mean {self.guard.mean_loss:.4f}"
                   + (" (step skipped)" if self.cfg.skip_loss_spikes else ""), flush=True)
-        flag = torch.tensor([0.0 if finite and not (spike and self.cfg.skip_loss_spikes) else 1.0])
+        flag = torch.tensor([0.0 if finite and not (spike and self.cfg.skip_loss_spikes) else 1.0],
+                            device=self.runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not finite and self.runtime.rank == 0:
             print(f"iteration {self.iteration + 1}: non-finite gradients, step skipped", flush=True)
@@ -266,7 +300,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def train(self, stop: StopSignal | None = None) -> list[dict[str, float]]:
         cfg = self.cfg
-        history, saved = [], False
+        history, saved, stopped = [], False, False
         while self.iteration < cfg.train_iters:
             if self.async_queue is not None:
                 self._finish_async_saves(blocking=False)
@@ -290,10 +324,15 @@ class Trainer:
             if saved:
                 self.phase = "checkpoint save"
                 self.save()
+            if self.evaluator is not None and self.iteration % cfg.eval_interval == 0:
+                self.evaluate()
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 break
             if stop is not None and stop.requested(self.runtime.device):  # every rank asks: a collective
+                stopped = True
                 break  # SLURM's pre-timeout signal: the save below writes the checkpoint
+        if self.evaluator is not None and not stopped and self.evaluated != self.iteration:
+            self.evaluate()  # at the end of training, as Megatron-LM
         if cfg.save and not saved:
             self.save()
         if self.async_queue is not None:
@@ -301,8 +340,29 @@ class Trainer:
             self._finish_async_saves(blocking=True)
         return history
 
+    def evaluate(self) -> None:
+        """The validation loss now (outside the timed training step: not in the throughput)."""
+        self.phase = "evaluation"
+        try:
+            scalars = self.evaluator.evaluate()
+        except RuntimeError as e:
+            raise faults.explain_timeout(e, self.phase, self.iteration, self.cfg.distributed_timeout_s) from e
+        self.evaluated = self.iteration
+        self.metrics.log_validation(self.iteration, scalars)
+
     def close(self) -> None:
         self.metrics.close()
+
+
+def _report_startup_error(error: Exception, rank: int, stop: StopSignal) -> None:
+    """Bad input found at start-up, usually by every rank: one line from rank 0, no traceback. The
+    others wait a little first: torchrun stops them (SIGTERM) when rank 0 failed too; if it did not,
+    their error is news and is said."""
+    deadline = time.monotonic() + (5.0 if rank else 0.0)
+    while stop.received is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if rank == 0 or stop.received is None:
+        print(f"error: {error}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
 
 
 def pretrain(cfg: TrainConfig) -> list[dict[str, float]]:
@@ -311,7 +371,11 @@ def pretrain(cfg: TrainConfig) -> list[dict[str, float]]:
     trainer = None
     try:
         torch.manual_seed(cfg.seed)
-        trainer = Trainer(cfg, runtime)
+        try:
+            trainer = Trainer(cfg, runtime)
+        except (ValueError, ShardError, checkpointing.CheckpointError) as e:
+            _report_startup_error(e, runtime.rank, stop)
+            os._exit(1)  # at once: nothing is written yet, and a clean shutdown would wait for the other ranks
         return trainer.train(stop)
     finally:
         if trainer is not None:

@@ -79,3 +79,30 @@ def tiny_reference_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_reference_run) -> dict:
     return tiny_reference_run[1]
+
+
+@pytest.fixture(scope="session")
+def grad_reference(tmp_path_factory) -> tuple[dict, dict]:
+    """(TensorBoard scalars, step-1 gradient dump) of the single-process run of tests/grad_check.py's
+    RUN: the reference every parallel layout of test_parallel_equivalence / test_context_parallel matches."""
+    from tests import grad_check
+
+    scalars, (grads,) = grad_check.train(tmp_path_factory.mktemp("grad_reference"), 1, grad_check.RUN)
+    return scalars, grads
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM cluster (tests/slurm_cluster.py), started once for every module that needs it;
+    skipped, with the reason, where the daemons cannot run."""
+    from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"cannot run SLURM daemons here: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -86,12 +86,20 @@ def test_load_with_another_model_config_is_refused(saved_at_3, tmp_path):
     assert proc.returncode != 0 and "model config differs" in proc.stderr and "moe_intermediate_size" in proc.stderr
 
 
-def test_bf16_trains_saves_and_resumes(tmp_path, tiny_reference):
-    """bf16 params (megatron's Float16Module, norms included; fp32 main params in the optimizer)."""
-    ck = tmp_path / "ck"
-    torchrun(1, [*TINY_RUN, "--bf16", "--save", str(ck), "--exit-interval", "2"])
-    torchrun(1, [*TINY_RUN, "--bf16", "--train-iters", "4", "--lr-decay-iters", "8", "--load", str(ck),
-                 "--tensorboard-dir", str(tmp_path / "tb")])
-    resumed = read_scalars(tmp_path / "tb")["lm loss"]
-    for it in (3, 4):  # bf16 rounding only
-        assert resumed[it] == pytest.approx(tiny_reference["lm loss"][it], rel=1e-2), it
+def test_bf16_trains_saves_and_resumes_exactly(tmp_path, tiny_reference):
+    """bf16 params (megatron's Float16Module, norms included; fp32 main params in the optimizer): a
+    run resumed from iteration 2 continues exactly as the uninterrupted bf16 run did."""
+    ck, bf16_run = tmp_path / "ck", [*TINY_RUN, "--bf16", "--train-iters", "4", "--lr-decay-iters", "8"]
+    torchrun(1, [*bf16_run, "--save", str(ck), "--save-interval", "2", "--tensorboard-dir", str(tmp_path / "full")])
+    shutil.rmtree(ck / "iter_0000004")  # go back to the checkpoint of iteration 2
+    (ck / TRACKER).write_text("2\n")
+    proc = torchrun(1, [*bf16_run, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "resumed")])
+    assert "at iteration 2" in proc.stdout
+    full, resumed = read_scalars(tmp_path / "full"), read_scalars(tmp_path / "resumed")
+    for tag in ("lm loss", "mtp loss", "grad-norm"):
+        assert sorted(resumed[tag]) == [3, 4], tag
+        for it in (3, 4):
+            assert resumed[tag][it] == pytest.approx(full[tag][it], rel=1e-6, abs=1e-6), (tag, it)
+    for it in range(1, 5):  # really bf16: off the fp32 run by bf16 rounding, no more
+        assert full["lm loss"][it] != tiny_reference["lm loss"][it], it
+        assert full["lm loss"][it] == pytest.approx(tiny_reference["lm loss"][it], rel=1e-2), it

@@ -21,7 +21,7 @@ SEQ, GBS = 32, 8
 def read_all(path, epochs=2, **kw):
     """Iterate long enough that every shard is read."""
     loader = build_pretraining_data([path], SEQ, GBS, 0, 1, seed=0, **kw)
-    for _ in range(epochs * load_manifest(path).total_tokens // (GBS * SEQ) + 20):
+    for _ in range(epochs * load_manifest(path, allow_pipe=kw.get("allow_pipe", False)).total_tokens // (GBS * SEQ) + 20):
         next(loader)
     return loader
 
@@ -64,10 +64,25 @@ def test_truncated_shard_is_named(dataset):
 def test_truncated_shard_read_through_a_pipe_is_named(dataset):
     files = [shard_file(dataset, i) for i in range(len(load_manifest(dataset).shards))]
     edit_manifest(dataset, lambda m: [s.update(path=f"pipe:cat {f}") for s, f in zip(m["shards"], files)])
-    read_all(dataset, epochs=1)  # pipe: shards read fine
+    read_all(dataset, epochs=1, allow_pipe=True)  # pipe: shards read fine when allowed explicitly
     os.truncate(files[1], 3000)
     with pytest.raises(ShardError, match=r"pipe:cat .*shard_000001\.tar: truncated"):
-        read_all(dataset)
+        read_all(dataset, allow_pipe=True)
+
+
+def test_manifest_naming_a_command_is_refused(dataset):
+    """A manifest is data: a pipe: (or other command-running) shard location is refused unless allowed."""
+    first = load_manifest(dataset).shard_url(0)
+    edit_manifest(dataset, lambda m: m["shards"][3].update(path=f"pipe:touch {dataset}.ran; cat {first}"))
+    for opener in (lambda: load_manifest(dataset), lambda: build_pretraining_data([dataset], SEQ, GBS, 0, 1, seed=0)):
+        with pytest.raises(ManifestError, match=r"manifest\.json: shard 'pipe:touch .*' is a pipe: location"):
+            opener()
+    edit_manifest(dataset, lambda m: m["shards"][3].update(path="ais://bucket/shard.tar"))
+    with pytest.raises(ManifestError, match="is a ais: location"):
+        load_manifest(dataset)
+    assert not os.path.exists(f"{dataset}.ran")
+    edit_manifest(dataset, lambda m: m["shards"][3].update(path="https://example.com/shard.tar"))
+    assert load_manifest(dataset).shards[3].path == "https://example.com/shard.tar"  # URLs are data
 
 
 def test_corrupt_header_is_named(dataset):

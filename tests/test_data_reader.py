@@ -16,6 +16,7 @@ import torch
 from data import build_pretraining_data
 from data.format import load_manifest
 from data.reader import merge_state_dicts
+from tests.conftest import DOC_ID_BASE
 
 SEQ, GBS = 64, 8
 
@@ -31,7 +32,7 @@ def global_batches(path, steps, dp_size=1, num_workers=0, **kw):
     out = []
     for _ in range(steps):
         parts = [next(r) for r in ranks]
-        out.append({k: torch.cat([p[k] for p in parts]) for k in ("tokens", "doc_ids")})
+        out.append({"tokens": torch.cat([p["tokens"] for p in parts])})
     return out
 
 
@@ -52,25 +53,23 @@ def test_batch_shape_and_same_order_from_same_seed(data_synthetic):
     path, _ = data_synthetic()
     a, b = global_batches(path, 5), global_batches(path, 5)
     assert a[0]["tokens"].shape == (GBS, SEQ + 1) and a[0]["tokens"].dtype == torch.int64
-    assert a[0]["doc_ids"].shape == (GBS, SEQ + 1) and a[0]["doc_ids"].dtype == torch.int32
+    assert set(a[0]) == {"tokens"}  # no per-token document ids: nothing uses them
     for x, y in zip(a, b):
-        assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["doc_ids"], y["doc_ids"])
+        assert torch.equal(x["tokens"], y["tokens"])
     c = global_batches(path, 5, seed=99)
     assert not all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
 
 
-def test_windows_overlap_by_one_and_doc_ids_mark_boundaries(data_synthetic):
+def test_windows_overlap_by_one_and_documents_start_after_eod(data_synthetic):
     path, _ = data_synthetic()
     batches = global_batches(path, 20)
     for prev, cur in zip(batches, batches[1:]):
         assert torch.equal(prev["tokens"][:, -1], cur["tokens"][:, 0])
     for b in batches:
-        tokens, ids = b["tokens"], b["doc_ids"]
-        assert (ids[:, 0] == 0).all()
-        steps = ids[:, 1:] - ids[:, :-1]
-        assert ((steps == 0) | (steps == 1)).all()
-        # a new document starts exactly after each EOD (EOD never occurs inside these documents)
-        assert torch.equal(steps == 1, tokens[:, :-1] == 0)
+        tokens = b["tokens"]
+        # a synthetic document's first token (>= DOC_ID_BASE) follows each EOD, and nothing else does
+        starts = tokens[:, 1:] >= DOC_ID_BASE
+        assert torch.equal(starts, tokens[:, :-1] == 0)
 
 
 def test_every_document_arrives_whole_and_once_per_epoch(data_synthetic):
@@ -126,7 +125,7 @@ def test_global_batch_independent_of_ranks_and_workers(data_synthetic, dp_size, 
     ref = global_batches(path, 25)
     got = global_batches(path, 25, dp_size=dp_size, num_workers=num_workers)
     for x, y in zip(ref, got):
-        assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["doc_ids"], y["doc_ids"])
+        assert torch.equal(x["tokens"], y["tokens"])
 
 
 def test_each_rank_reads_only_its_own_shards(data_synthetic, monkeypatch):
@@ -162,7 +161,7 @@ def test_resume_mid_epoch_gives_identical_batches(data_synthetic, num_workers):
     resumed.load_state_dict(state)
     for x in expected:
         y = next(resumed)
-        assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["doc_ids"], y["doc_ids"])
+        assert torch.equal(x["tokens"], y["tokens"])
 
 
 def test_resume_with_a_different_dp_size_via_merged_states(data_synthetic):
@@ -272,7 +271,7 @@ def test_ramped_batches_are_rank_independent_and_resume_exactly(data_synthetic):
     assert [b["tokens"].shape[0] for b in ref] == [4, 4, 6, 8, 8, 8, 8, 8]
     got = global_batches(path, 8, dp_size=2, num_workers=0, **ramp)
     for x, y in zip(ref, got):
-        assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["doc_ids"], y["doc_ids"])
+        assert torch.equal(x["tokens"], y["tokens"])
     # rows continue their streams' documents as the batch grows (no window read twice)
     seen = [tuple(r) for b in ref for r in b["tokens"].tolist()]
     assert len(seen) == len(set(seen))

@@ -1,6 +1,7 @@
 """`--dp-engine deepspeed`: DeepSpeed ZeRO-1/2 against megatron-core's distributed optimizer (same
-losses and gradient norms, with clipping active), exact resume from its own checkpoints, refusals
-of what it cannot serve, and the implementation report."""
+losses and gradient norms, with clipping active and the DSA indexer loss on), exact resume from its
+own checkpoints, no host tensor handed to a collective (tests/collective_devices.py), refusals of
+what it cannot serve, and the implementation report."""
 
 import sys
 import types
@@ -10,26 +11,31 @@ import torch
 
 from pretrain.arguments import parse_args
 from pretrain.implementations import origin
+from tests import collective_devices
 from tests.conftest import TINY_RUN
 from tests.helpers import read_scalars, torchrun
 
 pytest.importorskip("deepspeed")
 
-# Gradient norms are ~0.74 here: 0.5 makes clipping change every step.
-RUN = [*TINY_RUN, "--train-iters", "6", "--clip-grad", "0.5"]
+# Gradient norms are ~0.74 here: 0.5 makes clipping change every step. The indexer loss (the recipe's
+# coefficient) weighs as the main loss under both engines, per token of the global batch: scaled by
+# tokens per micro-batch instead, its gradients were global-tokens/DP = 256x larger under ZeRO and the
+# grad norm 0.83 instead of 0.74 at iteration 1.
+RUN = [*TINY_RUN, "--train-iters", "6", "--clip-grad", "0.5", "--dsa-indexer-loss-coeff", "1"]
 RTOL = 2e-3
+EVAL = ["--eval-interval", "3", "--eval-iters", "1"]  # held-out evaluation through each engine
 
 
-def _train(tmp_path, name, extra):
+def _train(tmp_path, name, extra, env=None):
     tb = tmp_path / name
-    proc = torchrun(2, [*RUN, "--tensorboard-dir", str(tb), *extra])
-    return proc.stdout, read_scalars(tb)
+    proc = torchrun(2, [*RUN, "--tensorboard-dir", str(tb), *extra], env=env)
+    return proc.stdout + proc.stderr, read_scalars(tb)
 
 
 @pytest.fixture(scope="module")
 def distributed_optimizer(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("distopt"), "tb",
-                  ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"])[1]
+                  ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", *EVAL])[1]
 
 
 def _assert_same(ours, reference, iterations):
@@ -42,9 +48,12 @@ def test_zero2_with_experts_matches_the_distributed_optimizer_and_resumes_exactl
         distributed_optimizer, tmp_path):
     ck = tmp_path / "ck"
     engine = ["--expert-model-parallel-size", "2", "--dp-engine", "deepspeed", "--zero-stage", "2"]
-    stdout, full = _train(tmp_path, "full", [*engine, "--save", str(ck), "--save-interval", "3"])
+    stdout, full = _train(tmp_path, "full", [*engine, "--save", str(ck), "--save-interval", "3"],
+                          env=collective_devices.env())
     assert "optimizer: DeepSpeed DeepSpeedZeroOptimizer" in stdout
+    assert collective_devices.violations(stdout) == [] and len(collective_devices.checked_counts(stdout)) == 2
     _assert_same(full, distributed_optimizer, range(1, 7))
+    assert full["dsa/indexer-loss"][6] == pytest.approx(distributed_optimizer["dsa/indexer-loss"][6], rel=RTOL)
     # the expert bias moved as under megatron's engine (the load statistics it feeds back match)
     assert full["moe/load-imbalance"][6] == pytest.approx(distributed_optimizer["moe/load-imbalance"][6], rel=1e-4)
 
@@ -65,8 +74,10 @@ def test_zero1_with_tensor_and_sequence_parallel_and_offload_matches(distributed
     # Norm and router weights see different tokens on each TP rank: their grads are summed over TP.
     _, ours = _train(tmp_path, "tp", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                       "--dp-engine", "deepspeed", "--zero-stage", "1",
-                                      "--zero-offload-optimizer", "--train-iters", "3"])
+                                      "--zero-offload-optimizer", "--train-iters", "3", *EVAL])
     _assert_same(ours, distributed_optimizer, range(1, 4))
+    for tag in ("lm loss validation", "mtp loss validation"):
+        assert ours[tag][3] == pytest.approx(distributed_optimizer[tag][3], rel=RTOL), tag
 
 
 @pytest.mark.parametrize("extra, named", [

@@ -58,7 +58,7 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, tokenizer_dir, dtype):
     out = tmp_path / "hf"
     proc = run_cli("--load", ckpt, "--output", out, "--dtype", dtype, "--verify", "--tokenizer", tokenizer_dir)
@@ -67,6 +67,8 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, token
     check = summary["verify"]
     # 48 tokens > index_topk=16: the DSA indexer really selects keys, so its half swap is checked.
     assert check["tokens"] > TINY.index_topk and check["max_abs_logit_diff"] <= 1e-4, check
+    if dtype != "fp32":  # verify compared with our model rounded the same way: the rounding really happened
+        assert check["rounding_max_abs_logit_change"] > 1e-4, check
     assert sorted(p.name for p in out.iterdir() if "tokenizer" in p.name)  # copied
     if dtype == "fp8":
         return  # transformers' own FP8 loader needs accelerate; verify loaded a dequantized copy
@@ -79,6 +81,15 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, token
     assert all(k.startswith(mtp) for k in info["unexpected_keys"])  # only the MTP layer, which HF does not run
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>"
+    if dtype == "bf16":  # as it is usually run: transformers computing in bf16, the router kept in fp32
+        bf16 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        gate = bf16.model.layers[1].mlp.gate
+        assert gate.e_score_correction_bias.dtype == gate.weight.dtype == torch.float32
+        tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, have = model(input_ids=tokens).logits, bf16(input_ids=tokens).logits.float()
+        # bf16 activations over 4 layers: ~2.5% of the logits' norm measured; a mapping error is O(1)
+        assert (have - want).norm() <= 0.06 * want.norm()
 
 
 def test_shards_index_and_tensor_formats(tmp_path, ckpt):

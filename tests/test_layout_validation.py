@@ -1,5 +1,7 @@
 """Impossible layouts are refused before any allocation, naming the flag and the numbers."""
 
+import re
+
 import pytest
 
 from model.presets import get_preset
@@ -27,6 +29,14 @@ TINY = get_preset("tiny")
      "--seq-length 36 is not divisible by 2 x --context-parallel-size 2 x --tensor-model-parallel-size 2"),
     (ParallelDims(world_size=4, cp=3), 60, 8, "world size 4 is not divisible"),
     (ParallelDims(world_size=1, sequence_parallel=True), 64, 8, "--sequence-parallel needs"),
+    (ParallelDims(world_size=2, pp=2, layers_per_virtual_stage=0), 64, 8,
+     "--num-layers-per-virtual-pipeline-stage 0 must be >= 1"),
+    # megatron-core's interleaved schedule: micro-batches in groups of G (default PP), a last group >= PP
+    (ParallelDims(world_size=2, pp=2, layers_per_virtual_stage=1), 64, 3,
+     "the number of micro-batches 3 .* divisible by --pipeline-model-parallel-size 2"),
+    (ParallelDims(world_size=2, pp=2, layers_per_virtual_stage=1, microbatch_group_size=3), 64, 3, None),
+    (ParallelDims(world_size=2, pp=2, layers_per_virtual_stage=1, microbatch_group_size=4), 64, 3,
+     "--microbatch-group-size-per-virtual-pipeline-stage 4 must be between"),
 ])
 def test_layout_errors_name_the_flag(dims, seq, gbs, message):
     if message is None:
@@ -34,6 +44,26 @@ def test_layout_errors_name_the_flag(dims, seq, gbs, message):
         return
     with pytest.raises(LayoutError, match=message.replace("(", r"\(")):
         dims.validate(TINY, seq, 1, gbs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    # GLM-5 itself (78 layers, 64 heads, 256 experts) at full-scale worlds
+    (["--pipeline-model-parallel-size", "12"], "num_hidden_layers 78 is not divisible by --pipeline-model-parallel-size 12"),
+    (["--expert-model-parallel-size", "96"], "n_routed_experts 256 is not divisible by --expert-model-parallel-size 96"),
+    (["--tensor-model-parallel-size", "3", "--sequence-parallel"],
+     "num_attention_heads 64 is not divisible by --tensor-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "13", "--num-layers-per-virtual-pipeline-stage", "4"],
+     "layers per pipeline stage 6 .* not divisible by --num-layers-per-virtual-pipeline-stage 4"),
+    # Megatron-Bridge's GLM-5.2 layout without its micro-batch group: 32 micro-batches, PP 13
+    (["--pipeline-model-parallel-size", "13", "--num-layers-per-virtual-pipeline-stage", "3",
+      "--expert-model-parallel-size", "32", "--global-batch-size", "1024"],
+     "the number of micro-batches 32 .* divisible by --pipeline-model-parallel-size 13"),
+])
+def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        world = 416 if "13" in flags else 576  # PP 13: Megatron-Bridge's 416 GPUs; else the recipe's 576
+        parse_args(["--preset", "glm5", "--mock-data", *flags], world_size=world)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_arguments_refuse_before_work(capsys):

@@ -61,3 +61,29 @@ def test_glm5_parameter_counts_match_the_checkpoint_shapes():
     assert p["params_total"] == pytest.approx(743.9e9, rel=3e-3)
     assert p["params_total_with_mtp"] == pytest.approx(753.9e9, rel=3e-3)
     assert 40e9 <= p["params_active"] <= 42e9
+
+
+@pytest.mark.parametrize("field,value", [
+    ("norm_topk_prob", False), ("topk_method", "greedy"), ("rope_interleave", False),
+    ("indexer_rope_interleave", False), ("attention_bias", True),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+])
+def test_hf_config_the_model_does_not_implement_is_refused(field, value):
+    """Fields the model implements one way only are checked, not parsed and ignored: the error names
+    the field and its value."""
+    d = get_preset("tiny").to_hf_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=f"{field}={value!r}".replace("(", r"\(").replace("[", r"\[")
+                       .replace("{", r"\{").replace(".", r"\.")):
+        GLM5Config.from_hf_dict(d)
+
+
+def test_hf_config_written_by_transformers_loads(tmp_path):
+    """transformers' own config (None for the fields it hard-codes, RoPE in rope_parameters) is accepted."""
+    from transformers import AutoConfig
+
+    get_preset("tiny").replace(rope_theta=5e5).save_hf_json(tmp_path / "config.json")
+    AutoConfig.from_pretrained(tmp_path).save_pretrained(tmp_path / "hf")
+    c = GLM5Config.load_hf_json(tmp_path / "hf")
+    assert c == get_preset("tiny").replace(rope_theta=5e5)

@@ -74,3 +74,24 @@ def test_memory_per_gpu_under_each_data_parallel_engine():
     # grads: megatron's full fp32 buffer > ZeRO-1's bf16 grads + fp32 partition > ZeRO-2's partition
     assert distopt["grads_gb"] > zero1["grads_gb"] > zero2["grads_gb"] and zero2["grads_gb"] < distopt["grads_gb"] / 4
     assert offload["optimizer_gb"] == 0 and offload["host_optimizer_gb"] == zero2["optimizer_gb"]
+
+
+def test_recipe_memory_per_pipeline_stage():
+    """Stages differ (embedding on the first; head, MTP and its embedding copy on the last): the
+    recipe reports each and leads with the largest. tools/simulate_layout.py checks them against
+    the built model (tests/test_simulate_layout.py)."""
+    from tools.model_info import recipe_info
+
+    info = recipe_info("launch/recipes/glm5-bridge-416xh100.args", None)
+    stages = info["stages"]
+    assert info["layout"] == {"tp": 1, "pp": 13, "cp": 1, "dp": 32, "ep": 32, "etp": 1} and len(stages) == 13
+    assert info["memory_gb_total_estimate"] == max(s["memory_gb_total_estimate"] for s in stages)
+    middle = stages[6]
+    assert stages[0]["params_per_gpu"] > middle["params_per_gpu"] < stages[-1]["params_per_gpu"]
+    # the stages partition the whole model (at TP 1: experts x EP), plus the MTP layer's embedding copy
+    from model.accounting import local_parameters
+
+    c, whole = get_preset("glm5"), count_parameters(get_preset("glm5"))
+    parts = [local_parameters(c, tp=1, pp=13, ep=32, etp=1, pp_rank=r, vpp=2) for r in range(13)]
+    assert sum(p["dense"] + 32 * p["experts"] + p["expert_bias"] for p in parts) == \
+        whole["params_total_with_mtp"] + whole["params_embedding"]

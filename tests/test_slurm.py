@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from pretrain.signals import StopSignal
 from tests.helpers import ROOT, read_scalars
-from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.slurm_cluster import SlurmCluster
 
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -63,19 +63,7 @@ def test_stop_signal_all_ranks_agree(tmp_path):
 
 
 # --- SLURM --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        pytest.skip(f"cannot run SLURM daemons here: {e}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
+# The cluster: the session fixture `slurm` (tests/conftest.py), shared with test_preprocess_slurm.py.
 def job_env(cluster: SlurmCluster, **extra: str) -> dict:
     """What the job inherits through sbatch: this interpreter's bin/ (torchrun) first on PATH, 2 workers."""
     return cluster.env(

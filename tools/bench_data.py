@@ -10,7 +10,7 @@ this process (the same on an idle machine; the second is robust when other jobs 
   raw_format   data.format.iter_chunks: the reader's own sequential read (memory-mapped), with its checks
                (lengths, EOD, every id < vocab size), no shuffle or packing;
   reader       the full path to packed batches: build_pretraining_data(dp_size=1, num_workers=0) ->
-               int64 tokens + int32 doc_ids [global_batch_size, seq_length + 1], one epoch's worth of
+               int64 tokens [global_batch_size, seq_length + 1], one epoch's worth of
                steps after a quarter epoch of warm-up (a training run is in steady state for days).
 Also bytes per token on disk. Prints one JSON object.
 """

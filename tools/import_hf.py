@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -145,10 +144,6 @@ def _init(args, cfg: GLM5Config):
     from parallel import runtime as rt
     from parallel.dims import ParallelDims
 
-    if "MASTER_PORT" not in os.environ:  # a single process without torchrun: any free port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     world = rt.world_size_from_env()
     dims = ParallelDims(world_size=world, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,

@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="re-read every shard and check it")
     p.add_argument("--workers", type=int, default=1, help="processes for --verify")
     p.add_argument("--vocab-size", type=int, default=None, help="with --verify: token ids must be below this")
+    p.add_argument("--allow-pipe", action="store_true", help="accept pipe: shard locations (they run commands)")
     args = p.parse_args(argv)
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = load_manifest(args.manifest, allow_pipe=args.allow_pipe)
     except ManifestError as e:
         print(f"inspect_shards: error: {e}", file=sys.stderr)
         return 1

@@ -78,20 +78,30 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
         parser.error(f"--recipe {path}: world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
     dp = world // (tp * pp * cp)
     etp = args.expert_tensor_parallel_size or tp
-    memory = memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp,
-                            seq_length=seq // cp, micro_batch_size=args.micro_batch_size,
-                            distributed_optimizer=args.use_distributed_optimizer,
-                            full_recompute=args.recompute_granularity == "full",
-                            zero_stage=args.zero_stage if args.dp_engine == "deepspeed" else 0,
-                            offload_optimizer=args.zero_offload_optimizer)
+    vpp = args.num_layers_per_virtual_pipeline_stage and cfg.num_hidden_layers // (
+        pp * args.num_layers_per_virtual_pipeline_stage)
+    # Every pipeline stage (they differ: embedding first, head + MTP last); Transformer Engine's
+    # layer layout (a GPU run's). tools/simulate_layout.py checks these against the built model.
+    stages = [memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp, cp=cp,
+                             seq_length=seq // cp, micro_batch_size=args.micro_batch_size,
+                             distributed_optimizer=args.use_distributed_optimizer,
+                             full_recompute=args.recompute_granularity == "full",
+                             zero_stage=args.zero_stage if args.dp_engine == "deepspeed" else 0,
+                             offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
+                             bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
+                             microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage)
+              for stage in range(pp)]
+    for m in stages:
+        m["memory_gb_total_estimate"] = sum(
+            v for k, v in m.items() if k.endswith(("_gb", "_estimate")) and not k.startswith("host_"))
+    memory = max(stages, key=lambda m: m["memory_gb_total_estimate"])  # the stage that must fit
     samples, ramp = total_samples(args.train_iters, args.global_batch_size, args.rampup_batch_size)
     engine = "megatron" if args.dp_engine == "megatron" else (
         f"deepspeed zero-{args.zero_stage}" + ("+offload" if args.zero_offload_optimizer else ""))
-    on_gpu = sum(v for k, v in memory.items() if k.endswith(("_gb", "_estimate")) and not k.startswith("host_"))
     return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
             "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq, "dp_engine": engine,
             "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
-            **memory, "memory_gb_total_estimate": on_gpu}
+            **memory, "stages": stages}
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,34 @@
 r"""Tokenize jsonl / parquet / plain-text files into tar shards + manifest.json (the format: docs/DATA.md).
 
-    python tools/preprocess_data.py --input data/*.jsonl --tokenizer path/to/hf_tokenizer \
-        --output-dir out/web [--shard-size 1GiB] [--workers 16] [--json-key text]
+    python tools/preprocess_data.py --input 'data/*.jsonl.gz' --tokenizer path/to/hf_tokenizer \
+        --output-dir out/web [--shard-size 1GiB] [--workers 16] [--json-key text] [--valid-fraction 0.001]
 
 Inputs, by file name: *.jsonl / *.json / *.ndjson (optionally .gz): one JSON object per line, text under
 --json-key; *.parquet: the --json-key column; anything else: plain text, the whole file is one document.
-Empty documents are dropped. Workers tokenize batches; results are written in input order by this
-process, so the output bytes depend only on the inputs and the flags, never on --workers.
+--input takes files and (quoted) glob patterns. Empty documents are dropped. Workers tokenize batches;
+results are written in input order by this process, so the output bytes depend only on the inputs and the
+flags, never on --workers.
+
+Split runs (SLURM arrays, docs/DATA.md "At scale"): with --task-index I --num-tasks N (default: from
+SLURM_ARRAY_TASK_ID / _MIN / _STEP / _COUNT) this process tokenizes its share of the input files (whole
+files, balanced by size, the same share for the same inputs and N) into part-IIIII-of-NNNNN.shard_*.tar and
+writes part-IIIII-of-NNNNN.manifest.json last; tools/merge_manifests.py joins the parts. --resume skips a
+finished part and redoes an unfinished one from scratch (its leftovers are deleted first). Every run records
+its settings (tokenizer, flags, input list) in OUTPUT_DIR/preprocess-settings.json; a run or task whose
+settings differ from those is refused, naming the difference.
+
+--valid-fraction F holds out the documents whose content hash falls below F (blake2b of the UTF-8 text), so
+the split depends on nothing but the text: not on --workers, order, task split or reruns. They go to
+[part-...]valid-shard_*.tar and [part-...]valid-manifest.json beside the training ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
+import hashlib
+import heapq
 import json
 import os
 import re
@@ -23,13 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.format import LENGTHS_DTYPE, TOKEN_DTYPES  # noqa: E402
+from data.format import LENGTHS_DTYPE, MANIFEST_NAME, TOKEN_DTYPES, load_manifest  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.writer import ShardWriter  # noqa: E402
 
 BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+VALID_PREFIX = "valid-"  # validation files: valid-manifest.json, valid-shard_NNNNNN.tar
+SETTINGS_NAME = "preprocess-settings.json"  # the run's settings, written by its first task
+_HASH_PERSON = b"glm5-valid"
 
 
 def parse_size(text: str) -> int:
@@ -41,6 +60,11 @@ def parse_size(text: str) -> int:
     power = "kmgt".find(unit.lower()) + 1 if unit else 0
     decimal = unit and not binary and text.strip().lower().endswith("b")
     return int(float(number) * (1000 if decimal else 1024) ** power)
+
+
+def part_prefix(index: int, count: int) -> str:
+    """File name prefix of task `index` of `count`: part-00001-of-00003.manifest.json, ...shard_000000.tar."""
+    return f"part-{index:05d}-of-{count:05d}."
 
 
 # --- reading inputs (main process) ------------------------------------------------------------------
@@ -98,17 +122,36 @@ def _batches(paths: list[str], json_key: str):
 _TOK = None
 
 
-def _init_worker(tokenizer_dir: str, eod_token: str | None, dtype: str, json_key: str, parallel: bool) -> None:
+def _init_worker(tokenizer_dir: str, eod_token: str | None, dtype: str, json_key: str, parallel: bool,
+                 valid_fraction: float = 0.0) -> None:
     global _TOK
     if not parallel:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    _TOK = (load_tokenizer(tokenizer_dir, eod_token), TOKEN_DTYPES[dtype], json_key)
+    _TOK = (load_tokenizer(tokenizer_dir, eod_token), TOKEN_DTYPES[dtype], json_key, valid_fraction)
 
 
-def _encode(task) -> tuple[np.ndarray, np.ndarray, int]:
-    """One batch -> (tokens with EOD after each document, lengths, number of empty documents dropped)."""
+def is_valid_doc(text: str, fraction: float) -> bool:
+    """The held-out decision: a 64-bit hash of the text below fraction * 2^64 (so duplicates go together)."""
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, person=_HASH_PERSON).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0 ** 64
+
+
+def _pack(ids: list[list[int]], eod_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(x) + 1 for x in ids], dtype=LENGTHS_DTYPE)
+    tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype)
+    pos = 0
+    for x in ids:
+        tokens[pos:pos + len(x)] = x
+        tokens[pos + len(x)] = eod_id
+        pos += len(x) + 1
+    return tokens, lengths
+
+
+def _encode(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One batch -> (training tokens with EOD after each document, their lengths, the same for held-out
+    documents, number of empty documents dropped)."""
     kind, path, first, payload = task
-    tok, dtype, json_key = _TOK
+    tok, dtype, json_key, valid_fraction = _TOK
     texts = []
     if kind == "json":
         for number, line in enumerate(payload, first):
@@ -127,21 +170,122 @@ def _encode(task) -> tuple[np.ndarray, np.ndarray, int]:
                 raise ValueError(f"{path}: column {json_key!r} holds {type(text).__name__}, not text")
             texts.append(text or "")
     kept = [t for t in texts if t]
+    held = [bool(valid_fraction) and is_valid_doc(t, valid_fraction) for t in kept]
     ids = tok.encode(kept)
-    lengths = np.array([len(x) + 1 for x in ids], dtype=LENGTHS_DTYPE)
-    tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype)
-    pos = 0
-    for x in ids:
-        tokens[pos:pos + len(x)] = x
-        tokens[pos + len(x)] = tok.eod_id
-        pos += len(x) + 1
-    return tokens, lengths, len(texts) - len(kept)
+    train = _pack([x for x, h in zip(ids, held) if not h], tok.eod_id, dtype)
+    valid = _pack([x for x, h in zip(ids, held) if h], tok.eod_id, dtype)
+    return (*train, *valid, len(texts) - len(kept))
+
+
+# --- the work split and its settings ---------------------------------------------------------------
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files as given; a pattern with glob characters -> its matches, sorted (quoted, it keeps sbatch's
+    command line short)."""
+    files = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ValueError(f"--input {pattern}: matches no file")
+            files.extend(matches)
+        elif not os.path.isfile(pattern):
+            raise ValueError(f"--input {pattern}: not a file")
+        else:
+            files.append(pattern)
+    return files
+
+
+def task_of(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(index, count) of this task from the flags, else from a SLURM array's environment; None: one process."""
+    index, count, env = args.task_index, args.num_tasks, os.environ
+    if index is None and count is None and "SLURM_ARRAY_TASK_ID" in env:
+        task_id, first = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step, count = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1), int(env["SLURM_ARRAY_TASK_COUNT"])
+        index, rest = divmod(task_id - first, step)
+        if rest or index >= count:
+            raise ValueError(f"SLURM array task {task_id} (min {first}, step {step}, count {count}): the array is "
+                             "not a range like --array=0-99; pass --task-index and --num-tasks")
+    if (index is None) != (count is None):
+        raise ValueError("--task-index and --num-tasks go together")
+    if count is None:
+        return None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--task-index {index} must be in [0, --num-tasks {count})")
+    return index, count
+
+
+def split_files(files: list[str], sizes: list[int], count: int) -> list[list[str]]:
+    """Whole files to `count` tasks, balanced by bytes: largest first to the least loaded task (ties: the lower
+    index); each task keeps its files in input order. Deterministic for the same inputs and count."""
+    heap = [(0, task) for task in range(count)]
+    owner = [0] * len(files)
+    for i in sorted(range(len(files)), key=lambda i: (-sizes[i], i)):
+        load, task = heapq.heappop(heap)
+        owner[i] = task
+        heapq.heappush(heap, (load + sizes[i], task))
+    return [[f for f, o in zip(files, owner) if o == task] for task in range(count)]
+
+
+def settings_of(args, files: list[str], sizes: list[int], identity: dict, eod_id: int, dtype: str,
+                task: tuple[int, int] | None) -> dict:
+    """What must be identical for parts (and reruns) to belong together."""
+    listing = "".join(f"{os.path.abspath(f)}\t{n}\n" for f, n in zip(files, sizes))
+    return {"tokenizer": identity, "eod_id": eod_id, "dtype": dtype, "chunk_tokens": args.chunk_tokens,
+            "shard_size": args.shard_size, "json_key": args.json_key, "valid_fraction": args.valid_fraction,
+            "num_tasks": task[1] if task else 1,
+            "inputs": {"files": len(files), "bytes": sum(sizes),
+                       "sha256": hashlib.sha256(listing.encode("utf-8", "surrogatepass")).hexdigest()}}
+
+
+def settings_difference(old: dict | None, new: dict) -> str | None:
+    """None if equal, else what differs, in words."""
+    if old is None:
+        return "the existing output records no preprocessing settings"
+    for key in new:
+        a, b = old.get(key), new[key]
+        if a == b:
+            continue
+        if key == "tokenizer" and isinstance(a, dict):
+            a, b = (f"{t.get('name')} (sha256 {str(t.get('sha256'))[:12]}, vocab {t.get('vocab_size')})" for t in (a, b))
+        elif key == "inputs" and isinstance(a, dict):
+            a, b = (f"{t.get('files')} files / {t.get('bytes')} bytes (list sha256 {str(t.get('sha256'))[:12]})"
+                    for t in (a, b))
+        return f"{key}: {a} before, {b} now"
+    return None
+
+
+def check_run_settings(output_dir: str, settings: dict) -> None:
+    """The first task (or the only process) records the run's settings; every task and rerun must match."""
+    path = os.path.join(output_dir, SETTINGS_NAME)
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(settings, f, indent=1)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: one task's file wins
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+    with open(path) as f:
+        recorded = json.load(f)
+    diff = settings_difference(recorded, settings)
+    if diff:
+        raise ValueError(f"{output_dir} holds a run with other settings ({path}): {diff}; use another "
+                         "--output-dir, or delete that run")
+
+
+def _own_files(output_dir: str, prefix: str, task: tuple[int, int] | None) -> list[str]:
+    """This task's files (complete or not): what an unfinished run left behind."""
+    names = (prefix + "shard_", prefix + VALID_PREFIX) if task is None else (prefix,)
+    return sorted(n for n in os.listdir(output_dir) if n.startswith(names) or n == prefix + MANIFEST_NAME)
 
 
 # --- main -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="jsonl(.gz), parquet or text files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="jsonl(.gz), parquet or text files, or quoted glob patterns")
     p.add_argument("--tokenizer", required=True, metavar="HF_DIR", help="local Hugging Face tokenizer directory")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="new or empty directory for shards + manifest")
     p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="maximum shard size (default 1GiB)")
@@ -152,28 +296,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *TOKEN_DTYPES], default="auto",
                    help="token dtype; auto: uint16 when the vocab fits, else uint32")
     p.add_argument("--eod-token", default=None, help="EOD token (default: the tokenizer's eos_token)")
+    p.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of documents (by content hash) as a validation set")
+    p.add_argument("--task-index", type=int, default=None, help="this task of a split run (default: SLURM array)")
+    p.add_argument("--num-tasks", type=int, default=None, help="tasks of a split run (default: SLURM array)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip if this task's output is complete, else redo it (same settings only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
+def _log(message: str) -> None:
+    print(f"preprocess_data: {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
-    for path in args.input:
-        if not os.path.isfile(path):
-            raise ValueError(f"--input {path}: not a file")
+    files = expand_inputs(args.input)
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be >= 1")
+    if not 0.0 <= args.valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction {args.valid_fraction} must be in [0, 1)")
+    task = task_of(args)
     loaded = load_tokenizer(args.tokenizer, args.eod_token)
     vocab = loaded.identity["vocab_size"]
     dtype = args.dtype if args.dtype != "auto" else ("uint16" if vocab <= 1 << 16 else "uint32")
     if vocab > np.iinfo(TOKEN_DTYPES[dtype]).max + 1:
         raise ValueError(f"--dtype {dtype} cannot hold the {vocab} token ids of {args.tokenizer}")
+    sizes = [os.path.getsize(f) for f in files]
+    settings = settings_of(args, files, sizes, loaded.identity, loaded.eod_id, dtype, task)
+    out, prefix = args.output_dir, part_prefix(*task) if task else ""
+    os.makedirs(out, exist_ok=True)
+    check_run_settings(out, settings)
+    summary = {"output": os.path.join(out, prefix + MANIFEST_NAME), "dtype": dtype, "eod_id": loaded.eod_id,
+               "task": list(task) if task else None}
+    if os.path.exists(summary["output"]):
+        if not args.resume:
+            raise FileExistsError(f"{out} already holds a dataset ({prefix + MANIFEST_NAME}); use an empty "
+                                  "directory, or --resume")
+        done = load_manifest(summary["output"])
+        _log(f"{summary['output']} is complete: nothing to do")
+        return {**summary, "skipped": True, "shards": len(done.shards), "docs": done.total_docs,
+                "tokens": done.total_tokens}
+    leftovers = _own_files(out, prefix, task)
+    if leftovers and not args.resume:
+        raise FileExistsError(f"{out} already holds a dataset ({leftovers[0]}, from a run that did not finish?); "
+                              "use an empty directory, or --resume to redo it")
+    for name in leftovers:  # an unfinished run: start this task over, so nothing is written twice
+        os.remove(os.path.join(out, name))
+    if leftovers:
+        _log(f"--resume: removed {len(leftovers)} file(s) of an unfinished run, starting {prefix or out} over")
+    mine = split_files(files, sizes, task[1])[task[0]] if task else files
+    if task:
+        _log(f"task {task[0]} of {task[1]}: {len(mine)} of {len(files)} files, "
+             f"{sum(os.path.getsize(f) for f in mine):,} of {sum(sizes):,} bytes")
+    return {**summary, **_tokenize(args, mine, out, prefix, task, loaded, dtype)}
+
+
+def _tokenize(args, files: list[str], out: str, prefix: str, task, loaded, dtype: str) -> dict:
     from tqdm import tqdm
 
-    init = (args.tokenizer, args.eod_token, dtype, args.json_key, args.workers == 1)
-    tasks = _batches(args.input, args.json_key)
+    part = {"index": task[0], "count": task[1], "inputs": [os.path.abspath(f) for f in files]} if task else None
+    opts = dict(tokenizer=loaded.identity, eod_id=loaded.eod_id, dtype=dtype, shard_size=args.shard_size,
+                chunk_tokens=args.chunk_tokens, part=part)
+    init = (args.tokenizer, args.eod_token, dtype, args.json_key, args.workers == 1, args.valid_fraction)
+    tasks = _batches(files, args.json_key)
     dropped = total = 0
-    with ShardWriter(args.output_dir, tokenizer=loaded.identity, eod_id=loaded.eod_id, dtype=dtype,
-                     shard_size=args.shard_size, chunk_tokens=args.chunk_tokens) as writer:
+    faults = os.environ.get("GLM5_INJECT_FAULT")  # tests: hang or die after a shard (pretrain/faults.py)
+    with ShardWriter(out, prefix=prefix, **opts) as writer, \
+            ShardWriter(out, prefix=prefix + VALID_PREFIX, **opts) as held_out:
         if args.workers == 1:
             _init_worker(*init)
             results, pool = map(_encode, tasks), None
@@ -184,17 +374,30 @@ def run(args: argparse.Namespace) -> dict:
             results = pool.imap(_encode, tasks)  # ordered: output independent of scheduling
         try:
             with tqdm(unit="doc", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-                for tokens, lengths, empty in results:
+                for tokens, lengths, valid_tokens, valid_lengths, empty in results:
+                    before = writer.shards_written
                     writer.add_documents(tokens, lengths)
-                    dropped, total = dropped + empty, total + tokens.size
-                    bar.update(lengths.size)
+                    held_out.add_documents(valid_tokens, valid_lengths)
+                    dropped, total = dropped + empty, total + tokens.size + valid_tokens.size
+                    bar.update(lengths.size + valid_lengths.size)
                     bar.set_postfix(tokens=f"{total:,}", refresh=False)
+                    if faults and writer.shards_written > before:
+                        from pretrain.faults import inject
+
+                        inject(f"preprocess-task{task[0] if task else 0}-shard{writer.shards_written}")
         finally:
             if pool is not None:
                 pool.terminate()
+        # Held-out documents first: the training manifest, written last, is what marks the run finished.
+        keep = args.valid_fraction and (task or not held_out.is_empty)  # a part is written even if empty
+        valid = held_out.close() if keep else held_out.abort()
         manifest = writer.close()
-    return {"output": manifest.location, "shards": len(manifest.shards), "docs": manifest.total_docs,
-            "tokens": manifest.total_tokens, "empty_docs_dropped": dropped, "dtype": dtype, "eod_id": loaded.eod_id}
+    result = {"shards": len(manifest.shards), "docs": manifest.total_docs, "tokens": manifest.total_tokens,
+              "empty_docs_dropped": dropped}
+    if args.valid_fraction:
+        result.update(valid_output=valid.location if valid else None, valid_docs=valid.total_docs if valid else 0,
+                      valid_tokens=valid.total_tokens if valid else 0)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
     python tools/verify_hf.py --load CKPT [--iteration N] --hf EXPORT_DIR [--tokens 48] [--tolerance 1e-4]
 
-Our model is built in this process on CPU (TP=1, fp32) and loaded from the checkpoint with
+Our model is built in this process on the runtime's device (CUDA on a GPU host; TP=1, fp32, megatron-core's
+local modules) and loaded from the checkpoint with
 dist_checkpointing; the export is loaded by transformers (`AutoModelForCausalLM`, fp32) and must have
 no missing keys. Both run the same random tokens -- more than index_topk of them, so the DSA top-k
 selection really drops keys -- and the main logits must agree within the tolerance (HF does not run
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 import warnings
@@ -66,35 +65,38 @@ def round_model_like_export(chunk, cfg, dtype: str) -> None:
         target.copy_(c.transform.to_megatron(hf, dims))
 
 
-def _init_single_process(cfg, seed: int = 1234) -> None:
-    import torch.distributed as dist
-
+def _init_single_process(cfg, seed: int = 1234) -> torch.device:
     from parallel import runtime as rt
     from parallel.dims import ParallelDims
 
-    if not dist.is_initialized() and "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:  # a free port: several single-process tools may run at once
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    rt.init_distributed()
+    runtime = rt.init_distributed()
     rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, seed)
+    return runtime.device
 
 
 def build_our_model(load: str, iteration: int | None):
-    """Our model (TP=1, fp32, CPU) with the checkpoint's weights, and its config."""
-    from megatron.core import dist_checkpointing
-
+    """Our model (TP=1, fp32, on the runtime's device) with the checkpoint's weights, and its config."""
     from model.builder import build_model
     from model.config import GLM5Config
     from model.mcore_config import ModelOptions, to_transformer_config
+    from pretrain import extra_state
     from pretrain.checkpointing import SHARDING_METADATA, iter_dir, read_run_state
 
     iteration, state = read_run_state(load, iteration)
     cfg = GLM5Config.from_hf_dict(state["model_config"])
-    _init_single_process(cfg)
+    device = _init_single_process(cfg)
     (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)},
-                                     str(iter_dir(load, iteration)))
+    chunk.to(device)
+    # DSA's dense reference path, which takes its top-k with torch.topk over the full score rows as
+    # transformers does: a random tiny model's indexer scores tie at exactly 0 (ReLU), and the blockwise
+    # path breaks ties towards the lower key position, picking other (equally scored) keys. What this
+    # checks is the weight map; the blockwise path equals the dense one up to ties (tests/test_dsa_blockwise.py).
+    for m in chunk.modules():
+        if hasattr(m, "dsa_path"):
+            m.dsa_path = "dense"
+    # A TE run's checkpoint has extra-state objects this local model does not ask for (ignored).
+    loaded = extra_state.load({"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)},
+                              iter_dir(load, iteration))
     chunk.load_state_dict(loaded["model"])
     return chunk.eval(), cfg
 
@@ -133,22 +135,31 @@ def load_hf(hf_dir: str):
         if "quantization_config" in config:
             _dequantized_copy(Path(hf_dir), Path(tmp))
             path = tmp
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its load report lists the MTP layer: judged in verify_export
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     return model.eval(), info
 
 
 def main_logits(chunk, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, s, padded vocab] logits of the main head. With an MTP layer megatron's GPTModel needs
+    """[b, s, padded vocab] logits of the main head, on the CPU. With an MTP layer megatron's GPTModel needs
     labels and returns losses; the logits are the output layer's last call (after the MTP heads'),
     cloned because the cross entropy then works on them in place."""
     calls = []
+    device = chunk.output_layer.weight.device  # the runtime's: CUDA on a GPU host
+    tokens = tokens.to(device)
     hook = chunk.output_layer.register_forward_hook(lambda mod, args, out: calls.append(out[0].clone()))
     try:
-        positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
         chunk(input_ids=tokens, position_ids=positions, attention_mask=None, labels=tokens)
     finally:
         hook.remove()
-    return calls[-1].transpose(0, 1)  # [s, b, V] -> [b, s, V]
+    return calls[-1].transpose(0, 1).float().cpu()  # [s, b, V] -> [b, s, V], beside HF's (CPU) logits
 
 
 @torch.no_grad()
@@ -165,6 +176,10 @@ def verify_export(load: str, iteration: int | None, hf_dir: str, dtype: str, num
         raise VerificationError(f"transformers loaded {type(hf).__name__}, not GlmMoeDsaForCausalLM")
     if info["missing_keys"]:
         raise VerificationError(f"transformers reports missing keys: {sorted(info['missing_keys'])[:5]}")
+    mtp = tuple(f"model.layers.{cfg.num_hidden_layers + i}." for i in range(cfg.num_nextn_predict_layers))
+    unused = sorted(k for k in info["unexpected_keys"] if not (mtp and k.startswith(mtp)))
+    if unused:  # the MTP layer is expected: transformers does not build it
+        raise VerificationError(f"transformers did not use {len(unused)} weight(s): {unused[:5]}")
     ours_logits = main_logits(ours, tokens)[..., : cfg.vocab_size]
     hf_logits = hf(input_ids=tokens).logits.float()
     diff = (ours_logits - hf_logits).abs().max().item()

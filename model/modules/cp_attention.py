@@ -1,5 +1,6 @@
 """Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 has none: it refuses
-CP with DSA, and its CP exists only inside Transformer Engine's dense attention).
+CP with DSA, and its CP exists only inside Transformer Engine's dense attention), and the latent
+form of MLA that the DSA core attention runs on at any CP size (CP = 1 is the one-chunk case).
 
 Layout (Megatron-LM's convention): the sequence of S tokens is cut into 2·CP chunks of S/(2·CP);
 CP rank r holds chunks r and 2·CP-1-r, so every rank has the same causal work (an early chunk with
@@ -16,27 +17,31 @@ computation:
    token for GLM-5, over the CP group (over the TP×CP group under sequence parallelism, which also
    replaces the TP all-gather of the sequence); its backward is the matching reduce-scatter, which
    sums every rank's gradient for a token and hands it to the token's owner;
-3. the gathered rows are put in global order and up-projected to this TP rank's heads (K, V for
-   all S positions); queries stay local, RoPE'd at this rank's global positions;
+3. the gathered rows are put in global order; they are not up-projected: the core attention gets
+   the latent rows [latent | k_pe] of all S positions as its `key` and this TP rank's slice of
+   the up-projection weight, and runs in the absorbed form (queries stay local, RoPE'd at this
+   rank's global positions);
 4. the core attention (model/modules/dsa.py) receives the queries' positions and the gathered k_I:
    the indexer scores this rank's queries against every key with the causal mask at global
    positions, takes its top-k, and sparse attention runs locally.
+Without CP the same steps run with one chunk: the gather is the TP all-gather of sequence
+parallelism (or, without SP, an identity whose backward sums over TP).
 
 Gradient bookkeeping (see docs/CONTEXT_PARALLEL.md): the latent and k_pe are consumed by each TP
-rank with its own heads, so the reduce-scatter's sum is the full gradient. k_I is consumed
-identically by every TP rank (the indexer is replicated over TP), so its gradient is divided by
-TP before that sum; wk and k_norm then see only this rank's tokens and are marked for the TP
-all-reduce in finalize_model_grads (GLMIndexer does that). Sums over CP ranks happen in DDP's
+rank with its own heads, so the reduce-scatter's (or all-reduce's) sum is the full gradient. k_I
+is consumed identically by every TP rank (the indexer is replicated over TP), so its gradient is
+divided by TP before that sum; under SP wk and k_norm then see only this rank's tokens and are
+marked for the TP all-reduce in finalize_model_grads (GLMIndexer does that). Sums over CP ranks happen in DDP's
 reduction over DP×CP, like every other weight's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -44,7 +49,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
-from model.modules.dsa import CPAttentionInputs
+from model.modules.dsa import LatentAttentionInputs
 
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -88,42 +93,47 @@ class CPMLASelfAttention(MLASelfAttention):
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         pg = self.pg_collection
         self.cp_size = pg.cp.size()
-        if self.cp_size == 1:
+        self.latent_form = hasattr(self.core_attention, "latent_inputs")
+        if not self.latent_form:
+            if self.cp_size > 1:
+                raise ValueError(f"--context-parallel-size {self.cp_size} with MLA+DSA does not support "
+                                 "a core attention other than GLMSparseAttention")
             return
+        # --recompute-modules mla_up_proj recomputes the per-head K/V up-projection, which the latent
+        # form never makes (the core attention reads the latent): nothing to recompute.
+        self.recompute_up_proj = False
         unsupported = [
             (config.rope_type != "rope", f"rope_type {config.rope_type!r} (only 'rope')"),
             (config.q_lora_rank is None, "q_lora_rank None (DSA needs the query latent)"),
             (config.apply_rope_fusion, "apply_rope_fusion"),
-            (self.recompute_up_proj, "recompute of mla_up_proj"),
             (config.cache_mla_latents, "cache_mla_latents"),
             (getattr(self.linear_kv_up_proj, "bias", None) is not None, "a bias in linear_kv_up_proj"),
-            (not hasattr(self.core_attention, "cp_inputs"), "a core attention other than GLMSparseAttention"),
         ]
         for bad, what in unsupported:
             if bad:
-                raise ValueError(f"--context-parallel-size {self.cp_size} with MLA+DSA does not support {what}")
+                raise ValueError(f"MLA+DSA (--context-parallel-size {self.cp_size}) does not support {what}")
         # Under sequence parallelism each rank holds S/(CP·TP) tokens and gathers over TP×CP in one
         # collective; to_global_order needs that group's ranks ordered CP-major, TP-minor.
         self.sp = config.sequence_parallel and pg.tp.size() > 1
-        if self.sp:
+        if self.sp and self.cp_size > 1:
             group = getattr(pg, "tp_cp", None) or parallel_state.get_tensor_and_context_parallel_group()
             if group.rank() != pg.cp.rank() * pg.tp.size() + pg.tp.rank():
                 raise RuntimeError("the TP x CP group is not ordered CP-major, TP-minor")
         else:
-            group = pg.cp
+            group = pg.tp if self.sp else pg.cp
         self.kv_gather_group = group
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None,
                                     packed_seq_params=None, inference_context=None, *, inference_params=None):
-        if self.cp_size == 1:
+        if not self.latent_form:
             return super().get_query_key_value_tensors(
                 hidden_states, key_value_states, position_ids, packed_seq_params,
                 inference_context=inference_context, inference_params=inference_params)
         if packed_seq_params is not None or inference_context is not None or inference_params is not None:
-            raise NotImplementedError("context parallelism for MLA+DSA: training without packed sequences only")
-        return self._context_parallel_qkv(hidden_states)
+            raise NotImplementedError("MLA+DSA: training without packed sequences only")
+        return self._latent_qkv(hidden_states)
 
-    def _context_parallel_qkv(self, hidden_states):
+    def _latent_qkv(self, hidden_states):
         cfg, pg = self.config, self.pg_collection
         tp_size, tp_rank = pg.tp.size(), pg.tp.rank()
         s_own, b, _ = hidden_states.shape  # this rank's tokens (its SP slice under SP)
@@ -155,25 +165,21 @@ class CPMLASelfAttention(MLASelfAttention):
 
         # ONE all-gather (backward: reduce-scatter) of every token's [latent | k_pe | k_I].
         own = torch.cat([latent, k_pe.squeeze(-2), k_index.to(latent.dtype)], dim=-1)
-        every = gather_from_sequence_parallel_region(own, group=self.kv_gather_group)
-        every = to_global_order(every, self.cp_size)
-        latent_all, k_pe_all, k_index_all = torch.split(
-            every, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, indexer.head_dim], dim=-1)
+        every = own
+        if self.sp or self.cp_size > 1:
+            every = to_global_order(gather_from_sequence_parallel_region(own, group=self.kv_gather_group),
+                                    self.cp_size)
+        latent_rows, k_index_all = torch.split(
+            every, [cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, indexer.head_dim], dim=-1)
+        if tp_size > 1 and not self.sp:
+            # Each TP rank's heads read the latent rows: sum their gradients over TP (what a
+            # column-parallel linear does for its input), shared rope key included.
+            latent_rows = copy_to_tensor_model_parallel_region(latent_rows, group=pg.tp)
         if self.sp and k_index_all.requires_grad:
             # Every TP rank runs the same indexer on the same keys: count their gradient once.
             # (No gradient reaches it without the indexer loss: the hook then sees None.)
             k_index_all.register_hook(lambda g: None if g is None else g / tp_size)
-
-        # K, V of this TP rank's heads at all S positions.
-        if self.sp:
-            # The linear's own sequence-parallel all-gather is already done by the gather above.
-            kv = F.linear(latent_all, self.linear_kv_up_proj.weight)
-        else:
-            kv, _ = self.linear_kv_up_proj(latent_all)
         heads = self.num_attention_heads_per_partition
-        kv = kv.view(seq_len, b, heads, cfg.qk_head_dim + cfg.v_head_dim)
-        k_nope, value = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
-        key = torch.cat([k_nope, k_pe_all.unsqueeze(-2).expand(-1, -1, heads, -1)], dim=-1)
 
         # Queries of this rank's tokens, RoPE'd at their global positions.
         q, _ = self.linear_q_up_proj(q_compressed)
@@ -182,6 +188,8 @@ class CPMLASelfAttention(MLASelfAttention):
         q_pe = apply_rotary_pos_emb(q_pe, freqs[q_positions], config=cfg, cp_group=pg.cp)
         query = torch.cat([q_nope, q_pe], dim=-1)
 
-        self.core_attention.cp_inputs = CPAttentionInputs(q_positions=q_positions, index_keys=k_index_all,
-                                                          cp_group=pg.cp)
-        return query.contiguous(), key.contiguous(), value.contiguous(), q_compressed, latent
+        # The latent rows go to the core attention as its `key` (absorbed form, no value).
+        self.core_attention.latent_inputs = LatentAttentionInputs(
+            q_positions=q_positions, index_keys=k_index_all, kv_up_weight=self.linear_kv_up_proj.weight,
+            cp_group=pg.cp if self.cp_size > 1 else None)
+        return query.contiguous(), latent_rows.contiguous(), None, q_compressed, latent

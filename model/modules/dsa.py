@@ -14,10 +14,15 @@ DSA so checkpoints interoperate.
 
 Every mask is built from the queries' global positions, so the same code serves one process
 (queries 0..S-1 against keys 0..S-1) and context parallelism, where a rank holds two chunks of
-queries and receives every key: `CPAttentionInputs` carries the queries' positions and the
+queries and receives every key: `LatentAttentionInputs` carries the queries' positions and the
 indexer's keys gathered over the CP group (see cp_attention.py and docs/CONTEXT_PARALLEL.md).
 
-This torch path materializes [b, s_q, s_k] scores: it is the reference and the CPU path.
+The MLA layer hands this module the query heads and the shared latent of every position
+([c | k_pe], kv_lora_rank + rope dims, `LatentAttentionInputs`), not per-head keys and values: the
+attention runs in the absorbed form (model/modules/dsa_blockwise.py) in O(S·k) memory, with Triton
+kernels on CUDA (model/kernels/). `dsa_path = "dense"` selects the unfused form below, which
+materializes [b, heads, s_q, s_k] scores and expands the latent to per-head keys: it is the
+reference the tests and tools/bench_dsa.py compare against.
 """
 
 from __future__ import annotations
@@ -36,18 +41,21 @@ from megatron.core.transformer.experimental_attention_variant.dsa import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
+from model.modules import dsa_blockwise as blockwise
 from model.modules.norms import LayerNorm
 
 INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (MAPPING.md D2)
 
 
 @dataclass
-class CPAttentionInputs:
-    """What the context-parallel MLA layer hands its core attention for one forward."""
+class LatentAttentionInputs:
+    """What the MLA layer (cp_attention.py) hands its core attention for one forward, besides the
+    query heads and the latent rows [S, b, kv_lora_rank + rope] that arrive as `key`."""
 
     q_positions: torch.Tensor  # [s_q] global positions of this rank's queries (int64)
     index_keys: torch.Tensor  # [S, b, index_head_dim] the indexer's keys at every position, global order
-    cp_group: torch.distributed.ProcessGroup
+    kv_up_weight: torch.Tensor  # [heads * (qk_head_dim + v_head_dim), kv_lora_rank]: this TP rank's heads
+    cp_group: torch.distributed.ProcessGroup | None = None  # None without context parallelism
 
 
 def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -134,11 +142,10 @@ class GLMIndexer(MegatronModule):
                                                 self.n_heads, **linear)
         # Which weights see only this TP rank's slice of the sequence, so that finalize_model_grads
         # must sum their grads over TP (the `sequence_parallel` attribute). The queries' weights see
-        # the gathered sequence on every TP rank (identical grads: no sum). The keys' weights do too
-        # without CP; with CP and SP each rank makes the keys of its own slice (cp_attention.py).
-        # Set explicitly: TE's duplicated linear would otherwise mark all of them.
-        keys_sharded = (config.sequence_parallel and pg_collection.tp.size() > 1
-                        and pg_collection.cp.size() > 1)
+        # the gathered sequence on every TP rank (identical grads: no sum). Under sequence
+        # parallelism each rank makes the keys of its own slice (cp_attention.py), so the keys'
+        # weights are sharded. Set explicitly: TE's duplicated linear would otherwise mark all of them.
+        keys_sharded = config.sequence_parallel and pg_collection.tp.size() > 1
         for module, sharded in [(self.linear_wq_b, False), (self.linear_weights_proj, False),
                                 (self.linear_wk, keys_sharded), (self.k_norm, keys_sharded)]:
             for p in module.parameters():
@@ -149,46 +156,38 @@ class GLMIndexer(MegatronModule):
         pe = apply_rotary_pos_emb(pe, freqs, config=self.config, cp_group=self.pg_collection.cp)
         return torch.cat([nope, pe], dim=-1)
 
-    def _keys(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        k, _ = self.linear_wk(x)
-        return self._rope(self.k_norm(k).view(s, b, 1, self.head_dim), freqs).view(s, b, self.head_dim)
-
     def freqs_at(self, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """RoPE angles [len(positions), 1, 1, rope_dim] at the given global positions."""
         return self.rotary_pos_emb.get_emb(seq_len)[positions]
 
     def index_keys(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """k_I = RoPE(LayerNorm(wk(x))) [s, b, head_dim] for the tokens x [s, b, hidden] at `positions`
-        of a sequence of `seq_len` (context parallelism computes each token's key on its owner)."""
-        return self._keys(x, self.freqs_at(positions, seq_len))
+        of a sequence of `seq_len` (each token's key is made where the token lives)."""
+        s, b, _ = x.shape
+        k, _ = self.linear_wk(x)
+        k = self.k_norm(k).view(s, b, 1, self.head_dim)
+        return self._rope(k, self.freqs_at(positions, seq_len)).view(s, b, self.head_dim)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, mask: torch.Tensor, cp: CPAttentionInputs | None = None):
-        """x [s, b, hidden], qr [s, b, q_lora] (sequence-parallel shards if SP), mask [s, s_k]
-        additive fp32. Without `cp` the keys are x's own tokens (s_k = s); with it, `cp.index_keys`
-        (every position) and x's tokens sit at `cp.q_positions`.
-        Returns index scores [b, s, s_k] (fp32) and top-k indices [b, s, k]."""
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, q_positions: torch.Tensor, seq_len: int):
+        """The indexer's queries and head weights for the tokens of x [s, b, hidden] and qr
+        [s, b, q_lora] (sequence-parallel shards if SP) at global `q_positions`.
+        Returns q_I [s, b, heads, head_dim] and w [s, b, heads] (fp32, scales folded in)."""
         if self.config.sequence_parallel and self.pg_collection.tp.size() > 1:
             x = gather_from_sequence_parallel_region(x, group=self.pg_collection.tp)
             qr = gather_from_sequence_parallel_region(qr, group=self.pg_collection.tp)
         s, b, _ = x.shape
-        if cp is None:
-            freqs = self.rotary_pos_emb(s)
-            k = self._keys(x, freqs)
-        else:
-            k = cp.index_keys
-            freqs = self.freqs_at(cp.q_positions, k.shape[0])
-
         q, _ = self.linear_wq_b(qr)
-        q = self._rope(q.view(s, b, self.n_heads, self.head_dim), freqs)
+        q = self._rope(q.view(s, b, self.n_heads, self.head_dim), self.freqs_at(q_positions, seq_len))
         w, _ = self.linear_weights_proj(x)
-        w = w.float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
-
         # relu(a*c) = c*relu(a) for c>0, so scaling w instead of q.k is the same score as HF's.
-        scores = torch.einsum("sbhd,tbd->bsht", q.float(), k.float()).relu_()
-        scores = torch.einsum("bsht,sbh->bst", scores, w) + mask
-        topk = scores.topk(min(self.topk, k.shape[0]), dim=-1).indices
-        return scores, topk
+        w = w.float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
+        return q, w
+
+
+def dense_index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: every score [b, s, S] at once. q [s, b, H, d], w [s, b, H], k [S, b, d]."""
+    scores = torch.einsum("sbhd,tbd->bsht", q.float(), k.float()).relu_()
+    return torch.einsum("bsht,sbh->bst", scores, w) + mask
 
 
 def _without_sequence_parallel(config):
@@ -199,19 +198,6 @@ def _without_sequence_parallel(config):
     return c
 
 
-def _sum_shared_rope_grad_over_tp(key: torch.Tensor, nope_dim: int, tp_group) -> torch.Tensor:
-    """MLA's rope key k_pe is one tensor shared by all heads, but each TP rank only has its own
-    heads: without this its gradient is this rank's heads' share. megatron-core's local path (its
-    k_pe comes through an all-gather whose backward only splits) never sums it over TP -- a 74%
-    error on those rows at TP=2 in the tiny model. Route the rope part of head 0 through an
-    identity whose backward all-reduces over TP; the other heads' copies carry no gradient."""
-    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-    k_nope, k_pe = key[..., :nope_dim], key[..., :1, nope_dim:]
-    k_pe = copy_to_tensor_model_parallel_region(k_pe, group=tp_group)
-    return torch.cat([k_nope, k_pe.expand(*key.shape[:-1], k_pe.shape[-1])], dim=-1)
-
-
 class GLMSparseAttention(MegatronModule):
     """DSA core attention: the indexer picks top-k keys per query, attention runs over them."""
 
@@ -219,10 +205,10 @@ class GLMSparseAttention(MegatronModule):
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
                  v_channels=None, cp_comm_type=None, pg_collection=None,
                  rope_grad_summed_by_sp_gather: bool = False):
+        # rope_grad_summed_by_sp_gather: kept for the specs; the latent gather of cp_attention.py
+        # now sums the shared rope key's gradient over TP on every backend.
         super().__init__(config=config)
         self.layer_number = layer_number
-        self.sum_rope_grad = (pg_collection.tp.size() > 1
-                              and not (rope_grad_summed_by_sp_gather and config.sequence_parallel))
         self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
         # megatron's Attention base builds core attention once without k_channels before MLA
         # rebuilds it with them; the first instance is discarded.
@@ -231,37 +217,105 @@ class GLMSparseAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         # The MTP layer's layer_number is num_layers + 1: size the loss tracker for it.
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
-        self.cp_size = pg_collection.cp.size()
-        # Set by the context-parallel MLA layer right before each call (cp_attention.py).
-        self.cp_inputs: CPAttentionInputs | None = None
+        # Set by the MLA layer right before each call (cp_attention.py).
+        self.latent_inputs: LatentAttentionInputs | None = None
+        # "auto": Triton kernels on CUDA when importable, else the torch blockwise path;
+        # "blockwise", "triton", or "dense" (the unfused reference) to force one.
+        self.dsa_path = "auto"
+
+    def resolved_path(self, device: torch.device) -> str:
+        if self.dsa_path != "auto":
+            return self.dsa_path
+        from model.kernels import triton_usable
+
+        return "triton" if triton_usable(device) else "blockwise"
 
     def forward(self, query, key, value, attention_mask, x, qr, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
+        """query [sq, b, heads, qk_head_dim + rope] (RoPE'd), key: the latent rows [S, b, kv_lora +
+        rope] of every position (global order), value None. Returns [sq, b, heads * v_head_dim]."""
         if packed_seq_params is not None:
             raise NotImplementedError("DSA does not support packed sequences")
-        cp, self.cp_inputs = self.cp_inputs, None
-        if cp is None and self.cp_size > 1:
-            raise RuntimeError("GLMSparseAttention under context parallelism needs the CP inputs of "
+        inputs, self.latent_inputs = self.latent_inputs, None
+        if inputs is None or value is not None:
+            raise RuntimeError("GLMSparseAttention needs the latent inputs of "
                                "model.modules.cp_attention.CPMLASelfAttention (check the layer spec)")
-        if cp is None and self.sum_rope_grad:
-            key = _sum_shared_rope_grad_over_tp(key, self.config.qk_head_dim, self.indexer.pg_collection.tp)
-        sq, skv = query.shape[0], key.shape[0]
-        q_positions = cp.q_positions if cp is not None else torch.arange(sq, device=query.device)
-        mask = causal_mask(q_positions, skv)
-        index_scores, topk = self.indexer(x.detach(), qr.detach(), mask, cp)
-        output = sparse_attention(query, key, value, topk, self.softmax_scale, mask)
-
-        coeff = self.config.dsa_indexer_loss_coeff or 0.0
-        if self.training and torch.is_grad_enabled() and coeff > 0:
+        cfg = self.config
+        path = self.resolved_path(query.device)
+        q_i, w = self.indexer(x.detach(), qr.detach(), inputs.q_positions, key.shape[0])
+        coeff = cfg.dsa_indexer_loss_coeff or 0.0
+        with_loss = self.training and torch.is_grad_enabled() and coeff > 0
+        tp_group = self.indexer.pg_collection.tp
+        if path == "dense":
+            output, loss = self._dense(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group)
+        else:
+            output, loss = self._sparse(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group, path)
+        if with_loss:
+            # Logged value: CP ranks hold equal numbers of queries, so their mean is the global mean.
+            DSAIndexerLossLoggingHelper.save_loss_to_tracker(
+                loss, self.layer_number, self.tracked_layers, avg_group=inputs.cp_group)
             # A mean over this rank's queries. Its backward scale is the tokens per micro-batch on
             # this rank (pretrain/recipe.py: S/CP per sequence), which makes it a token sum like the
             # LM loss; the sum over CP ranks (in DDP's DP x CP reduction) is then one process's.
-            loss = indexer_kl_loss(index_scores, topk, query.detach(), key.detach(), self.softmax_scale,
-                                   coeff, self.config.dsa_indexer_use_sparse_loss,
-                                   self.indexer.pg_collection.tp, mask)
-            # Logged value: CP ranks hold equal numbers of queries, so their mean is the global mean.
-            DSAIndexerLossLoggingHelper.save_loss_to_tracker(
-                loss, self.layer_number, self.tracked_layers,
-                avg_group=cp.cp_group if cp is not None else None)
             output = DSAIndexerLossAutoScaler.apply(output, loss)
+        elif self.training and torch.is_grad_enabled():
+            # Without the loss nothing differentiable reads the indexer's queries and head weights
+            # (top-k indices are not), but megatron's DDP with --overlap-grad-reduce starts a bucket's
+            # reduce only once every parameter in it had its grad hook: keep them in the graph with a
+            # zero gradient, as megatron-core's DSA does (it attaches the KL times coefficient 0).
+            # (The keys' weights get theirs through the latent gather of cp_attention.py.)
+            output = DSAIndexerLossAutoScaler.apply(output, (q_i.sum() + w.sum()) * 0.0)
         return output
+
+    def _split_weight(self, inputs, heads):
+        cfg = self.config
+        w_kv = inputs.kv_up_weight.view(heads, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        return torch.split(w_kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=1)
+
+    def _sparse(self, query, latent, inputs, q_i, w, coeff, tp_group, path):
+        """The absorbed form: q_h -> [W_uk,h^T q_nope,h | q_pe,h] scores the latent rows directly."""
+        cfg = self.config
+        sq, b, heads, _ = query.shape
+        w_uk, w_uv = self._split_weight(inputs, heads)
+        q_nope, q_pe = torch.split(query, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+        q = torch.cat([torch.einsum("sbhd,hdc->bshc", q_nope, w_uk), q_pe.transpose(0, 1)], dim=-1)
+        # batch-first and contiguous: the kernels and the torch path gather whole rows of these
+        kv = latent.transpose(0, 1).contiguous()  # [b, S, kv_lora + rope]
+        k_i = inputs.index_keys.transpose(0, 1).contiguous()
+        q_i, w = q_i.transpose(0, 1), w.transpose(0, 1)
+        if path == "triton":
+            from model.kernels import indexer_scores_triton, sparse_mla_triton
+
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.indexer.topk,
+                                          scores_fn=indexer_scores_triton)
+            attend = sparse_mla_triton
+        else:
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.indexer.topk)
+            attend = blockwise.sparse_mla_torch
+        o_latent = attend(q, kv, topk, self.softmax_scale, cfg.kv_lora_rank)  # [b, sq, heads, kv_lora]
+        output = torch.einsum("bshc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
+        loss = None
+        if coeff > 0:
+            loss = blockwise.indexer_kl_loss_blockwise(
+                q_i, w, k_i, inputs.q_positions, topk, q.detach(), kv.detach(), self.softmax_scale, coeff,
+                cfg.dsa_indexer_use_sparse_loss, tp_group)
+        return output.contiguous(), loss
+
+    def _dense(self, query, latent, inputs, q_i, w, coeff, tp_group):
+        """Today's unfused form, the reference: per-head keys and values, [b, heads, sq, S] scores."""
+        cfg = self.config
+        sq, b, heads, _ = query.shape
+        skv = latent.shape[0]
+        c, k_pe = torch.split(latent, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
+        kv = torch.nn.functional.linear(c, inputs.kv_up_weight).view(skv, b, heads, -1)
+        k_nope, value = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+        mask = causal_mask(inputs.q_positions, skv)
+        index_scores = dense_index_scores(q_i, w, inputs.index_keys, mask)
+        topk = index_scores.topk(min(self.indexer.topk, skv), dim=-1).indices
+        output = sparse_attention(query, key, value, topk, self.softmax_scale, mask)
+        loss = None
+        if coeff > 0:
+            loss = indexer_kl_loss(index_scores, topk, query.detach(), key.detach(), self.softmax_scale,
+                                   coeff, cfg.dsa_indexer_use_sparse_loss, tp_group, mask)
+        return output, loss

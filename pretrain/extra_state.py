@@ -1,0 +1,49 @@
+"""Load a checkpoint written by the other transformer implementation (TE <-> megatron-core local).
+
+Both backends name every weight the same (model/specs.py), but each module also saves an
+`_extra_state` object, and the two do not have the same set: TE's norms, its indexer linears and
+its grouped experts carry FP8 scaling state where the local modules have none. Loading a local (or
+HF-imported, or CPU) checkpoint into a TE run therefore asks for objects the checkpoint lacks, and
+dist_checkpointing refuses. Those objects are FP8 metadata, not weights: a module whose extra state
+is absent from the checkpoint keeps its own (fresh FP8 scaling history, as at the start of a run).
+The other way round needs nothing: a checkpoint's objects nobody asks for are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values, merge
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+
+def is_extra_state(key: str) -> bool:
+    return key.endswith("._extra_state") or "._extra_state/" in key
+
+
+def absent_extra_state(request: dict, stored_keys) -> list[str]:
+    """The `_extra_state` objects of `request` that a checkpoint lacks (`stored_keys`: its unique keys,
+    as load_sharded_metadata gives them)."""
+    stored = set(stored_keys)
+    absent, _ = _split(request, stored)
+    found = []
+    dict_list_map_inplace(lambda v: found.append(v.key) or v, absent)
+    return sorted(found)
+
+
+def _split(request: dict, stored: set) -> tuple[dict, dict]:
+    return extract_matching_values(
+        request, lambda v: isinstance(v, ShardedObject) and is_extra_state(v.key) and v.unique_key not in stored)
+
+
+def load(request: dict, directory: str | Path) -> dict:
+    """dist_checkpointing.load of `request`, where an `_extra_state` object that the checkpoint
+    lacks comes back as the module's current one (so `load_state_dict` stays strict)."""
+    stored = load_sharded_metadata(str(directory))
+    absent, present = _split(request, set(stored))
+    loaded = dist_checkpointing.load(present, str(directory))
+    if absent:
+        merge(loaded, dict_list_map_inplace(lambda v: v.data, absent))
+    return loaded

@@ -1,0 +1,41 @@
+"""The real Trainer inside the test process (one rank, gloo, CPU runtime): for checks of what it builds,
+saves and loads, without the seconds a torchrun launch costs. Every Trainer made by `trainer()` is
+torn down (megatron's groups, the batch-size calculator) when its `with` block ends."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from tests.helpers import one_rank_gloo_world
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo world without megatron's groups (each Trainer makes and destroys its own)."""
+    with one_rank_gloo_world():
+        yield
+
+
+@contextlib.contextmanager
+def trainer(argv: list[str]):
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    from parallel.runtime import Runtime
+    from pretrain.arguments import parse_args
+    from pretrain.trainer import Trainer
+
+    cfg = parse_args(argv)
+    torch.manual_seed(cfg.seed)
+    made = None
+    try:
+        made = Trainer(cfg, Runtime(device=torch.device("cpu"), rank=0, world_size=1, local_rank=0))
+        yield made
+    finally:
+        if made is not None:
+            made.close()
+        parallel_state.destroy_model_parallel()
+        destroy_num_microbatches_calculator()
