@@ -8,6 +8,7 @@ API (used by tests/test_parallel_equivalence.py and tests/test_context_parallel.
                                      "shards": {global name: (tp_rank, tp_size, dim, glu)}}  (TP-sharded only)
     assert_same_gradients(name, want, ranks)       # want: the dump of a 1-process run (ranks[0] of it)
     assert_same_scalars(name, want, got)           # TensorBoard scalars: TAGS at every logged iteration
+    check_layout(name, nproc, extra, reference, out_dir)  # all of the above for one layout
 
 Gradients are taken right before the first optimizer step, when they are final: reduced over
 DP x CP (the distributed optimizer's reduce-scattered shards are all-gathered back for the dump),
@@ -90,6 +91,15 @@ def assert_same_gradients(name: str, want: dict, ranks: list[dict], tol: float =
     covered = set().union(*(d["grads"] for d in ranks))
     assert covered == set(ref), f"{name}: not covered: {sorted(set(ref) - covered)[:5]}"
     assert len(ref) > 50
+
+
+def check_layout(name: str, nproc: int, extra: list[str], reference: tuple[dict, dict], out: Path) -> None:
+    """Train RUN + extra at nproc ranks; its scalars and every rank's gradients must equal `reference`
+    (the (scalars, gradients) of the one-process run: tests/conftest.py's grad_reference)."""
+    want, want_grads = reference
+    got, got_grads = train(out, nproc, [*RUN, *extra])
+    assert_same_scalars(name, want, got)
+    assert_same_gradients(name, want_grads, got_grads)
 
 
 # --- torchrun worker: train like launch/pretrain.py, dump every rank's grads at step 1 -----------

@@ -36,11 +36,7 @@ LAYOUTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, grad_reference, tmp_path):
-    nproc, extra = LAYOUTS[name]
-    want, want_grads = grad_reference
-    got, got_grads = grad_check.train(tmp_path, nproc, [*grad_check.RUN, *extra])
-    grad_check.assert_same_scalars(name, want, got)
-    grad_check.assert_same_gradients(name, want_grads, got_grads)
+    grad_check.check_layout(name, *LAYOUTS[name], grad_reference, tmp_path)
 
 
 def test_the_gradient_check_catches_a_wrong_shard_and_a_missing_weight():
