@@ -68,6 +68,11 @@ for i in "${!groups[@]}"; do
     --basetemp "$(mktemp -d)/t" "$@" > "$logs/group$i.log" 2>&1 &
   pids+=($!)
 done
+# the other files' gpu tests: NCCL collectives and saves (test_collective_devices), the DSA kernels
+i=${#groups[@]}; groups+=("NCCL, DSA kernels")
+"$PYTHON" -m pytest -q -m gpu tests/test_collective_devices.py tests/test_dsa_kernels.py \
+  -p no:cacheprovider -rfEs --basetemp "$(mktemp -d)/t" "$@" > "$logs/group$i.log" 2>&1 &
+pids+=($!)
 status=0
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}" || status=1
