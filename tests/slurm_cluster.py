@@ -40,6 +40,18 @@ def _find(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
 
 
+def wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
+    """The predicate's first true value, polled every 0.5 s; past the timeout an AssertionError that
+    says what was awaited, with on_timeout()'s diagnostics."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout()}")
+
+
 def _tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]

@@ -18,6 +18,7 @@ import pytest
 
 from data.format import iter_documents, load_manifest
 from tests.helpers import ROOT
+from tests.slurm_cluster import wait_for
 from tools import preprocess_data
 
 SBATCH = ROOT / "launch" / "slurm" / "preprocess.sbatch"
@@ -27,16 +28,6 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def documents(manifest_path: str) -> list[bytes]:
     return sorted(doc.tobytes() for doc in iter_documents(load_manifest(manifest_path)))
-
-
-def wait_for(predicate, timeout: float, what: str, diagnostics):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
 
 
 @pytest.mark.slow

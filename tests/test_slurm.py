@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from pretrain.signals import StopSignal
 from tests.helpers import ROOT, read_scalars
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, wait_for
 
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -125,16 +125,6 @@ def test_sbatch_runs_to_completion(slurm, tmp_path):
     assert (run / "ckpt" / "iter_0000002").is_dir()  # --save-interval 2 from the config file
     check_scalars(run, range(1, 4))
     print(f"sbatch --wait of a 3-iteration run: {elapsed:.0f} s")
-
-
-def wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout()}")
 
 
 @pytest.mark.slow
