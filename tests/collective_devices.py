@@ -27,6 +27,7 @@ import atexit
 import functools
 import inspect
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -184,7 +185,8 @@ def _check_call(name, signature, args, kwargs) -> None:
             line = (f"{SUMMARY} VIOLATION {name} from {caller}: a tensor made on the host at {origin} "
                     "(NCCL refuses CPU tensors)")
             _violations.append(line)
-            print(line, file=sys.stderr, flush=True)
+            sys.stderr.write(line + "\n")  # one write: ranks share the pipe
+            sys.stderr.flush()
 
 
 def install() -> None:
@@ -226,16 +228,18 @@ def install() -> None:
     def report():
         if dist.is_initialized() or _checked:
             rank = os.environ.get("RANK", "0")
-            print(f"{SUMMARY} rank {rank} checked {_checked} collectives, {len(_violations)} host tensors",
-                  flush=True)
+            # one write, so that two ranks sharing a pipe cannot splice their lines together
+            sys.stdout.write(f"{SUMMARY} rank {rank} checked {_checked} collectives, "
+                             f"{len(_violations)} host tensors\n")
+            sys.stdout.flush()
 
     atexit.register(report)
 
 
 def violations(output: str) -> list[str]:
-    return sorted({line.split(" VIOLATION ", 1)[1] for line in output.splitlines() if " VIOLATION " in line})
+    return sorted(set(re.findall(r" VIOLATION (.*?\(NCCL refuses CPU tensors\))", output)))
 
 
 def checked_counts(output: str) -> list[int]:
-    return [int(line.split(" checked ")[1].split()[0]) for line in output.splitlines()
-            if line.startswith(SUMMARY) and " checked " in line]
+    """One count per rank that reported, found anywhere in the output (lines of ranks may interleave)."""
+    return [int(n) for n in re.findall(re.escape(SUMMARY) + r" rank \d+ checked (\d+) collectives", output)]
