@@ -1,7 +1,7 @@
 """The packed, resumable, rank-split reader (the design is in docs/DATA.md, "Reading").
 
 Global batch row j of step t comes from logical stream j // (B_t / num_streams), B_t being the step's global
-batch size: fixed, or growing by Megatron-LM's --rampup-batch-size rule (BatchRamp). By default
+batch size: fixed, or growing by Megatron-LM's --rampup-batch-size rule (data/batch_ramp.py). By default
 num_streams == global_batch_size, one stream per row; under a ramp, the largest number dividing every
 batch size of it (so a stream gives 1, 2, ... rows per step as the batch grows). Each stream has, per dataset, a SubStream
 that walks its own share of that dataset's shards (items stream, stream + S, stream + 2S, ... of the
@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.batch_ramp import BatchRamp
 from data.blend import BlendSchedule
-from data.format import Manifest, ShardError, iter_chunks
+from data.chunks import iter_chunks
+from data.errors import ShardError
+from data.schema import Manifest
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "glm5-data-state"
@@ -134,36 +137,6 @@ class SubStream:
                 self.pos += n - 1
                 return
             self.pos += n
-
-
-class BatchRamp:
-    """Megatron-LM's `--rampup-batch-size START INCREMENT SAMPLES`: the global batch grows from START by
-    INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed samples, then stays at GBS."""
-
-    def __init__(self, start: int, increment: int, ramp_samples: int, global_batch_size: int):
-        if not 0 < start < global_batch_size or increment <= 0 or (global_batch_size - start) % increment:
-            raise ValueError(f"batch ramp {start} -> {global_batch_size} by {increment} is not a whole number of "
-                             "positive increments")
-        self.start, self.increment, self.ramp_samples, self.global_batch_size = (
-            start, increment, ramp_samples, global_batch_size)
-        self.samples_per_increment = ramp_samples / ((global_batch_size - start) // increment)
-        self._consumed = [0]  # samples consumed before step i, through the ramp
-
-    def size_after(self, consumed: int) -> int:
-        if consumed > self.ramp_samples:
-            return self.global_batch_size
-        return self.start + int(consumed / self.samples_per_increment) * self.increment
-
-    def consumed_before(self, step: int) -> int:
-        while len(self._consumed) <= step and self._consumed[-1] <= self.ramp_samples:
-            self._consumed.append(self._consumed[-1] + self.size_after(self._consumed[-1]))
-        last = len(self._consumed) - 1
-        if step <= last:
-            return self._consumed[step]
-        return self._consumed[last] + (step - last) * self.global_batch_size  # past the ramp
-
-    def size(self, step: int) -> int:
-        return self.size_after(self.consumed_before(step))
 
 
 class _Plan:
@@ -275,6 +248,15 @@ class PretrainingLoader:
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
+
+    def next_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """The next batch (data.loader.PretrainingData), checked against the caller's batch schedule: the
+        reader follows the ramp by its own step count, the trainer by megatron-core's consumed samples."""
+        batch = next(self)
+        if batch["tokens"].shape[0] * self.dp_size != global_batch_size:
+            raise RuntimeError(f"data reader gave {batch['tokens'].shape[0]} rows per rank, megatron's batch "
+                               f"schedule expects {global_batch_size} / {self.dp_size}")
+        return batch
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:

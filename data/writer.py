@@ -14,8 +14,9 @@ import tarfile
 
 import numpy as np
 
-from data.format import (BLOCK, LENGTHS_DTYPE, LENGTHS_EXT, MANIFEST_NAME, TOKEN_DTYPES, TOKENS_EXT, Manifest,
-                         ShardInfo, member_name, shard_name, write_manifest)
+from data.manifest_io import write_manifest
+from data.schema import (BLOCK, LENGTHS_DTYPE, LENGTHS_EXT, MANIFEST_NAME, TOKEN_DTYPES, TOKENS_EXT, Manifest,
+                         ShardInfo, member_name, shard_name)
 
 _END = bytes(2 * BLOCK)  # end-of-archive marker
 
@@ -76,7 +77,7 @@ class ShardWriter:
 
     With `prefix`, the files are `<prefix>shard_NNNNNN.tar` and `<prefix>manifest.json`, so several writers
     (the tasks of a split run, a validation split) share a directory. `part` goes into the manifest as it is
-    (see data/format.py); a part manifest may list no shards."""
+    (see data/schema.py, Manifest.part); a part manifest may list no shards."""
 
     def __init__(self, output_dir: str, *, tokenizer: dict, eod_id: int, dtype: str = "uint32",
                  shard_size: int = 1 << 30, chunk_tokens: int = 1 << 20, prefix: str = "",

@@ -1,7 +1,7 @@
 """GLM-5 model configuration, with Hugging Face field names.
 
 One dataclass describes the architecture; its fields are exactly the ones in the HF
-`config.json` of `GlmMoeDsaForCausalLM` (see ../shared/design/GLM5.md), so a config
+`config.json` of `GlmMoeDsaForCausalLM` (docs/HF_MAPPING.md, section 1), so a config
 round-trips through `to_hf_dict`/`from_hf_dict` and the exporter writes it unchanged.
 Run-time choices (parallel layout, precision, loss weights) live elsewhere.
 """
@@ -136,7 +136,7 @@ class GLM5Config:
         d["head_dim"] = self.qk_rope_head_dim  # what HF stores (it overwrites head_dim with the rope dim)
         d["qk_head_dim"] = self.qk_head_dim
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        # Every layer runs its own indexer (megatron-core has no IndexShare): MAPPING.md D4.
+        # Every layer runs its own indexer (megatron-core has no IndexShare): docs/HF_MAPPING.md, D4.
         d["indexer_types"] = ["full"] * self.num_hidden_layers
         d["mlp_layer_types"] = (["dense"] * self.first_k_dense_replace
                                 + ["sparse"] * self.num_moe_layers)

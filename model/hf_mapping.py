@@ -2,8 +2,8 @@
 
 One declarative table (wildcard names, like Megatron-Bridge's `mapping_registry`) plus a few named
 transforms; `tools/export_hf.py` and `tools/import_hf.py` both read it, so the two directions
-cannot drift apart. The facts behind every entry are in ../shared/design/MAPPING.md (section 1 and
-D1-D6) and docs/EXPORT.md.
+cannot drift apart. The facts behind every entry are in docs/HF_MAPPING.md (what each side computes,
+D1-D6) and docs/EXPORT.md (the name map).
 
 Megatron names here are *logical*: what one parameter is called in a single-process model, except
 that routed experts are `mlp.experts.{E}.linear_fc1.weight` with the global expert index E. On disk
@@ -71,7 +71,7 @@ class VocabRows(Transform):
 
 class IndexerRopeFirst(Transform):
     """The DSA indexer head is [nope | rope] in megatron and [rope | nope] in HF (D-table of
-    MAPPING.md): rotate each head's dims by rope_dim. Applies to wq_b's rows per head, wk's rows,
+    docs/HF_MAPPING.md): rotate each head's dims by rope_dim. Applies to wq_b's rows per head, wk's rows,
     and k_norm's weight and bias (LayerNorm statistics are permutation-invariant)."""
 
     name = "indexer_rope_first"

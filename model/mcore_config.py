@@ -1,6 +1,6 @@
 """GLM5Config + run options -> megatron-core's MLATransformerConfig.
 
-Every GLM-5 trap of MAPPING.md D5 is set here explicitly: plain RoPE (not yarn) with theta 1e6,
+Every GLM-5 trap of docs/HF_MAPPING.md D5 is set here explicitly: plain RoPE (not yarn) with theta 1e6,
 mscale_all_dim 0, the nope/rope/v head dims, no linear biases, sigmoid routing in fp32 with the
 expert bias and the 2.5 scaling factor, no capacity factor, the dense-then-MoE layer pattern,
 SwiGLU, untied head, and the MTP layer.
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from model.config import GLM5Config
+from parallel.compat.megatron_config import mla_config_with_dsa_cp
 
 
 @dataclass
@@ -40,18 +41,15 @@ class ModelOptions:
     moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
     moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
     moe_grouped_gemm: bool = False
-    moe_permute_fusion: bool = False
     recompute_granularity: str | None = None  # full | selective
     recompute_method: str | None = None  # with full: uniform (default) | block
     recompute_num_layers: int | None = None  # with full: default 1
     recompute_modules: list[str] | None = None  # with selective: default ["core_attn"]
-    gradient_accumulation_fusion: bool = False
     overlap_p2p_comm: bool = False
     microbatch_group_size_per_vp_stage: int | None = None  # interleaved schedule; None: megatron's (PP)
     # gloo matches a batch of isend/irecv between the same two ranks in issue order, unlike NCCL's
     # grouped calls: interleaved PP=2 then swaps activations and gradients. Unbatched on CPU.
     batch_p2p_comm: bool = True
-    deterministic_mode: bool = False
 
 
 FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
@@ -67,8 +65,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         virtual_pipeline_model_parallel_size=o.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=o.expert_model_parallel_size,
         expert_tensor_parallel_size=o.expert_tensor_parallel_size,
-        # Validated with CP = 1, set after: see the end of this function.
-        context_parallel_size=1,
+        context_parallel_size=o.context_parallel_size,
         sequence_parallel=o.sequence_parallel,
         # precision
         params_dtype=o.params_dtype,
@@ -129,7 +126,6 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         moe_expert_capacity_factor=o.moe_expert_capacity_factor,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=o.moe_grouped_gemm,
-        moe_permute_fusion=o.moe_permute_fusion,
         # FP8 GEMMs need each expert's token count padded to a multiple of 16 (32 for MXFP8): done
         # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
         moe_router_padding_for_quantization=bool(o.fp8_recipe),
@@ -138,18 +134,16 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
         # loss normalized by the global token count (layout-independent losses)
         calculate_per_token_loss=True,
-        # model/init.py re-initializes every weight layout-invariantly afterwards; megatron's own
+        # model/initialization.py re-initializes every weight layout-invariantly afterwards; megatron's own
         # init must still run: with perform_initialization=False its parallel linears never set
         # the `tensor_model_parallel` attributes that grad clipping and the optimizer rely on.
         perform_initialization=True,
         use_cpu_initialization=not torch.cuda.is_available(),
-        gradient_accumulation_fusion=o.gradient_accumulation_fusion,
         recompute_granularity=o.recompute_granularity,
         recompute_modules=o.recompute_modules,
         overlap_p2p_comm=o.overlap_p2p_comm,
         microbatch_group_size_per_vp_stage=o.microbatch_group_size_per_vp_stage,
         batch_p2p_comm=o.batch_p2p_comm and not o.overlap_p2p_comm,
-        deterministic_mode=o.deterministic_mode,
         transformer_impl="transformer_engine" if o.use_te else "local",
     )
     if o.recompute_modules is None:
@@ -157,16 +151,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     if o.recompute_granularity == "full":  # default: every layer, one at a time (uniform, 1)
         kwargs.update(recompute_method=o.recompute_method or "uniform",
                       recompute_num_layers=o.recompute_num_layers or 1)
-    config = MLATransformerConfig(**kwargs)
-    # megatron-core's __post_init__ refuses DSA with context parallelism ("Currently context
-    # parallelism is not supported by DSAttention!"): its DSAttention has no CP. Our layer spec
-    # replaces it with model/modules/cp_attention.py, which has, so the config is validated with
-    # CP = 1 and the real degree set afterwards. Nothing else in __post_init__ depends on it here
-    # (its other CP checks concern cp_comm_type, unset, and gated delta net, unused); parallel/dims.py
-    # checks our own CP rules. Everything after construction (RoPE lengths, schedules' shapes,
-    # process groups) reads the real value.
-    config.context_parallel_size = o.context_parallel_size
-    return config
+    # megatron-core refuses DSA with context parallelism, which our CP attention has.
+    return mla_config_with_dsa_cp(**kwargs)
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:

@@ -28,13 +28,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from model import transformer_impl
 from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.modules.norms import RMSNorm, apex_rmsnorm, fixed_eps_norm
-from model.transformer_impl import repair_te_stand_ins
+from parallel.compat.megatron_without_te import repair_te_stand_ins
 
-LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (MAPPING.md D2)
+LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (docs/HF_MAPPING.md, D2)
 
 
 class LocalBackend(LocalSpecProvider):
@@ -71,7 +72,8 @@ def te_backend():
 
 
 def get_backend(use_te: bool):
-    repair_te_stand_ins()  # megatron-core's local path breaks on its own TE stand-ins when TE is absent
+    # megatron-core's local path breaks on its own TE stand-ins when TE is absent
+    repair_te_stand_ins(te_present=transformer_impl.te_available())
     return te_backend() if use_te else LocalBackend()
 
 

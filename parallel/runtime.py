@@ -1,7 +1,7 @@
 """Device runtime: CUDA + NCCL when there is a GPU, CPU + gloo otherwise; megatron's groups.
 
 The only module that picks the device and the collective backend. On CPU it activates
-parallel.cpu_runtime (inert when CUDA is present).
+parallel/compat/megatron_cpu.py (inert when CUDA is present).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel import cpu_runtime
+from parallel.compat import megatron_cpu
 from parallel.dims import ParallelDims
 
 
@@ -24,10 +24,6 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
 
 def _free_port() -> int:
@@ -44,7 +40,7 @@ def init_distributed(timeout_s: float = 600.0) -> Runtime:
     """Start torch.distributed from torchrun's environment (or as a single process)."""
     cuda = torch.cuda.is_available()
     if not cuda:
-        cpu_runtime.activate()
+        megatron_cpu.activate()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a single process without torchrun: any free port, as
         os.environ["MASTER_PORT"] = str(_free_port())  # several single-process tools may run at once

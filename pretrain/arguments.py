@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from data.batch_ramp import check_rampup_batch_size
 from model import transformer_impl
 from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
@@ -217,19 +218,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.dsa_warmup_iters and args.dsa_indexer_loss_coeff <= 0:
         raise ValueError("--dsa-warmup-iters trains the indexer with its KL loss: "
                          "set --dsa-indexer-loss-coeff > 0")
-    if args.rampup_batch_size:
-        start, increment, _ = args.rampup_batch_size
-        unit = args.micro_batch_size * dims.dp
-        for name, value in (("START", start), ("INCREMENT", increment)):
-            if value <= 0 or value % unit:
-                raise ValueError(f"--rampup-batch-size {name}={value} must be a positive multiple of "
-                                 f"--micro-batch-size x data-parallel size = {unit}")
-        if start >= args.global_batch_size:
-            raise ValueError(f"--rampup-batch-size START={start} must be below --global-batch-size "
-                             f"{args.global_batch_size}")
-        if (args.global_batch_size - start) % increment:
-            raise ValueError(f"--rampup-batch-size: --global-batch-size {args.global_batch_size} - START {start} "
-                             f"is not a multiple of INCREMENT {increment}")
+    if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
+        check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
     _check_dp_engine(args, dims)
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,

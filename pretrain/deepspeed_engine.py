@@ -6,12 +6,11 @@ clipping and the update. The pieces that join the two:
 
 - DeepSpeed's data-parallel group is megatron's (with context parallel); megatron's experts carry
   `allreduce=False`, which DeepSpeed reads as "MoE parameter", and reduce over megatron's
-  expert-data-parallel group, registered in DeepSpeed's group table under one name.
-- DeepSpeed looks for its own MoE layer class to decide that a model has experts; megatron's are
-  not that class, so our engine subclass (`_engine_class`) answers from the parameters instead.
+  expert-data-parallel group, registered in DeepSpeed's group table under one name
+  (parallel/compat/deepspeed.py, as the engine subclass that says the model has experts).
 - The schedule calls `torch.autograd.backward` itself: DeepSpeed's torch-style backward with
   `managed_gradient_accumulation: false` makes `step()` the accumulation boundary.
-- The loss is normalized by the global token count up front (`DeepSpeedOptimizer.scale_loss` as
+- The loss is normalized by the global token count up front (`DeepSpeedEngine.scale_loss` as
   megatron's `grad_scale_func`): megatron's `finalize_model_grads` would divide by it afterwards;
   DeepSpeed averages over data parallel instead. The auxiliary losses go through the same function
   (megatron's schedule does it for MoE and MTP, the recipe for the DSA indexer's).
@@ -32,10 +31,12 @@ from megatron.core.distributed.finalize_model_grads import (
     reset_model_temporary_tensors,
 )
 
+from parallel.compat.deepspeed import EXPERT_GROUP, engine_class, register_expert_groups
 from pretrain.config import TrainConfig
+from pretrain.engine import Engine
+from pretrain.implementations import origin
 from pretrain.optim import optimizer_config
-
-EXPERT_GROUP = "megatron_ep"
+from pretrain.run_state import CheckpointError
 
 
 def _mpu() -> SimpleNamespace:
@@ -53,17 +54,6 @@ def _mpu() -> SimpleNamespace:
         get_tensor_model_parallel_world_size=ps.get_tensor_model_parallel_world_size,
         get_tensor_model_parallel_src_rank=ps.get_tensor_model_parallel_src_rank,
     )
-
-
-def _register_expert_groups() -> None:
-    from deepspeed.utils import groups
-
-    edp = ps.get_expert_data_parallel_group()
-    ep = ps.get_expert_model_parallel_group()
-    groups._EXPERT_DATA_PARALLEL_GROUP[EXPERT_GROUP] = edp
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[EXPERT_GROUP] = dist.get_process_group_ranks(edp)
-    groups._EXPERT_PARALLEL_GROUP[EXPERT_GROUP] = ep
-    groups._EXPERT_PARALLEL_GROUP_RANKS[EXPERT_GROUP] = dist.get_process_group_ranks(ep)
 
 
 def _is_expert(param) -> bool:
@@ -145,23 +135,6 @@ def base_optimizer_class(offload: bool) -> type:
     return Adam
 
 
-def _engine_class():
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    class Engine(DeepSpeedEngine):
-        # DeepSpeed decides "has MoE" by finding its own MoE layer class; ask the parameters instead.
-        @property
-        def has_moe_layers(self):
-            module = self.__dict__.get("_modules", {}).get("module")
-            return module is not None and any(_is_expert(p) for p in module.parameters())
-
-        @has_moe_layers.setter
-        def has_moe_layers(self, value):
-            pass
-
-    return Engine
-
-
 class ScheduleView:
     """What megatron's schedule and our checkpointing see as the model chunk: calls go through
     the engine (its backward hooks), `config` is megatron's (the engine's own `config` is
@@ -184,71 +157,81 @@ class ScheduleView:
         return self.train(False)
 
 
-class DeepSpeedOptimizer:
-    """The optimizer face the trainer and checkpointing see (megatron's: step() -> (updated,
-    grad norm, zeros)); the schedule's normalization by global tokens lives here."""
+class DeepSpeedEngine(Engine):
+    """The Engine over DeepSpeed ZeRO-1/2; its `optimizer` is DeepSpeed's ZeRO optimizer (the LR/WD
+    scheduler sets its param groups). The schedule's normalization by global tokens lives here."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self._scale = 1.0
+    name = "deepspeed"
+
+    def __init__(self, chunks, tconfig, cfg: TrainConfig):
+        import deepspeed
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        from pretrain.optim import wrap_precision
+
+        (module,) = wrap_precision(chunks, tconfig)  # no pipeline parallelism (checked by the arguments)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   dist_init_required=False)
+        register_expert_groups(ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group())
+        _sum_over_tp_when_produced(module, tconfig)
+        base = base_optimizer_class(cfg.zero_offload_optimizer)(
+            _param_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        mpu, config = _mpu(), ds_config(cfg)
+        self.ds = engine_class(_is_expert)(args=None, model=module, optimizer=base, mpu=mpu, config=config,
+                                           config_class=DeepSpeedConfig(config, mpu), dist_init_required=False)
+        self.tconfig = tconfig
+        self.model = [ScheduleView(self.ds, tconfig)]
+        self.optimizer = self.ds.optimizer
         self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self._scale = 1.0
 
-    @property
-    def param_groups(self):
-        return self.engine.optimizer.param_groups
+    def zero_grad(self) -> None:
+        self.ds.optimizer.zero_grad()
 
-    def set_global_tokens(self, tokens: int) -> None:
+    def begin_step(self, microbatches: list[dict]) -> None:
         # DeepSpeed divides by the data-parallel size; megatron divides by the global token count.
-        self._scale = self.dp_size / tokens
+        # The micro-batches are still on the host (the forward step moves them): NCCL needs the device.
+        device = next(self.ds.module.parameters()).device
+        tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1).to(device)
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
+        self._scale = self.dp_size / int(tokens.item())
 
     def scale_loss(self, loss):
         return loss * self._scale
 
-    def zero_grad(self) -> None:
-        self.engine.optimizer.zero_grad()
+    def finalize_grads(self, *args, **kwargs) -> None:
+        """What megatron's finalize_model_grads does that DeepSpeed does not (see the module doc)."""
+        modules = [m.module for m in self.model]
+        if self.tconfig.moe_router_enable_expert_bias:
+            _update_router_expert_bias(modules, self.tconfig)
+        reset_model_temporary_tensors(self.tconfig, modules)
 
-    def step(self):
-        self.engine.step()
-        applied = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
-        return applied, (float(norm) if norm is not None else None), None
+    def step(self) -> tuple[bool, float | None]:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return self.ds.was_step_applied(), (float(norm) if norm is not None else None)
+
+    def report(self) -> dict[str, str]:
+        zero = self.ds.optimizer
+        return {"optimizer": f"{origin(type(zero))} over {origin(type(zero.optimizer))}",
+                "grad-norm+clip": "DeepSpeed ZeRO (per partition)"}
 
     def reload_model_params(self) -> None:
-        self.engine.optimizer._restore_from_bit16_weights()
+        self.ds.optimizer._restore_from_bit16_weights()
 
-    def state_dict(self) -> dict:
-        return self.engine.optimizer.state_dict()
+    def check_resumable(self, saved: dict, same_layout: bool, where: str) -> None:
+        super().check_resumable(saved, same_layout, where)
+        if not same_layout:
+            raise CheckpointError(f"{where} holds DeepSpeed ZeRO state partitioned for the layout "
+                                  f"{saved.get('layout')}; resume at that layout")
 
-    def load_state_dict(self, state: dict) -> None:
-        # ZeRO-1/2 state is this rank's partition, fp32 master copy included; DeepSpeed takes a
-        # list indexed by data-parallel rank and reads only this rank's entry at an unchanged layout.
+    def rank_state_dict(self) -> dict:
+        return self.ds.optimizer.state_dict()  # this rank's ZeRO partition, fp32 master copy included
+
+    def load_rank_state_dict(self, state: dict | None) -> None:
+        # DeepSpeed takes a list indexed by data-parallel rank and reads only this rank's entry at
+        # an unchanged layout.
         states = [None] * self.dp_size
         states[ps.get_data_parallel_rank(with_context_parallel=True)] = state
-        self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-
-
-def build(chunks, tconfig, cfg: TrainConfig):
-    """megatron-core model chunk(s) -> ([the engine, seen as a model chunk], optimizer face)."""
-    import deepspeed
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    (module,) = chunks  # no pipeline parallelism (checked by the arguments)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               dist_init_required=False)
-    _register_expert_groups()
-    _sum_over_tp_when_produced(module, tconfig)
-    base = base_optimizer_class(cfg.zero_offload_optimizer)(
-        _param_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps)
-    mpu, config = _mpu(), ds_config(cfg)
-    engine = _engine_class()(args=None, model=module, optimizer=base, mpu=mpu, config=config,
-                             config_class=DeepSpeedConfig(config, mpu), dist_init_required=False)
-    return [ScheduleView(engine, tconfig)], DeepSpeedOptimizer(engine)
-
-
-def finalize_grads(model, tconfig) -> None:
-    """What megatron's finalize_model_grads does that DeepSpeed does not (see the module doc)."""
-    modules = [m.module for m in model]
-    if tconfig.moe_router_enable_expert_bias:
-        _update_router_expert_bias(modules, tconfig)
-    reset_model_temporary_tensors(tconfig, modules)
+        self.ds.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)

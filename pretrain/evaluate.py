@@ -27,8 +27,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from data.loader import PretrainingData, build_valid_data
 from pretrain.config import TrainConfig
-from pretrain.mock_data import HELD_OUT, MockData
 from pretrain.step import split_microbatches
 
 
@@ -38,7 +38,7 @@ def check_validation_set(cfg: TrainConfig) -> None:
     if cfg.eval_interval is None or cfg.mock_data:
         return
     from data.blend import parse_data_path
-    from data.format import load_manifest
+    from data.manifest_io import load_manifest
 
     train = load_manifest(parse_data_path(cfg.data_path)[1][0], allow_pipe=cfg.data_allow_pipe)
     weights, paths = parse_data_path(cfg.valid_data_path)
@@ -66,33 +66,25 @@ def check_validation_set(cfg: TrainConfig) -> None:
                          "larger validation set")
 
 
-def build_validation_data(cfg: TrainConfig, dp_rank: int):
-    if cfg.mock_data:
-        return MockData(cfg.model.vocab_size, cfg.seq_length, dp_rank, cfg.dims.dp, cfg.seed, first_sample=HELD_OUT)
-    from data import build_pretraining_data
-
-    return build_pretraining_data(
-        data_path=cfg.valid_data_path, seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
-        dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
-        tokenizer_dir=cfg.tokenizer, allow_pipe=cfg.data_allow_pipe)
+def build_validation_data(cfg: TrainConfig, dp_rank: int) -> PretrainingData:
+    return build_valid_data(
+        mock=cfg.mock_data, data_path=cfg.valid_data_path, seq_length=cfg.seq_length,
+        global_batch_size=cfg.global_batch_size, dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed,
+        vocab_size=cfg.model.vocab_size, eos_token_id=cfg.model.eos_token_id, tokenizer_dir=cfg.tokenizer,
+        allow_pipe=cfg.data_allow_pipe)
 
 
 class Evaluator:
     def __init__(self, cfg: TrainConfig, model: list, forward_step, eod_id: int | None):
         self.cfg, self.model, self.forward_step, self.eod_id = cfg, model, forward_step, eod_id
         self.data = build_validation_data(cfg, parallel_state.get_data_parallel_rank())
-        self._start = None if isinstance(self.data, MockData) else self.data.state_dict()
+        self._start = self.data.state_dict()  # where every evaluation starts
 
     def _rewind(self) -> None:
-        if self._start is None:
-            self.data.consumed_samples = 0
-        else:
-            self.data.load_state_dict(self._start)
+        self.data.load_state_dict(self._start)
 
     def _next_tokens(self) -> torch.Tensor:
-        if isinstance(self.data, MockData):
-            return self.data.next_batch(self.cfg.global_batch_size)["tokens"]
-        return next(self.data)["tokens"]
+        return self.data.next_batch(self.cfg.global_batch_size)["tokens"]
 
     def evaluate(self) -> dict[str, float]:
         """Every rank calls it (collectives); the scalars exist on the last pipeline stage."""

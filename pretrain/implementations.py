@@ -51,27 +51,26 @@ def core_attention(chunks) -> str:
     return ", ".join(sorted(paths)) or "none"
 
 
-def report(chunks, deepspeed_optimizer=None) -> dict[str, str]:
-    """Read from the built modules. `deepspeed_optimizer`: the ZeRO optimizer under --dp-engine
-    deepspeed (it clips itself)."""
+def megatron_optimizer_report() -> dict[str, str]:
+    """megatron-core's optimizer and its grad-norm/clip kernels, as picked at import."""
     from megatron.core import optimizer as mcore_optimizer
     from megatron.core.optimizer import clip_grads
 
+    return {"optimizer": f"megatron-core over {origin(mcore_optimizer.Adam)}",
+            "grad-norm+clip": origin(clip_grads.l2_norm_impl)}
+
+
+def report(chunks, optimizer_items: dict[str, str] | None = None) -> dict[str, str]:
+    """Read from the built modules; `optimizer_items`: the engine's own (Engine.report), megatron-core's
+    by default."""
     modules = [type(m) for c in chunks for m in c.modules()]
     norms = {t for t in modules if "Norm" in t.__name__}
     linears = {t for t in modules if "Linear" in t.__name__}
-    if deepspeed_optimizer is None:
-        optimizer = f"megatron-core over {origin(mcore_optimizer.Adam)}"
-        grad_norm = origin(clip_grads.l2_norm_impl)
-    else:
-        optimizer = f"{origin(type(deepspeed_optimizer))} over {origin(type(deepspeed_optimizer.optimizer))}"
-        grad_norm = "DeepSpeed ZeRO (per partition)"
     return {
         "linear": _libraries(linears),
         "core attention": core_attention(chunks),
         "norms": ", ".join(sorted({origin(t) for t in norms})) or "none",
-        "optimizer": optimizer,
-        "grad-norm+clip": grad_norm,
+        **(optimizer_items or megatron_optimizer_report()),
     }
 
 

@@ -6,6 +6,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from data.batch_ramp import BatchRamp
 from pretrain.config import TrainConfig
 
 
@@ -53,21 +54,10 @@ def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True):
 
 def samples_after(iterations: int, cfg: TrainConfig) -> int:
     """Samples consumed by the first `iterations` iterations: the global batch size each, or, under
-    --rampup-batch-size, the batch sizes of megatron-core's ramp (the trainer's own schedule)."""
+    --rampup-batch-size, the ramp's batch sizes (data/batch_ramp.py: the trainer's own schedule)."""
     if not cfg.rampup_batch_size:
         return iterations * cfg.global_batch_size
-    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
-
-    ramp = RampupBatchsizeNumMicroBatchesCalculator(
-        cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp, False, -1, *cfg.rampup_batch_size)
-    consumed = 0
-    for done in range(iterations):
-        ramp.update(consumed, consistency_check=False)
-        batch = ramp.get_current_global_batch_size()
-        if batch == cfg.global_batch_size:  # ramp over: the rest at full size
-            return consumed + (iterations - done) * batch
-        consumed += batch
-    return consumed
+    return BatchRamp(*cfg.rampup_batch_size, cfg.global_batch_size).consumed_before(iterations)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:

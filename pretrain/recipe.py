@@ -7,7 +7,8 @@
 - the batch-size ramp (megatron-core's num_microbatches_calculator, Megatron-LM's flag).
 
 Schedules are written `VALUE[,TOKENS:VALUE...]`, tokens with K/M/B/T suffixes: "0.3,10T:0.1".
-Everything is a function of (iteration, consumed tokens), so a resumed run reproduces it.
+Each step's values are a function of (iteration, consumed tokens) alone (`step_settings`), so a
+resumed run reproduces them; `apply_step_settings` is the one place they are written into the model.
 """
 
 from __future__ import annotations
@@ -67,9 +68,61 @@ class RecipeConfig:
     dsa_warmup_lr: float | None = None
     dsa_sparse_loss: bool = True  # in the sparse stage, the indexer loss on the selected keys only
 
+    def in_dsa_warmup(self, iteration: int) -> bool:
+        return iteration < self.dsa_warmup_iters
+
 
 def is_indexer_param(name: str) -> bool:
     return ".indexer." in name
+
+
+DENSE_TOPK = 1 << 62  # "every key": the indexer's top-k in the DSA warm-up (dense attention)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The recipe's values for one step: `step_settings` makes them, `apply_step_settings` hands
+    them to the objects that read them while the step runs."""
+
+    mtp_loss_scaling_factor: float
+    moe_router_bias_update_rate: float
+    dsa_warmup: bool  # stage 0: dense attention, only the indexer trains on the dense KL
+    indexer_topk: int  # keys each query attends to (every key in the warm-up)
+    dsa_indexer_use_sparse_loss: bool  # the indexer's KL on the selected keys only
+
+    def scalars(self) -> dict[str, float]:
+        """What the trainer logs of them."""
+        return {"mtp-loss-scaling-factor": self.mtp_loss_scaling_factor,
+                "moe/bias-update-rate": self.moe_router_bias_update_rate,
+                "dsa/stage": 0.0 if self.dsa_warmup else 1.0}
+
+
+def step_settings(rc: RecipeConfig, sparse_topk: int, iteration: int, consumed_tokens: int) -> StepSettings:
+    """The settings of step `iteration` (0-based, the step about to run) after `consumed_tokens`:
+    a function of these alone, so a resumed run reproduces them. Warm-up: dense attention (top-k =
+    every key), the dense KL and no expert-bias updates; then sparse."""
+    warmup = rc.in_dsa_warmup(iteration)
+    return StepSettings(
+        mtp_loss_scaling_factor=rc.mtp_loss_scaling(consumed_tokens),
+        moe_router_bias_update_rate=0.0 if warmup else rc.bias_update_rate(consumed_tokens),
+        dsa_warmup=warmup,
+        indexer_topk=DENSE_TOPK if warmup else sparse_topk,
+        dsa_indexer_use_sparse_loss=(not warmup) and rc.dsa_sparse_loss,
+    )
+
+
+def apply_step_settings(settings: StepSettings, tconfig, indexers) -> None:
+    """The one place a step's settings are written into the model's run-time state. megatron-core
+    reads these from the shared TransformerConfig while the step runs, so the config is written:
+    `mtp_loss_scaling_factor` (GPTModel's forward weighs the MTP loss with it) and
+    `moe_router_bias_update_rate` (finalize_model_grads updates the expert bias with it); our DSA
+    core attention (model/modules/dsa.py) reads `dsa_indexer_use_sparse_loss` there too, as
+    megatron's DSA does, and its indexer's `topk`."""
+    tconfig.mtp_loss_scaling_factor = settings.mtp_loss_scaling_factor
+    tconfig.moe_router_bias_update_rate = settings.moe_router_bias_update_rate
+    tconfig.dsa_indexer_use_sparse_loss = settings.dsa_indexer_use_sparse_loss
+    for indexer in indexers:
+        indexer.topk = settings.indexer_topk
 
 
 class Recipe:
@@ -80,7 +133,7 @@ class Recipe:
         self.indexer_loss_coeff = indexer_loss_coeff
         self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
         self.sparse_topk = tconfig.dsa_indexer_topk
-        self._warmup_now = False  # read by the hooks of zero_grads_as_produced
+        self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
         self.tokens_per_microbatch = tokens_per_microbatch
 
     def scale_indexer_loss(self, grad_scale_func, device: torch.device) -> None:
@@ -88,36 +141,31 @@ class Recipe:
         1, while the main loss is a token sum that the engine normalizes by the global token count
         (megatron's after the backward, DeepSpeed's before it, in grad_scale_func): weigh the KL by
         its tokens and pass it through the same grad_scale_func, as megatron-core's schedule does
-        for the MoE and MTP auxiliary losses."""
+        for the MoE and MTP auxiliary losses (a class-wide scale: megatron-core's API)."""
         tokens = torch.tensor(float(self.tokens_per_microbatch), device=device)
         DSAIndexerLossAutoScaler.set_loss_scale(grad_scale_func(tokens).reshape(()))
 
     def in_dsa_warmup(self, iteration: int) -> bool:
-        return iteration < self.rc.dsa_warmup_iters
+        return self.rc.in_dsa_warmup(iteration)
 
     def zero_grads_as_produced(self) -> None:
-        """For engines that reduce gradients during backward (DeepSpeed ZeRO-2), where zeroing them
-        before the step is too late: in the warm-up, every non-indexer gradient is zero as autograd
-        produces it (with zero Adam moments at the start and no weight decay, those weights stay)."""
+        """In the warm-up, every non-indexer gradient is zero as autograd produces it, for every engine:
+        one that reduces gradients during backward (DeepSpeed ZeRO-2) has already sent them when
+        `before_optimizer_step` runs. With zero Adam moments at the start and no weight decay, those
+        weights stay."""
+        def zero_in_warmup(g):
+            return torch.zeros_like(g) if self.settings is not None and self.settings.dsa_warmup else g
+
         for chunk in self.chunks:
             for name, p in chunk.named_parameters():
                 if p.requires_grad and not is_indexer_param(name):
-                    p.register_hook(lambda g: torch.zeros_like(g) if self._warmup_now else g)
+                    p.register_hook(zero_in_warmup)
 
     def before_step(self, iteration: int, consumed_tokens: int) -> dict[str, float]:
-        """`iteration` is the 0-based index of the step about to run."""
-        c = self.tconfig
-        warmup = self.in_dsa_warmup(iteration)
-        self._warmup_now = warmup
-        c.mtp_loss_scaling_factor = self.rc.mtp_loss_scaling(consumed_tokens)
-        c.moe_router_bias_update_rate = 0.0 if warmup else self.rc.bias_update_rate(consumed_tokens)
-        # Warm-up: dense attention (top-k = every key) and the dense KL; then sparse.
-        for indexer in self.indexers:
-            indexer.topk = 1 << 62 if warmup else self.sparse_topk
-        c.dsa_indexer_use_sparse_loss = (not warmup) and self.rc.dsa_sparse_loss
-        return {"mtp-loss-scaling-factor": c.mtp_loss_scaling_factor,
-                "moe/bias-update-rate": c.moe_router_bias_update_rate,
-                "dsa/stage": 0.0 if warmup else 1.0}
+        """`iteration` is the 0-based index of the step about to run. Returns the scalars to log."""
+        self.settings = step_settings(self.rc, self.sparse_topk, iteration, consumed_tokens)
+        apply_step_settings(self.settings, self.tconfig, self.indexers)
+        return self.settings.scalars()
 
     def before_optimizer_step(self, iteration: int, optimizer) -> None:
         """In the DSA warm-up only the indexer trains: zero every other gradient, no weight decay."""

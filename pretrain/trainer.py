@@ -11,7 +11,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     init_num_microbatches_calculator,
@@ -21,21 +20,24 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from data.format import ShardError
+from data.errors import ShardError
+from data.loader import build_train_data
 from model.accounting import flops_per_token
 from model.builder import build_model
-from model.init import init_weights
+from model.initialization import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
+from pretrain.checkpointing import CheckpointParts, Checkpointer
 from pretrain.config import TrainConfig
+from pretrain.engine import build_engine
 from pretrain.evaluate import Evaluator
 from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
-from pretrain.mock_data import MockData
 from pretrain.moe_stats import LoadImbalanceTracker, aux_loss_scalars
-from pretrain.optim import build_optimizer, build_scheduler, wrap_ddp, wrap_precision
+from pretrain.optim import build_scheduler
 from pretrain.recipe import Recipe
+from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
 from pretrain.step import make_forward_step, split_microbatches
 
@@ -53,27 +55,20 @@ class Trainer:
         for chunk in chunks:
             chunk.to(runtime.device)
         init_weights(chunks, cfg.model.vocab_size, cfg.seed)
-        self.deepspeed = cfg.dp_engine == "deepspeed"
-        if self.deepspeed:
-            from pretrain import deepspeed_engine
-
-            self.model, self.optimizer = deepspeed_engine.build(
-                wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
-        else:
-            self.model = wrap_ddp(wrap_precision(chunks, self.tconfig), self.tconfig, cfg)
-            self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.engine = build_engine(chunks, self.tconfig, cfg)
+        self.model = self.engine.model  # the chunks as megatron's schedule calls them
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg)
 
         if runtime.rank == 0:
-            zero = self.optimizer.engine.optimizer if self.deepspeed else None
-            print(format_report(report(chunks, deepspeed_optimizer=zero)), flush=True)
+            print(format_report(report(chunks, self.engine.report())), flush=True)
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
             cfg.model.num_experts_per_tok, runtime.device)
-        self._hook_megatron(self.tconfig)
+        # the MoE load statistics are read before finalize_model_grads updates the bias and zeroes them
+        self.engine.attach(self.tconfig, before_finalize=self.moe_stats.record)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
                              tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)
-        if self.deepspeed and cfg.recipe.dsa_warmup_iters:
+        if cfg.recipe.dsa_warmup_iters:
             self.recipe.zero_grads_as_produced()
         init_num_microbatches_calculator(
             runtime.rank, cfg.rampup_batch_size, cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp,
@@ -81,141 +76,60 @@ class Trainer:
 
         self.guard = faults.StepGuard(cfg.max_consecutive_skipped_iters, cfg.loss_spike_factor, cfg.skip_loss_spikes)
         self.phase = "start-up"
-        self.iteration = 0
+        self.progress = Progress()
         self.evaluated = None  # the iteration of the last evaluation
-        self.consumed_tokens = 0
-        self.consumed_samples = 0
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
         self._model_forward = make_forward_step(runtime.device)
-        self.eod_id = self._eod_id() if cfg.eod_mask_loss else None
+        self.eod_id = self.data.eod_id if cfg.eod_mask_loss else None
         self.evaluator = (Evaluator(cfg, self.model, self._model_forward, self.eod_id)
                           if cfg.eval_interval else None)
-        self.async_queue = None
-        if cfg.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self.async_queue = AsyncCallsQueue()
+        self.checkpointer = Checkpointer(
+            CheckpointParts(model=self.model, progress=self.progress, engine=self.engine, scheduler=self.scheduler,
+                            data=self.data),
+            run_info=dict(model_config=cfg.model.to_hf_dict(), layout=layout_of(cfg.dims), preset=cfg.preset,
+                          seq_length=cfg.seq_length),
+            device=runtime.device, save_dir=cfg.save, async_save=cfg.async_save)
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
-            self._load()
+            self.checkpointer.load(cfg.load)
+            if runtime.rank == 0:
+                print(f"loaded checkpoint {cfg.load} at iteration {self.iteration}", flush=True)
         elif cfg.load:  # (--exit-on-missing-checkpoint stopped at the arguments)
             if runtime.rank == 0:
                 print(f"--load {cfg.load} holds no checkpoint (no {checkpointing.TRACKER}): starting from random "
                       "weights at iteration 0 (--exit-on-missing-checkpoint stops instead)", flush=True)
 
-    # --- checkpoints ------------------------------------------------------------------------
-    def _checkpoint_objects(self) -> dict:
-        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, data=self.data)
+    @property
+    def iteration(self) -> int:
+        return self.progress.iteration
 
-    def _load(self) -> None:
-        state = checkpointing.load(self.cfg.load, model_config=self.cfg.model.to_hf_dict(),
-                                   layout=checkpointing.layout_of(self.cfg.dims), **self._checkpoint_objects())
-        self.iteration = state["iteration"]
-        self.consumed_tokens = state["consumed_tokens"]
-        self.consumed_samples = state["consumed_samples"]
-        if self.runtime.rank == 0:
-            print(f"loaded checkpoint {self.cfg.load} at iteration {self.iteration}", flush=True)
-
-    def _global_data_state(self) -> dict:
-        # The reader's own state covers this rank's streams; a checkpoint loaded at another
-        # layout needs them all (collective: every rank calls it).
-        if isinstance(self.data, MockData):
-            return self.data.state_dict()
-        return self.data.global_state_dict()
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
 
     def save(self) -> None:
-        run_state = {"consumed_tokens": self.consumed_tokens, "consumed_samples": self.consumed_samples,
-                     "model_config": self.cfg.model.to_hf_dict(),
-                     "layout": checkpointing.layout_of(self.cfg.dims), "data": self._global_data_state(),
-                     "preset": self.cfg.preset, "seq_length": self.cfg.seq_length}
-        if self.async_queue is not None:
-            self._finish_async_saves(blocking=True)  # one save in flight at a time
-        # --overlap-param-gather leaves the all-gather of the updated parameters to the next forward's
-        # pre-hooks: finish it now, or each rank saves the other ranks' shards from the step before
-        # (Megatron-LM disables the hooks around its saves the same way).
-        gather_first = self.cfg.overlap_param_gather and self.cfg.use_distributed_optimizer
-        if gather_first:
-            for m in self.model:
-                m.disable_forward_pre_hook(param_sync=True)
-        try:
-            checkpointing.save(self.cfg.save, self.iteration, run_state=run_state, device=self.runtime.device,
-                               async_queue=self.async_queue, **self._checkpoint_objects())
-        finally:
-            if gather_first:
-                for m in self.model:
-                    m.enable_forward_pre_hook()
-
-    def _finish_async_saves(self, blocking: bool) -> None:
-        """Publish the background saves that are done on every rank (a collective)."""
-        try:
-            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as e:  # megatron raises the writer's failure on every rank
-            raise checkpointing.CheckpointError(
-                f"--save {self.cfg.save}: a background save failed ({e}); the checkpoint before it is intact") from e
-
-    # --- wiring ---------------------------------------------------------------------------
-    def _hook_megatron(self, tconfig) -> None:
-        def finalize(*args, **kwargs):
-            self.moe_stats.record()  # before finalize_model_grads updates the bias and zeroes counts
-            if self.deepspeed:
-                from pretrain.deepspeed_engine import finalize_grads
-
-                return finalize_grads(self.model, tconfig)
-            return finalize_model_grads(*args, **kwargs)
-
-        tconfig.finalize_model_grads_func = finalize
-        tconfig.grad_scale_func = self.optimizer.scale_loss
-        if self.cfg.overlap_grad_reduce:
-            no_sync = [m.no_sync for m in self.model]
-            tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        if self.cfg.overlap_param_gather and self.cfg.use_distributed_optimizer:
-            sync = [m.start_param_sync for m in self.model]
-            tconfig.param_sync_func = sync[0] if len(sync) == 1 else sync
+        self.checkpointer.save()
 
     def _build_data(self):
         cfg = self.cfg
-        dp_rank = parallel_state.get_data_parallel_rank()
-        if cfg.mock_data:
-            return MockData(cfg.model.vocab_size, cfg.seq_length, dp_rank, cfg.dims.dp, cfg.seed)
-        from data import build_pretraining_data
-
-        return build_pretraining_data(
-            data_path=cfg.data_path, seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
-            dp_rank=dp_rank, dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
+        return build_train_data(
+            mock=cfg.mock_data, data_path=cfg.data_path, seq_length=cfg.seq_length,
+            global_batch_size=cfg.global_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size, eos_token_id=cfg.model.eos_token_id,
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
-            rampup_batch_size=cfg.rampup_batch_size, allow_pipe=cfg.data_allow_pipe,
-        )
-
-    def _eod_id(self) -> int:
-        if isinstance(self.data, MockData):  # the model's EOS stands for the tokenizer's EOD
-            eos = self.cfg.model.eos_token_id
-            return eos[0] if isinstance(eos, list) else eos
-        return self.data.eod_id
-
-    def _next_batch(self, global_batch_size: int) -> dict:
-        if isinstance(self.data, MockData):
-            return self.data.next_batch(global_batch_size)
-        batch = next(self.data)  # the shard reader follows the same ramp by its own step count
-        if batch["tokens"].shape[0] * self.cfg.dims.dp != global_batch_size:
-            raise RuntimeError(f"data reader gave {batch['tokens'].shape[0]} rows per rank, megatron's batch "
-                               f"schedule expects {global_batch_size} / {self.cfg.dims.dp}")
-        return batch
+            rampup_batch_size=cfg.rampup_batch_size, allow_pipe=cfg.data_allow_pipe)
 
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        update_num_microbatches(self.consumed_samples, consistency_check=True)
+        update_num_microbatches(self.progress.consumed_samples, consistency_check=True)
         global_batch_size = get_current_global_batch_size()
-        recipe_scalars = self.recipe.before_step(self.iteration, self.consumed_tokens)
-        if not self.deepspeed:
-            for m in self.model:
-                m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        microbatches = split_microbatches(self._next_batch(global_batch_size)["tokens"], cfg.micro_batch_size,
+        recipe_scalars = self.recipe.before_step(self.iteration, self.progress.consumed_tokens)
+        self.engine.zero_grad()
+        microbatches = split_microbatches(self.data.next_batch(global_batch_size)["tokens"], cfg.micro_batch_size,
                                           eod_id=self.eod_id)
-        if self.deepspeed:
-            self.optimizer.set_global_tokens(self._global_tokens(microbatches))
-        self.recipe.scale_indexer_loss(self.optimizer.scale_loss, self.runtime.device)
+        self.engine.begin_step(microbatches)
+        self.recipe.scale_indexer_loss(self.engine.scale_loss, self.runtime.device)
         iterators = [iter(microbatches) for _ in self.model]
         faults.inject(str(self.iteration + 1))
         self.phase = "forward-backward"
@@ -236,11 +150,11 @@ class Trainer:
         grad_norm = None
         if not skip:
             self.recipe.before_optimizer_step(self.iteration, self.optimizer)
-            updated, grad_norm, _ = self.optimizer.step()
+            updated, grad_norm = self.engine.step()
             skip = not updated
         if not skip:
             self.scheduler.step(increment=global_batch_size)
-        self.consumed_samples += global_batch_size
+        self.progress.consumed_samples += global_batch_size
         self.guard.record(skip, scalars.get("lm loss"), self.iteration + 1)
         scalars.update(recipe_scalars)
         scalars["batch-size"] = float(global_batch_size)
@@ -250,13 +164,6 @@ class Trainer:
         scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
         scalars.update(self.moe_stats.scalars())
         return scalars
-
-    def _global_tokens(self, microbatches: list[dict]) -> int:
-        # the micro-batches are still on the host (the forward step moves them): NCCL needs the device
-        tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1)
-        tokens = tokens.to(self.runtime.device)
-        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        return int(tokens.item())
 
     def _forward_step(self, data_iterator, model):
         output, loss_fn = self._model_forward(data_iterator, model)
@@ -302,8 +209,7 @@ class Trainer:
         cfg = self.cfg
         history, saved, stopped = [], False, False
         while self.iteration < cfg.train_iters:
-            if self.async_queue is not None:
-                self._finish_async_saves(blocking=False)
+            self.checkpointer.finish(blocking=False)
             start = time.perf_counter()
             try:
                 scalars = self.train_step()
@@ -311,12 +217,12 @@ class Trainer:
                 raise faults.explain_timeout(e, self.phase, self.iteration + 1, cfg.distributed_timeout_s) from e
             elapsed = time.perf_counter() - start
             tokens_per_step = int(scalars["batch-size"]) * cfg.seq_length
-            self.iteration += 1
-            self.consumed_tokens += tokens_per_step
+            self.progress.iteration += 1
+            self.progress.consumed_tokens += tokens_per_step
             scalars["throughput/tokens-per-sec"] = tokens_per_step / elapsed
             scalars["throughput/tflops-per-gpu"] = (
                 self.flops_per_token * tokens_per_step / elapsed / self.runtime.world_size / 1e12)
-            scalars["consumed-tokens"] = float(self.consumed_tokens)
+            scalars["consumed-tokens"] = float(self.progress.consumed_tokens)
             scalars.update(memory_gb())
             self.metrics.log(self.iteration, cfg.train_iters, scalars)
             history.append(scalars)
@@ -335,9 +241,8 @@ class Trainer:
             self.evaluate()  # at the end of training, as Megatron-LM
         if cfg.save and not saved:
             self.save()
-        if self.async_queue is not None:
-            self.phase = "checkpoint save"
-            self._finish_async_saves(blocking=True)
+        self.phase = "checkpoint save"
+        self.checkpointer.finish(blocking=True)
         return history
 
     def evaluate(self) -> None:

@@ -191,7 +191,7 @@ def _check_call(name, signature, args, kwargs) -> None:
 
 def install() -> None:
     """Wrap the collectives now; start following tensors when the process group starts (after
-    parallel.cpu_runtime has entered its own mode, so this one sees the device arguments first)."""
+    parallel.compat.megatron_cpu has entered its own mode, so this one sees the device arguments first)."""
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 

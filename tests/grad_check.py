@@ -13,7 +13,7 @@ API (used by tests/test_parallel_equivalence.py and tests/test_context_parallel.
 Gradients are taken right before the first optimizer step, when they are final: reduced over
 DP x CP (the distributed optimizer's reduce-scattered shards are all-gathered back for the dump),
 over TP for sequence-parallel weights, per-token scaled. Names are global layer and expert numbers
-(model/init.py), so a pipeline stage's or expert rank's weights are named as one process names them;
+(model/initialization.py), so a pipeline stage's or expert rank's weights are named as one process names them;
 a TP shard is compared with the matching slice of the full gradient. Every rank is checked (replicas
 too), and together the ranks must cover every weight of the model.
 
@@ -119,7 +119,7 @@ def _gather_distributed_optimizer_shards(model) -> None:
 
 
 def _dump(trainer, path: Path) -> None:
-    from model.init import _global_name, _tp
+    from model.initialization import _global_name, _tp
 
     if trainer.cfg.use_distributed_optimizer:
         _gather_distributed_optimizer_shards(trainer.model)

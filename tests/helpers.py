@@ -24,9 +24,9 @@ def one_rank_gloo_world():
     """A one-rank gloo world in this process (the CPU runtime active), torn down on exit."""
     import torch.distributed as dist
 
-    from parallel import cpu_runtime
+    from parallel.compat import megatron_cpu
 
-    cpu_runtime.activate()
+    megatron_cpu.activate()
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())

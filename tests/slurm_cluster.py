@@ -4,9 +4,8 @@ Debian's slurm-wlm and munge (installed with apt-get when absent), a fresh munge
 `slurmctld` and `slurmd` with one node = this host (`NodeName=<hostname -s> CPUs=<nproc>`). Everything they
 write (key, sockets, state, spool, pid and log files) lives in one temporary directory, the ports are
 free non-default ones, and the daemons run in the foreground as children of the test process, so
-`stop()` ends exactly what `start()` began. The configuration is the one docs/SLURM.md and
-shared/design/GLM5.md report working here: munge auth, proctrack/linuxproc, task/none,
-select/cons_tres with CR_Core, no accounting.
+`stop()` ends exactly what `start()` began. The configuration is the one docs/SLURM.md reports working
+here: munge auth, proctrack/linuxproc, task/none, select/cons_tres with CR_Core, no accounting.
 
 Needs root (slurmd starts jobs as their users; munged and slurmd refuse otherwise). Anything that keeps
 the cluster from coming up raises `SlurmUnavailable` with the reason, for the caller to skip on.

@@ -19,6 +19,7 @@ def test_te_stand_ins_are_repaired_when_te_is_absent_even_with_a_gpu(monkeypatch
 
     from model import transformer_impl
     from model.specs import get_backend
+    from parallel.compat import megatron_without_te
 
     # What megatron-core leaves without TE (MagicMock TELinear, HAVE_TE True, no te_general_gemm),
     # on a machine that has CUDA: the CPU runtime (which is inert there) must not be what repairs it.
@@ -32,7 +33,7 @@ def test_te_stand_ins_are_repaired_when_te_is_absent_even_with_a_gpu(monkeypatch
     assert mc_random.FP8GlobalStateManager.is_fp8_enabled() is False
 
     monkeypatch.setattr(mla, "HAVE_TE", True)
-    assert transformer_impl.repair_te_stand_ins(te_present=True) is False  # TE there: nothing touched
+    assert megatron_without_te.repair_te_stand_ins(te_present=True) is False  # TE there: nothing touched
     assert mla.HAVE_TE is True
 
 
@@ -106,7 +107,7 @@ class _Chunk(torch.nn.Module):
 def _init_as(monkeypatch, chunk, ep_rank: int, ep_size: int) -> dict:
     from megatron.core import parallel_state as ps
 
-    from model.init import _global_name, init_weights
+    from model.initialization import _global_name, init_weights
 
     for fn, value in (("get_expert_model_parallel_world_size", ep_size), ("get_expert_model_parallel_rank", ep_rank),
                       ("get_expert_tensor_parallel_world_size", 1), ("get_expert_tensor_parallel_rank", 0),

@@ -79,7 +79,7 @@ def test_blend_across_ranks_workers_and_resume(two_datasets):
 
 
 def test_unweighted_paths_blend_by_size(two_datasets):
-    from data.format import load_manifest
+    from data.manifest_io import load_manifest
 
     a, b = two_datasets
     loader = build_pretraining_data([a, b], SEQ, GBS, 0, 1, seed=0)

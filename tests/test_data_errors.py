@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data import build_pretraining_data
-from data.format import ManifestError, ShardError, load_manifest
+from data.errors import ManifestError, ShardError
+from data.manifest_io import load_manifest
 
 from tools import inspect_shards, preprocess_data
 

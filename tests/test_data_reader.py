@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data import build_pretraining_data
-from data.format import load_manifest
+from data.manifest_io import load_manifest
 from data.reader import merge_state_dicts
 from tests.conftest import DOC_ID_BASE
 
@@ -81,7 +81,7 @@ def test_every_document_arrives_whole_and_once_per_epoch(data_synthetic):
     batches = global_batches(path, steps)
     by_id = {int(d[0]): d for d in docs}
     shard_of = {}  # doc id -> shard index, read back in manifest order
-    from data.format import iter_documents
+    from data.chunks import iter_documents
 
     shard_docs, i = [[] for _ in manifest.shards], 0
     for s, info in enumerate(manifest.shards):
@@ -249,7 +249,7 @@ def test_global_state_dict_gathers_every_rank(data_synthetic, tmp_path):
 def test_batch_ramp_is_megatrons_schedule():
     from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
 
-    from data.reader import BatchRamp
+    from data.batch_ramp import BatchRamp
 
     for start, inc, samples, gbs in [(4, 2, 12, 8), (3072, 1536, 114501953, 15360), (16, 16, 1000, 256)]:
         ramp = BatchRamp(start, inc, samples, gbs)

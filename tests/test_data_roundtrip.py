@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from data import build_pretraining_data
-from data.format import iter_documents, load_manifest
+from data.chunks import iter_documents
+from data.manifest_io import load_manifest
 from data.tokenizer import load_tokenizer, tokenizer_identity
 from tools import preprocess_data
 

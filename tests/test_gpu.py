@@ -131,7 +131,7 @@ def test_recompute_with_te_matches_no_recompute(variant, te_reference, tmp_path)
 
 
 def test_grouped_gemm_starts_from_the_same_model_as_sequential_experts(te_reference, tmp_path):
-    """Same initial weights (model/init.py names TE's weight0..N like local_experts.i), so the same
+    """Same initial weights (model/initialization.py names TE's weight0..N like local_experts.i), so the same
     step-1 loss and per-expert gradients."""
     scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, "--moe-grouped-gemm"])
     grad_check.assert_same_scalars("grouped gemm", te_reference[0], scalars, tags=("lm loss", "mtp loss"))

@@ -53,7 +53,8 @@ def test_bad_config_is_refused():
 
 def test_glm5_parameter_counts_match_the_checkpoint_shapes():
     p = count_parameters(get_preset("glm5"))
-    # GLM5.md: attention+indexer 174.4M per layer, MoE layer 9.703B, expert 37.75M, embedding 951.6M
+    # docs/HF_MAPPING.md (section 1): attention+indexer 174.4M per layer, MoE layer 9.703B, expert 37.75M,
+    # embedding 951.6M
     assert p["params_attention_per_layer"] - 2 * 6144 == pytest.approx(174.4e6, rel=1e-3)
     assert p["params_moe_layer"] == pytest.approx(9.703e9, rel=1e-3)
     assert p["params_expert"] == pytest.approx(37.75e6, rel=1e-3)

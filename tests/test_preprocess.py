@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.format import ManifestError, iter_documents, load_manifest
+from data.chunks import iter_documents
+from data.errors import ManifestError
+from data.manifest_io import load_manifest
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from data.writer import ShardWriter
 from tools import merge_manifests, preprocess_data

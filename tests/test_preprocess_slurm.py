@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from data.format import iter_documents, load_manifest
+from data.chunks import iter_documents
+from data.manifest_io import load_manifest
 from tests.helpers import ROOT
 from tests.slurm_cluster import wait_for
 from tools import preprocess_data

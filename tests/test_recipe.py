@@ -50,7 +50,7 @@ def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
 
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory):
-    """The initial model (the same for every layout and engine: model/init.py)."""
+    """The initial model (the same for every layout and engine: model/initialization.py)."""
     from megatron.core.dist_checkpointing import load_plain_tensors
 
     init = tmp_path_factory.mktemp("init")

@@ -7,7 +7,7 @@ Measured (best of --repeats, page cache warm), as tokens per second of wall cloc
 this process (the same on an idle machine; the second is robust when other jobs share the cores):
   raw_bytes    read the shard files sequentially into a buffer (no parsing): the I/O ceiling;
   raw_wds      iterate the tar members with webdataset's tar_file_iterator, tokens as numpy arrays;
-  raw_format   data.format.iter_chunks: the reader's own sequential read (memory-mapped), with its checks
+  raw_format   data.chunks.iter_chunks: the reader's own sequential read (memory-mapped), with its checks
                (lengths, EOD, every id < vocab size), no shuffle or packing;
   reader       the full path to packed batches: build_pretraining_data(dp_size=1, num_workers=0) ->
                int64 tokens [global_batch_size, seq_length + 1], one epoch's worth of
@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.format import iter_chunks, load_manifest  # noqa: E402
+from data.benchmarking import cpu_model  # noqa: E402
+from data.chunks import iter_chunks  # noqa: E402
+from data.manifest_io import load_manifest  # noqa: E402
 from data.writer import ShardWriter  # noqa: E402
 
 
@@ -49,14 +51,6 @@ def synthesize(out_dir: str, tokens: int, vocab: int, shard_size: int, seed: int
             writer.add_documents(docs, lengths)
             written += docs.size
     return os.path.join(out_dir, "manifest.json")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def best_rates(fn, repeats: int) -> tuple[float, float]:

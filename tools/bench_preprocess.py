@@ -3,13 +3,13 @@
     python tools/bench_preprocess.py throughput --tokenizer DIR [--tokenizer DIR2 ...] [--input FILES]
     python tools/bench_preprocess.py startup [--shards 120000]
 
-throughput: tools/preprocess_data.py's worker path (read jsonl, parse, hash for the held-out split,
-  tokenize, pack with EOD) in this one process, TOKENIZERS_PARALLELISM=false, over jsonl made from the
-  stdlib sources (one document per module, or --input). Tokens per CPU-second of this process (robust
+throughput: tools/preprocess_data.py's worker path (data/documents.py: read jsonl, parse, hash for the
+  held-out split, tokenize, pack with EOD) in this one process, TOKENIZERS_PARALLELISM=false, over jsonl made
+  from the stdlib sources (one document per module, or --input). Tokens per CPU-second of this process (robust
   when other jobs share the machine) and per wall second, then the plan for --target-tokens (default
   GLM-5's 28.5T): core-hours, array tasks of --cores-per-task cores for --task-hours, shards, manifest size.
 startup: a manifest of --shards entries (symlinks to one real shard, so every entry opens), written with
-  data.format.write_manifest, then on one rank: load_manifest, build_pretraining_data (GLM-5's global
+  data.manifest_io.write_manifest, then on one rank: load_manifest, build_pretraining_data (GLM-5's global
   batch 1536 over dp 64: 24 streams a rank, 2 dataloader workers) and its first batch.
 Prints one JSON object.
 """
@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.format import load_manifest, write_manifest  # noqa: E402
+from data import documents  # noqa: E402
+from data.benchmarking import cpu_model  # noqa: E402
+from data.manifest_io import load_manifest, write_manifest  # noqa: E402
 from data.writer import ShardWriter  # noqa: E402
-from tools import preprocess_data  # noqa: E402
-from tools.bench_data import cpu_model  # noqa: E402
 
 GLM5_TOKENS = 28.5e12
 
@@ -56,18 +56,18 @@ def stdlib_jsonl(path: str, limit_bytes: int) -> str:
 
 
 def throughput(tokenizer: str, inputs: list[str], repeats: int) -> dict:
-    preprocess_data._init_worker(tokenizer, None, "uint32", "text", False, 0.001)
-    batches = list(preprocess_data._batches(inputs, "text"))
+    documents.init_worker(tokenizer, None, "uint32", "text", False, 0.001)
+    batches = list(documents.read_batches(inputs, "text"))
     text_bytes = sum(len(line) for b in batches for line in b[3])
     best_cpu = best_wall = 0.0
     for _ in range(repeats):
         start, start_cpu, tokens = time.perf_counter(), time.process_time(), 0
         for batch in batches:
-            train, _, valid, _, _ = preprocess_data._encode(batch)
+            train, _, valid, _, _ = documents.encode_batch(batch)
             tokens += train.size + valid.size
         best_cpu = max(best_cpu, tokens / (time.process_time() - start_cpu))
         best_wall = max(best_wall, tokens / (time.perf_counter() - start))
-    vocab = preprocess_data._TOK[0].identity["vocab_size"]
+    vocab = documents.worker_tokenizer().identity["vocab_size"]
     return {"tokenizer": os.path.basename(os.path.normpath(tokenizer)), "vocab_size": vocab, "tokens": tokens,
             "input_bytes": text_bytes, "bytes_per_token": round(text_bytes / tokens, 3),
             "tok_per_cpu_s": round(best_cpu), "tok_per_s_wall": round(best_wall),

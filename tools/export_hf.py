@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from model import fp8_blocks, hf_mapping  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from pretrain.checkpointing import CheckpointError, iter_dir, read_run_state  # noqa: E402
-from tools.verify_hf import VerificationError, verify_export  # noqa: E402
+from pretrain.hf_verify import VerificationError, verify_export  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: unquantized ones in bf16
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}

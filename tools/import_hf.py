@@ -156,11 +156,10 @@ def _init(args, cfg: GLM5Config):
 
 
 def import_hf(args) -> Path:
-    from megatron.core import dist_checkpointing
-
     from model.builder import build_model
     from model.mcore_config import ModelOptions, padded_vocab_size, to_transformer_config
     from pretrain import checkpointing as ck
+    from pretrain.run_state import Progress, layout_of
 
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())
     cfg = GLM5Config.from_hf_dict(hf_config)
@@ -183,29 +182,13 @@ def import_hf(args) -> Path:
     for chunk in chunks:
         fill_chunk(chunk, hf, by_name, tdims, ck.SHARDING_METADATA)
 
-    final = ck.iter_dir(save, 0)
-    partial = final.with_name(final.name + ".partial")
-    if runtime.rank == 0:
-        if save.exists():
-            shutil.rmtree(save)
-        partial.mkdir(parents=True)
+    if runtime.rank == 0 and save.exists():
+        shutil.rmtree(save)  # --force
     dist.barrier()
-    state = {f"model{i}" if len(chunks) > 1 else "model": chunk.sharded_state_dict(metadata=ck.SHARDING_METADATA)
-             for i, chunk in enumerate(chunks)}
-    dist_checkpointing.save(state, str(partial))
-    if runtime.rank == 0:
-        run_state = {"iteration": 0, "consumed_tokens": 0, "consumed_samples": 0, "weights_only": True,
-                     "format_version": ck.FORMAT_VERSION,
-                     "model_config": cfg.to_hf_dict(), "layout": ck.layout_of(dims), "world_size": runtime.world_size,
-                     "distributed_optimizer": False, "source": {"hf": str(Path(args.hf).resolve())}}
-        (partial / "run_state.json").write_text(json.dumps(run_state, indent=2, sort_keys=True))
-    dist.barrier()
-    if runtime.rank == 0:
-        os.replace(partial, final)
-        (save / (ck.TRACKER + ".tmp")).write_text("0\n")
-        os.replace(save / (ck.TRACKER + ".tmp"), save / ck.TRACKER)
-    dist.barrier()
-    return final
+    parts = ck.CheckpointParts(model=chunks, progress=Progress())  # weights only: no engine, scheduler, data
+    run_info = dict(model_config=cfg.to_hf_dict(), layout=layout_of(dims), weights_only=True,
+                    distributed_optimizer=False, source={"hf": str(Path(args.hf).resolve())})
+    return ck.save(str(save), parts, run_info, runtime.device)
 
 
 def main(argv=None) -> int:

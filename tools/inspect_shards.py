@@ -11,7 +11,6 @@ listed under "bad_shards" in the JSON.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -19,7 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.format import ManifestError, ShardError, is_remote, iter_chunks, load_manifest  # noqa: E402
+from data.errors import ManifestError  # noqa: E402
+from data.locations import is_remote  # noqa: E402
+from data.manifest_io import load_manifest  # noqa: E402
+from data.verify import verify_shard  # noqa: E402
 
 
 def summarize(manifest) -> dict:
@@ -35,21 +37,6 @@ def summarize(manifest) -> dict:
         "mean_doc_tokens": manifest.total_tokens / manifest.total_docs,
         "shard_bytes_min": min(s.bytes for s in shards), "shard_bytes_max": max(s.bytes for s in shards),
     }
-
-
-def verify_shard(args) -> str | None:
-    """None if shard `index` is good, else the error (which names the shard)."""
-    manifest, index, vocab_size = args
-    info, url = manifest.shards[index], manifest.shard_url(index)
-    digest = hashlib.sha256()
-    try:
-        for _ in iter_chunks(url, info, manifest, vocab_size=vocab_size, digest=digest):
-            pass
-    except ShardError as e:
-        return str(e)
-    if digest.hexdigest() != info.sha256:
-        return f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {info.sha256}"
-    return None
 
 
 def unlisted_files(manifest) -> list[str]:

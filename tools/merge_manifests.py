@@ -23,7 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.format import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, is_remote, load_manifest, write_manifest  # noqa: E402,E501
+from data.errors import ManifestError  # noqa: E402
+from data.locations import is_remote  # noqa: E402
+from data.manifest_io import load_manifest, write_manifest  # noqa: E402
+from data.schema import MANIFEST_NAME, Manifest, ShardInfo  # noqa: E402
+from data.verify import verify_shard  # noqa: E402
 
 PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.(valid-)?" + re.escape(MANIFEST_NAME) + "$")
 VALID_NAME = "valid-" + MANIFEST_NAME
@@ -109,8 +113,6 @@ def merge(paths: list[str], output: str) -> Manifest:
 
 def verify(manifest: Manifest, workers: int) -> list[str]:
     """Errors (each naming its shard) from re-reading every shard, in parallel; one small job per shard."""
-    from tools.inspect_shards import verify_shard
-
     base = os.path.dirname(manifest.location)
     jobs = [(Manifest(tokenizer=manifest.tokenizer, dtype=manifest.dtype, eod_id=manifest.eod_id, shards=[s],
                       total_docs=s.docs, total_tokens=s.tokens, location=os.path.join(base, MANIFEST_NAME)), 0, None)

@@ -40,36 +40,26 @@ def main(argv=None) -> None:
     print(json.dumps(info))
 
 
-def read_recipe(path: str, parser) -> tuple[list[str], int]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        parser.error(f"--recipe {path}: {e.strerror}")
-    world = [ln.split(":", 1)[1] for ln in lines if ln.strip().startswith("# world-size:")]
-    if not world:
-        parser.error(f"--recipe {path}: no '# world-size: N' line")
-    flags = [tok for ln in lines for tok in ln.split("#", 1)[0].split()]
-    return flags, int(world[0])
-
-
 def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, int]:
-    """(samples, of which during the ramp) over `iters` steps, with Megatron-LM's ramp rule."""
-    samples = ramp_samples = 0
-    for _ in range(iters):
-        bs = gbs
-        if ramp:
-            start, inc, over = ramp
-            steps = (gbs - start) // inc
-            bs = min(gbs, start + inc * (samples // (over // steps))) if samples < over else gbs
-            ramp_samples += bs if samples < over else 0
-        samples += bs
-    return samples, ramp_samples
+    """(samples, of which during the ramp) over `iters` steps, by the trainer's own ramp (data/batch_ramp.py)."""
+    if not ramp:
+        return iters * gbs, 0
+    from data.batch_ramp import BatchRamp
+
+    schedule = BatchRamp(*ramp, gbs)
+    ramp_steps = next(step for step in range(iters + 1)
+                      if step == iters or schedule.consumed_before(step) >= schedule.ramp_samples)
+    return schedule.consumed_before(iters), schedule.consumed_before(ramp_steps)
 
 
 def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
     from pretrain.arguments import build_parser
+    from pretrain.recipe_flags import RecipeError, read_recipe
 
-    flags, world = read_recipe(path, parser)
+    try:
+        flags, world = read_recipe(path)
+    except RecipeError as e:
+        parser.error(str(e))
     args = build_parser().parse_args([*flags, *overrides])
     cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)

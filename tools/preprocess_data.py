@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import hashlib
 import heapq
 import json
@@ -39,16 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.format import LENGTHS_DTYPE, MANIFEST_NAME, TOKEN_DTYPES, load_manifest  # noqa: E402
+from data.documents import encode_batch, init_worker, read_batches  # noqa: E402
+from data.manifest_io import load_manifest  # noqa: E402
+from data.schema import MANIFEST_NAME, TOKEN_DTYPES  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.writer import ShardWriter  # noqa: E402
 
-BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
-_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 VALID_PREFIX = "valid-"  # validation files: valid-manifest.json, valid-shard_NNNNNN.tar
 SETTINGS_NAME = "preprocess-settings.json"  # the run's settings, written by its first task
-_HASH_PERSON = b"glm5-valid"
 
 
 def parse_size(text: str) -> int:
@@ -65,116 +63,6 @@ def parse_size(text: str) -> int:
 def part_prefix(index: int, count: int) -> str:
     """File name prefix of task `index` of `count`: part-00001-of-00003.manifest.json, ...shard_000000.tar."""
     return f"part-{index:05d}-of-{count:05d}."
-
-
-# --- reading inputs (main process) ------------------------------------------------------------------
-def _kind(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
-    if name.endswith(_JSON_SUFFIXES):
-        return "json"
-    return "parquet" if name.endswith(".parquet") else "text"
-
-
-def _batches(paths: list[str], json_key: str):
-    """Tasks for the workers, in input order: (kind, path, first line number, payloads)."""
-    texts: list[tuple[str, str]] = []  # plain-text files are batched together
-    size = 0
-    for path in paths:
-        kind = _kind(path)
-        if kind == "text":
-            try:
-                texts.append((path, Path(path).read_text(encoding="utf-8")))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            size += len(texts[-1][1])
-            if len(texts) >= BATCH_DOCS or size >= BATCH_BYTES:
-                yield "text", "", 0, texts
-                texts, size = [], 0
-            continue
-        if texts:
-            yield "text", "", 0, texts
-            texts, size = [], 0
-        if kind == "json":
-            opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rb") as f:
-                lines, first, nbytes = [], 1, 0
-                for number, line in enumerate(f, 1):
-                    lines.append(line)
-                    nbytes += len(line)
-                    if len(lines) >= BATCH_DOCS or nbytes >= BATCH_BYTES:
-                        yield "json", path, first, lines
-                        lines, first, nbytes = [], number + 1, 0
-                if lines:
-                    yield "json", path, first, lines
-        else:
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(path)
-            if json_key not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no column {json_key!r} (--json-key); columns: {pf.schema_arrow.names}")
-            for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[json_key]):
-                yield "text", "", 0, [(path, t) for t in batch.column(0).to_pylist()]
-    if texts:
-        yield "text", "", 0, texts
-
-
-# --- tokenizing (workers) --------------------------------------------------------------------------
-_TOK = None
-
-
-def _init_worker(tokenizer_dir: str, eod_token: str | None, dtype: str, json_key: str, parallel: bool,
-                 valid_fraction: float = 0.0) -> None:
-    global _TOK
-    if not parallel:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    _TOK = (load_tokenizer(tokenizer_dir, eod_token), TOKEN_DTYPES[dtype], json_key, valid_fraction)
-
-
-def is_valid_doc(text: str, fraction: float) -> bool:
-    """The held-out decision: a 64-bit hash of the text below fraction * 2^64 (so duplicates go together)."""
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, person=_HASH_PERSON).digest()
-    return int.from_bytes(h, "little") < fraction * 2.0 ** 64
-
-
-def _pack(ids: list[list[int]], eod_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(x) + 1 for x in ids], dtype=LENGTHS_DTYPE)
-    tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype)
-    pos = 0
-    for x in ids:
-        tokens[pos:pos + len(x)] = x
-        tokens[pos + len(x)] = eod_id
-        pos += len(x) + 1
-    return tokens, lengths
-
-
-def _encode(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """One batch -> (training tokens with EOD after each document, their lengths, the same for held-out
-    documents, number of empty documents dropped)."""
-    kind, path, first, payload = task
-    tok, dtype, json_key, valid_fraction = _TOK
-    texts = []
-    if kind == "json":
-        for number, line in enumerate(payload, first):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get(json_key)
-            except (ValueError, AttributeError) as e:
-                raise ValueError(f"{path}:{number}: not a JSON object ({e})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: no string field {json_key!r} (--json-key)")
-            texts.append(text)
-    else:
-        for path, text in payload:
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}: column {json_key!r} holds {type(text).__name__}, not text")
-            texts.append(text or "")
-    kept = [t for t in texts if t]
-    held = [bool(valid_fraction) and is_valid_doc(t, valid_fraction) for t in kept]
-    ids = tok.encode(kept)
-    train = _pack([x for x, h in zip(ids, held) if not h], tok.eod_id, dtype)
-    valid = _pack([x for x, h in zip(ids, held) if h], tok.eod_id, dtype)
-    return (*train, *valid, len(texts) - len(kept))
 
 
 # --- the work split and its settings ---------------------------------------------------------------
@@ -359,19 +247,19 @@ def _tokenize(args, files: list[str], out: str, prefix: str, task, loaded, dtype
     opts = dict(tokenizer=loaded.identity, eod_id=loaded.eod_id, dtype=dtype, shard_size=args.shard_size,
                 chunk_tokens=args.chunk_tokens, part=part)
     init = (args.tokenizer, args.eod_token, dtype, args.json_key, args.workers == 1, args.valid_fraction)
-    tasks = _batches(files, args.json_key)
+    tasks = read_batches(files, args.json_key)
     dropped = total = 0
     faults = os.environ.get("GLM5_INJECT_FAULT")  # tests: hang or die after a shard (pretrain/faults.py)
     with ShardWriter(out, prefix=prefix, **opts) as writer, \
             ShardWriter(out, prefix=prefix + VALID_PREFIX, **opts) as held_out:
         if args.workers == 1:
-            _init_worker(*init)
-            results, pool = map(_encode, tasks), None
+            init_worker(*init)
+            results, pool = map(encode_batch, tasks), None
         else:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=init)
-            results = pool.imap(_encode, tasks)  # ordered: output independent of scheduling
+            pool = mp.get_context("spawn").Pool(args.workers, initializer=init_worker, initargs=init)
+            results = pool.imap(encode_batch, tasks)  # ordered: output independent of scheduling
         try:
             with tqdm(unit="doc", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
                 for tokens, lengths, valid_tokens, valid_lengths, empty in results:

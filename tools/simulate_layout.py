@@ -29,53 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from model.accounting import memory_per_gpu  # noqa: E402
-from parallel import cpu_runtime  # noqa: E402
 from parallel import runtime as rt  # noqa: E402
+from parallel.compat import megatron_cpu  # noqa: E402
+from parallel.compat.megatron_meta import on_meta  # noqa: E402
 
 GIB = 2**30
-META = torch.device("meta")
-
-
-def _is_cuda(device) -> bool:
-    if isinstance(device, bool):
-        return False
-    return (isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda"))
-            or (isinstance(device, torch.device) and device.type == "cuda"))
-
-
-class MetaDevice(TorchFunctionMode):
-    """Everything megatron-core puts on "the GPU" goes to the meta device instead.
-
-    Sits above parallel/cpu_runtime's redirection: CUDA device arguments (megatron asks
-    torch.cuda.current_device() for its buffers) become "meta", tensors created without a device
-    are meta (torch.device("meta") below), and meta tensors answer `.type()` with the CUDA name
-    megatron's optimizers check for. Explicit CPU tensors (object collectives) stay real."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].is_meta:
-            return "torch.cuda." + func(*args).rsplit(".", 1)[-1]
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = META
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], META, *args[2:])
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def on_meta():
-    current_device = torch.cuda.current_device
-    torch.cuda.current_device = lambda: 0  # a CUDA ordinal, mapped to meta by MetaDevice
-    try:
-        with torch.device(META), MetaDevice():
-            yield
-    finally:
-        torch.cuda.current_device = current_device
 
 
 @contextlib.contextmanager
@@ -158,7 +118,7 @@ def simulate(cfg, rank: int, world_size: int) -> dict:
 
 def parse(argv=None):
     from pretrain.arguments import build_parser, config_from_args
-    from tools.model_info import read_recipe
+    from pretrain.recipe_flags import RecipeError, read_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line")
@@ -167,7 +127,10 @@ def parse(argv=None):
     args, flags = p.parse_known_args(argv)
     world = args.world_size
     if args.recipe:
-        recipe_flags, recipe_world = read_recipe(args.recipe, p)
+        try:
+            recipe_flags, recipe_world = read_recipe(args.recipe)
+        except RecipeError as e:
+            p.error(str(e))
         flags, world = [*recipe_flags, *flags], world or recipe_world
     if not world:
         p.error("give --recipe FILE or --world-size N")
@@ -199,7 +162,7 @@ def cpu_has_te() -> bool:
 
 def main(argv=None) -> None:
     cfg, ranks, world, notes = parse(argv)
-    cpu_runtime.activate()
+    megatron_cpu.activate()
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for rank in ranks:

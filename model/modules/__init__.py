@@ -1,6 +1,6 @@
 """What megatron-core 0.16.1 lacks or gets wrong for GLM-5, as small modules plugged in by spec.
 
-GLM-5 specifics handled here (see ../shared/design/MAPPING.md for the D-numbers):
+GLM-5 specifics handled here (the D-numbers are sections of docs/HF_MAPPING.md):
 - The DSA indexer reads the *normalized* query latent (D1): the spec uses a separate
   `q_layernorm` module, and this package's indexer takes `qr` after it.
 - q_a/kv_a layernorms and the indexer's k_norm use eps 1e-6 as in HF (D2): `fixed_eps_norm`.

@@ -21,7 +21,8 @@ computation:
    the latent rows [latent | k_pe] of all S positions as its `key` and this TP rank's slice of
    the up-projection weight, and runs in the absorbed form (queries stay local, RoPE'd at this
    rank's global positions);
-4. the core attention (model/modules/dsa.py) receives the queries' positions and the gathered k_I:
+4. the core attention (model/modules/dsa.py) receives the queries' positions and the gathered k_I
+   (`LatentAttentionInputs`, returned in the value's place, which megatron hands on as `value`):
    the indexer scores this rank's queries against every key with the causal mask at global
    positions, takes its top-k, and sparse attention runs locally.
 Without CP the same steps run with one chunk: the gather is the TP all-gather of sequence
@@ -49,7 +50,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
-from model.modules.dsa import LatentAttentionInputs
+from model.modules.dsa import GLMSparseAttention, LatentAttentionInputs
 
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -93,7 +94,7 @@ class CPMLASelfAttention(MLASelfAttention):
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         pg = self.pg_collection
         self.cp_size = pg.cp.size()
-        self.latent_form = hasattr(self.core_attention, "latent_inputs")
+        self.latent_form = isinstance(self.core_attention, GLMSparseAttention)
         if not self.latent_form:
             if self.cp_size > 1:
                 raise ValueError(f"--context-parallel-size {self.cp_size} with MLA+DSA does not support "
@@ -188,8 +189,10 @@ class CPMLASelfAttention(MLASelfAttention):
         q_pe = apply_rotary_pos_emb(q_pe, freqs[q_positions], config=cfg, cp_group=pg.cp)
         query = torch.cat([q_nope, q_pe], dim=-1)
 
-        # The latent rows go to the core attention as its `key` (absorbed form, no value).
-        self.core_attention.latent_inputs = LatentAttentionInputs(
+        # megatron's forward hands (query, key, value) to the core attention: the latent rows go as
+        # its `key` and, as there is no value tensor in the absorbed form, the rest of what it needs
+        # goes in the value's place (model/modules/dsa.py's docstring).
+        inputs = LatentAttentionInputs(
             q_positions=q_positions, index_keys=k_index_all, kv_up_weight=self.linear_kv_up_proj.weight,
             cp_group=pg.cp if self.cp_size > 1 else None)
-        return query.contiguous(), latent_rows.contiguous(), None, q_compressed, latent
+        return query.contiguous(), latent_rows.contiguous(), inputs, q_compressed, latent

@@ -16,6 +16,11 @@ Every mask is built from the queries' global positions, so the same code serves 
 (queries 0..S-1 against keys 0..S-1) and context parallelism, where a rank holds two chunks of
 queries and receives every key: `LatentAttentionInputs` carries the queries' positions and the
 indexer's keys gathered over the CP group (see cp_attention.py and docs/CONTEXT_PARALLEL.md).
+megatron's MLA forward calls its core attention as (query, key, value, attention_mask, x=, qr=)
+with what `get_query_key_value_tensors` returned and accepts no other argument; in the absorbed
+form there is no value tensor (the values are made from the latent rows by the up-projection
+weight), so the MLA layer returns the `LatentAttentionInputs` in the value's place and megatron
+hands them on as `value`.
 
 The MLA layer hands this module the query heads and the shared latent of every position
 ([c | k_pe], kv_lora_rank + rope dims, `LatentAttentionInputs`), not per-head keys and values: the
@@ -44,18 +49,22 @@ from megatron.core.transformer.spec_utils import build_module
 from model.modules import dsa_blockwise as blockwise
 from model.modules.norms import LayerNorm
 
-INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (MAPPING.md D2)
+INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (docs/HF_MAPPING.md, D2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentAttentionInputs:
-    """What the MLA layer (cp_attention.py) hands its core attention for one forward, besides the
-    query heads and the latent rows [S, b, kv_lora_rank + rope] that arrive as `key`."""
+    """What the MLA layer (cp_attention.py) hands its core attention for one forward in the value's
+    place, besides the query heads and the latent rows [S, b, kv_lora_rank + rope] (the `key`)."""
 
     q_positions: torch.Tensor  # [s_q] global positions of this rank's queries (int64)
     index_keys: torch.Tensor  # [S, b, index_head_dim] the indexer's keys at every position, global order
     kv_up_weight: torch.Tensor  # [heads * (qk_head_dim + v_head_dim), kv_lora_rank]: this TP rank's heads
     cp_group: torch.distributed.ProcessGroup | None = None  # None without context parallelism
+
+    def contiguous(self) -> "LatentAttentionInputs":
+        """megatron's MLA forward makes its `value` contiguous before the core attention."""
+        return self
 
 
 def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -125,7 +134,7 @@ class GLMIndexer(MegatronModule):
         self.n_heads = config.dsa_indexer_n_heads
         self.head_dim = config.dsa_indexer_head_dim
         self.rope_dim = config.qk_pos_emb_head_dim
-        self.topk = config.dsa_indexer_topk
+        self.topk = config.dsa_indexer_topk  # each step's: pretrain/recipe.py apply_step_settings
         self.rotary_pos_emb = RotaryEmbedding(
             self.rope_dim, rotary_percent=1.0, rotary_base=config.rotary_base, cp_group=pg_collection.cp,
             use_cpu_initialization=config.use_cpu_initialization,
@@ -217,8 +226,6 @@ class GLMSparseAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         # The MTP layer's layer_number is num_layers + 1: size the loss tracker for it.
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
-        # Set by the MLA layer right before each call (cp_attention.py).
-        self.latent_inputs: LatentAttentionInputs | None = None
         # "auto": Triton kernels on CUDA when importable, else the torch blockwise path;
         # "blockwise", "triton", or "dense" (the unfused reference) to force one.
         self.dsa_path = "auto"
@@ -230,14 +237,14 @@ class GLMSparseAttention(MegatronModule):
 
         return "triton" if triton_usable(device) else "blockwise"
 
-    def forward(self, query, key, value, attention_mask, x, qr, attn_mask_type=None,
+    def forward(self, query, key, inputs: LatentAttentionInputs, attention_mask, x, qr, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [sq, b, heads, qk_head_dim + rope] (RoPE'd), key: the latent rows [S, b, kv_lora +
-        rope] of every position (global order), value None. Returns [sq, b, heads * v_head_dim]."""
+        rope] of every position (global order), `inputs`: what megatron passes as `value` (module
+        docstring). Returns [sq, b, heads * v_head_dim]."""
         if packed_seq_params is not None:
             raise NotImplementedError("DSA does not support packed sequences")
-        inputs, self.latent_inputs = self.latent_inputs, None
-        if inputs is None or value is not None:
+        if not isinstance(inputs, LatentAttentionInputs):
             raise RuntimeError("GLMSparseAttention needs the latent inputs of "
                                "model.modules.cp_attention.CPMLASelfAttention (check the layer spec)")
         cfg = self.config

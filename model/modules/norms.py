@@ -49,7 +49,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 def fixed_eps_norm(norm_cls: type, eps: float) -> type:
     """A norm class that ignores the eps megatron passes (its one `layernorm_epsilon`) and uses
-    `eps`. Spec `params` cannot do this: build_module would pass eps twice (MAPPING.md D2)."""
+    `eps`. Spec `params` cannot do this: build_module would pass eps twice (docs/HF_MAPPING.md, D2)."""
 
     class FixedEpsNorm:
         def __new__(cls, *args, **kwargs):

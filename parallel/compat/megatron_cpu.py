@@ -1,4 +1,5 @@
-"""Redirect megatron-core's CUDA assumptions to the CPU -- the ONE place that does so.
+"""megatron-core's CUDA assumptions redirected to the CPU -- the ONE place that does so (listed in
+parallel/compat/__init__.py).
 
 megatron-core 0.16.1 assumes CUDA in about a dozen places: `device="cuda"` and `.cuda()` in the
 schedules, optimizer, grad clipping, MoE trackers and dist-checkpointing; `torch.cuda.FloatTensor`
@@ -14,7 +15,7 @@ all-to-all token dispatcher; the CUDA RNG tracker. On a machine without CUDA, `a
 
 It is a debugging/CI runtime, not a production path: with CUDA present `activate()` does nothing,
 so nothing here can change what runs on a GPU. (Transformer Engine's absence is a separate matter,
-repaired wherever it is absent, GPU or not: model/transformer_impl.py.)
+repaired wherever it is absent, GPU or not: parallel/compat/megatron_without_te.py.)
 """
 
 from __future__ import annotations
@@ -138,7 +139,3 @@ def activate() -> bool:
     _CudaToCpu().__enter__()  # for the life of the process
     _ACTIVE = True
     return True
-
-
-def is_active() -> bool:
-    return _ACTIVE

@@ -4,7 +4,8 @@ Sequences come from a seeded Markov chain (each token has a preferred successor 
 so a model can learn them and the loss really falls. Sequence i depends only on (seed, i) and a
 step takes the next `global_batch_size` sequences: every parallel layout and every batch-size ramp
 sees the same global stream, each DP rank its contiguous slice of the step's batch. The validation
-stream is the same chain from sequence HELD_OUT on.
+stream is the same chain from sequence HELD_OUT on. MockData is a data.loader.PretrainingData, as the
+shard reader is; data/loader.py builds it for --mock-data.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ HELD_OUT = 1 << 40  # the validation stream's first sequence: no training run re
 
 
 class MockData:
-    def __init__(self, vocab_size: int, seq_length: int, dp_rank: int, dp_size: int, seed: int,
+    def __init__(self, vocab_size: int, seq_length: int, dp_rank: int, dp_size: int, seed: int, *, eod_id: int,
                  follow_prob: float = 0.8, first_sample: int = 0):
         self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.eod_id = eod_id  # no tokenizer: the model's EOS id stands for its EOD (masked with --eod-mask-loss)
         self.first_sample = first_sample  # where the stream starts: HELD_OUT for the validation stream
         self.dp_rank, self.dp_size, self.seed, self.follow_prob = dp_rank, dp_size, seed, follow_prob
         self.successor = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
@@ -50,3 +52,9 @@ class MockData:
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_samples = int(state["consumed_samples"])
+
+    def global_state_dict(self, group=None) -> dict:
+        return self.state_dict()  # the same on every rank: nothing to gather
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,61 @@
+"""The batch-size ramp, Megatron-LM's `--rampup-batch-size START INCREMENT SAMPLES`: one definition for the
+data reader, the trainer's learning-rate schedule (pretrain/optim.py, samples_after) and the flag check.
+
+The rule itself is megatron-core's RampupBatchsizeNumMicroBatchesCalculator, the calculator the trainer
+steps: the global batch grows from START by INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed
+samples, then stays at GBS. BatchRamp adds what a reader needs: the batch size and the samples consumed
+before any step, with no state to carry.
+"""
+
+from __future__ import annotations
+
+
+def check_rampup_batch_size(rampup_batch_size: list[int], global_batch_size: int, unit: int = 1) -> None:
+    """Refuse a ramp megatron-core would reject (with an assertion) or that does not split into whole
+    micro-batches: START and INCREMENT positive multiples of `unit` (micro-batch size x data-parallel size),
+    START below the global batch size and a whole number of INCREMENTs from it, SAMPLES positive. Errors
+    name the flag: pretrain/arguments.py runs it before any work, BatchRamp again for direct callers."""
+    start, increment, samples = rampup_batch_size
+    for name, value in (("START", start), ("INCREMENT", increment)):
+        if value <= 0 or value % unit:
+            raise ValueError(f"--rampup-batch-size {name}={value} must be positive" + (
+                f" and a multiple of --micro-batch-size x data-parallel size = {unit}" if unit > 1 else ""))
+    if samples <= 0:
+        raise ValueError(f"--rampup-batch-size SAMPLES={samples} must be positive")
+    if start >= global_batch_size:
+        raise ValueError(f"--rampup-batch-size START={start} must be below --global-batch-size {global_batch_size}")
+    if (global_batch_size - start) % increment:
+        raise ValueError(f"--rampup-batch-size: --global-batch-size {global_batch_size} - START {start} "
+                         f"is not a multiple of INCREMENT {increment}")
+
+
+class BatchRamp:
+    """Step -> global batch size, and step -> samples consumed before it, under a ramp."""
+
+    def __init__(self, start: int, increment: int, ramp_samples: int, global_batch_size: int):
+        check_rampup_batch_size([start, increment, ramp_samples], global_batch_size)
+        # imported here: megatron-core takes seconds to import, and only a ramp needs it
+        from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+        self.start, self.increment, self.ramp_samples, self.global_batch_size = (
+            start, increment, ramp_samples, global_batch_size)
+        # micro-batch size 1 and DP size 1: the rule only (divisibility is the flag check's, with the real unit)
+        self._rule = RampupBatchsizeNumMicroBatchesCalculator(
+            global_batch_size, 1, 1, False, -1, start, increment, ramp_samples)
+        self._consumed = [0]  # samples consumed before step i, through the ramp
+
+    def size_after(self, consumed: int) -> int:
+        """The global batch size once `consumed` samples are consumed."""
+        self._rule.update(consumed, consistency_check=False)
+        return self._rule.get_current_global_batch_size()
+
+    def consumed_before(self, step: int) -> int:
+        while len(self._consumed) <= step and self._consumed[-1] <= self.ramp_samples:
+            self._consumed.append(self._consumed[-1] + self.size_after(self._consumed[-1]))
+        last = len(self._consumed) - 1
+        if step <= last:
+            return self._consumed[step]
+        return self._consumed[last] + (step - last) * self.global_batch_size  # past the ramp
+
+    def size(self, step: int) -> int:
+        return self.size_after(self.consumed_before(step))
