@@ -47,9 +47,18 @@ GRAD_TOL = 1e-4  # every gradient after step 1, relative to its norm (fp32 noise
 
 
 def train(out: Path, nproc: int, args: list[str], timeout: float = 900) -> tuple[dict, list[dict]]:
-    """Run this file as a torchrun worker; returns (TensorBoard scalars, per-rank step-1 gradient dumps)."""
+    """Run this file as a torchrun worker (one process: in this one, which needs no launch); returns
+    (TensorBoard scalars, per-rank step-1 gradient dumps)."""
     tb, dump = out / "tb", out / "grads"
     dump.mkdir(parents=True)
+    if nproc == 1:
+        from tests.helpers import one_rank_gloo_world
+        from tests.inprocess import trainer
+
+        with one_rank_gloo_world(), trainer([*args, "--tensorboard-dir", str(tb)]) as t:
+            _dump_at_first_step(t, dump / "rank0.pt")
+            t.train()
+        return read_scalars(tb), [torch.load(dump / "rank0.pt")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--dump-grads", str(dump), *args, "--tensorboard-dir", str(tb)]
@@ -140,6 +149,19 @@ def _dump(trainer, path: Path) -> None:
     torch.save({"grads": grads, "shards": shards}, path)
 
 
+def _dump_at_first_step(trainer, path: Path) -> None:
+    """Dump the gradients when the first optimizer step is about to run."""
+    step, dumped = trainer.optimizer.step, []
+
+    def step_and_dump():
+        if not dumped:
+            _dump(trainer, path)
+            dumped.append(True)
+        return step()
+
+    trainer.optimizer.step = step_and_dump
+
+
 def _worker(argv: list[str]) -> None:
     i = argv.index("--dump-grads")
     dump, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
@@ -153,15 +175,7 @@ def _worker(argv: list[str]) -> None:
     try:
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, runtime)
-        step, dumped = trainer.optimizer.step, []
-
-        def step_and_dump():
-            if not dumped:
-                _dump(trainer, dump / f"rank{runtime.rank}.pt")
-                dumped.append(True)
-            return step()
-
-        trainer.optimizer.step = step_and_dump
+        _dump_at_first_step(trainer, dump / f"rank{runtime.rank}.pt")
         trainer.train()
     finally:
         if trainer is not None:

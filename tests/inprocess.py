@@ -39,3 +39,26 @@ def trainer(argv: list[str]):
             made.close()
         parallel_state.destroy_model_parallel()
         destroy_num_microbatches_calculator()
+
+
+def train_here(argv: list[str]) -> dict:
+    """Train in this process, in a one-rank gloo world of its own: {tag: {iteration: value}} read back
+    from its TensorBoard event files, as tests.helpers.read_scalars gives a torchrun run's (for
+    single-process runs whose test is not about the launch: each torchrun costs seconds of start-up)."""
+    import tempfile
+
+    from tests.helpers import one_rank_gloo_world, read_scalars
+
+    with tempfile.TemporaryDirectory() as tb:
+        with one_rank_gloo_world(), trainer([*argv, "--tensorboard-dir", tb]) as t:
+            t.train()
+        return read_scalars(tb)
+
+
+@contextlib.contextmanager
+def refused(error: type[Exception], match: str):
+    """A Trainer built from these arguments (in a one-rank world of its own) raises `error`."""
+    from tests.helpers import one_rank_gloo_world
+
+    with one_rank_gloo_world(), pytest.raises(error, match=match) as caught:
+        yield caught

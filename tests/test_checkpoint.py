@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from pretrain.checkpointing import TRACKER, latest_iteration
+from pretrain.checkpointing import TRACKER, CheckpointError, latest_iteration
 from tests.conftest import TINY_RUN
 from tests.helpers import read_scalars, torchrun
+from tests.inprocess import refused, train_here, trainer
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,7 @@ def test_exact_resume_ignoring_a_partial_checkpoint(saved_at_3, tmp_path, tiny_r
     shutil.copytree(ck / "iter_0000003", ck / "iter_0000004.partial")
     (ck / "iter_0000004.partial" / "run_state.json").unlink()
     assert latest_iteration(ck) == 3
-    proc = torchrun(1, [*TINY_RUN, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "tb")])
-    assert "at iteration 3" in proc.stdout
-    resumed, full = read_scalars(tmp_path / "tb")["lm loss"], tiny_reference["lm loss"]
+    resumed, full = train_here([*TINY_RUN, "--load", str(ck)])["lm loss"], tiny_reference["lm loss"]
     assert sorted(resumed) == list(range(4, 9))
     for it in resumed:
         assert resumed[it] == pytest.approx(full[it], rel=1e-6, abs=1e-6), it
@@ -55,9 +54,7 @@ def test_exact_resume_ignoring_a_partial_checkpoint(saved_at_3, tmp_path, tiny_r
 def test_reshard_to_one_process(tmp_path, tiny_reference, nproc, layout):
     ck = tmp_path / "ck"
     torchrun(nproc, [*TINY_RUN, *layout, "--save", str(ck), "--exit-interval", "3"])
-    torchrun(1, [*TINY_RUN, "--train-iters", "5", "--lr-decay-iters", "8", "--load", str(ck),
-                 "--tensorboard-dir", str(tmp_path / "tb")])
-    resumed = read_scalars(tmp_path / "tb")["lm loss"]
+    resumed = train_here([*TINY_RUN, "--train-iters", "5", "--lr-decay-iters", "8", "--load", str(ck)])["lm loss"]
     for it in (4, 5):  # the same model continues: optimizer state and expert bias came along
         assert resumed[it] == pytest.approx(tiny_reference["lm loss"][it], rel=2e-3), it
 
@@ -81,21 +78,20 @@ def test_load_with_another_model_config_is_refused(saved_at_3, tmp_path):
 
     other = tmp_path / "other.json"
     get_preset("tiny").replace(moe_intermediate_size=48).save_hf_json(other)
-    proc = torchrun(1, ["--model-config", str(other), "--seq-length", "64", "--mock-data", "--train-iters", "4",
-                        "--load", str(saved_at_3)], check=False)
-    assert proc.returncode != 0 and "model config differs" in proc.stderr and "moe_intermediate_size" in proc.stderr
+    with refused(CheckpointError, "model config differs.*moe_intermediate_size"):
+        with trainer(["--model-config", str(other), "--seq-length", "64", "--mock-data", "--train-iters", "4",
+                      "--load", str(saved_at_3)]):
+            pass
 
 
 def test_bf16_trains_saves_and_resumes_exactly(tmp_path, tiny_reference):
     """bf16 params (megatron's Float16Module, norms included; fp32 main params in the optimizer): a
     run resumed from iteration 2 continues exactly as the uninterrupted bf16 run did."""
     ck, bf16_run = tmp_path / "ck", [*TINY_RUN, "--bf16", "--train-iters", "4", "--lr-decay-iters", "8"]
-    torchrun(1, [*bf16_run, "--save", str(ck), "--save-interval", "2", "--tensorboard-dir", str(tmp_path / "full")])
+    full = train_here([*bf16_run, "--save", str(ck), "--save-interval", "2"])  # in this process: two launches less
     shutil.rmtree(ck / "iter_0000004")  # go back to the checkpoint of iteration 2
     (ck / TRACKER).write_text("2\n")
-    proc = torchrun(1, [*bf16_run, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "resumed")])
-    assert "at iteration 2" in proc.stdout
-    full, resumed = read_scalars(tmp_path / "full"), read_scalars(tmp_path / "resumed")
+    resumed = train_here([*bf16_run, "--load", str(ck)])
     for tag in ("lm loss", "mtp loss", "grad-norm"):
         assert sorted(resumed[tag]) == [3, 4], tag
         for it in (3, 4):

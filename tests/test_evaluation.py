@@ -16,6 +16,7 @@ from pretrain.arguments import parse_args
 from pretrain.step import split_microbatches
 from tests.conftest import TINY_RUN
 from tests.helpers import read_scalars, torchrun
+from tests.inprocess import train_here
 
 TRAINING_TAGS = ("lm loss", "mtp loss", "grad-norm", "learning-rate", "moe/load-imbalance", "moe/expert-bias-max",
                  "moe/dropped-tokens-fraction")
@@ -58,22 +59,19 @@ SHARD_RUN = ["--preset", "tiny", "--vocab-size", "2000", "--train-iters", "2", "
              "--lr", "0", "--min-lr", "0", "--moe-router-bias-update-rate", "0"]  # weights stay put
 
 
-def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path):
+def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path, capsys):
     # The validation set is the training set: its first batch is training step 1's, on unchanged weights.
-    masked = tmp_path / "masked"
-    torchrun(1, [*SHARD_RUN, "--data-path", shards, "--valid-data-path", shards, "--eod-mask-loss",
-                 "--eval-interval", "1", "--eval-iters", "1", "--tensorboard-dir", str(masked)])
-    m = read_scalars(masked)
+    # (In this process: the launch is another test's business.)
+    m = train_here([*SHARD_RUN, "--data-path", shards, "--valid-data-path", shards, "--eod-mask-loss",
+                    "--eval-interval", "1", "--eval-iters", "1"])
     assert m["lm loss validation"][1] == m["lm loss validation"][2]  # the same batches every time
     assert m["lm loss validation"][1] == pytest.approx(m["lm loss"][1], rel=1e-6)  # forward-only = training's
     assert m["mtp loss validation"][1] == pytest.approx(m["mtp loss"][1], rel=1e-6)
 
     # Without --eod-mask-loss the same batch has another loss; --load of an empty path is said, not silent.
-    plain = tmp_path / "plain"
-    proc = torchrun(1, [*SHARD_RUN, "--data-path", shards, "--load", str(tmp_path / "typo"),
-                        "--tensorboard-dir", str(plain)])
-    assert f"--load {tmp_path / 'typo'} holds no checkpoint" in proc.stdout
-    p = read_scalars(plain)
+    capsys.readouterr()
+    p = train_here([*SHARD_RUN, "--data-path", shards, "--load", str(tmp_path / "typo")])
+    assert f"--load {tmp_path / 'typo'} holds no checkpoint" in capsys.readouterr().out
     assert abs(p["lm loss"][1] - m["lm loss"][1]) > 1e-5 * p["lm loss"][1]
 
 

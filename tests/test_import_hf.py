@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from model import fp8_blocks
 from pretrain import checkpointing
-from tests.helpers import ROOT, child_env, free_port, read_scalars, torchrun
+from tests.helpers import ROOT, child_env, free_port
+from tests.inprocess import train_here
 from tests.test_export_hf import read_all as tensors
 from tests.test_export_hf import tiny_checkpoint
 from tools import export_hf
@@ -86,16 +87,14 @@ def test_fp8_import_at_tp2_ep2_dequantizes_blocks(tmp_path, exported):
         assert torch.equal(w, expected), name
 
 
-def test_training_starts_from_an_import(tmp_path, exported, imported):
+def test_training_starts_from_an_import(tmp_path, exported, imported, capsys):
     # bf16 + distributed optimizer: its fp32 main copies must be refreshed from the loaded weights,
     # or the first step writes the random initialization back (iteration 2 would be at init loss).
-    proc = torchrun(1, ["--model-config", str(exported / "hf" / "config.json"), "--seq-length", "64", "--mock-data",
-                        "--train-iters", "2", "--lr", "1e-6", "--min-lr", "1e-6", "--bf16",
-                        "--use-distributed-optimizer", "--load", str(imported), "--save", str(tmp_path / "ck"),
-                        "--tensorboard-dir", str(tmp_path / "tb")])
-    assert f"loaded checkpoint {imported} at iteration 0" in proc.stdout
+    loss = train_here(["--model-config", str(exported / "hf" / "config.json"), "--seq-length", "64", "--mock-data",
+                       "--train-iters", "2", "--lr", "1e-6", "--min-lr", "1e-6", "--bf16",
+                       "--use-distributed-optimizer", "--load", str(imported), "--save", str(tmp_path / "ck")])["lm loss"]
+    assert f"loaded checkpoint {imported} at iteration 0" in capsys.readouterr().out
     assert checkpointing.latest_iteration(tmp_path / "ck") == 2
-    loss = read_scalars(tmp_path / "tb")["lm loss"]
     # a random tiny model is at ln(512) = 6.24 on these batches, the imported one ~5.7-5.9
     # (measured: 5.72, 5.92; with the stale main copies: 5.72, 6.25)
     assert loss[1] < 6.0 and loss[2] < 6.05, loss

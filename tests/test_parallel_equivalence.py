@@ -7,7 +7,10 @@ single-process run (tests/conftest.py `grad_reference`): the per-iteration losse
 validation) and `grad-norm` read back from TensorBoard (grad_check.TAGS), and every rank's gradient
 of every weight after step 1 (tests/grad_check.py), which checks the split/gather/reduce bookkeeping
 far more tightly than a loss can. Context-parallel layouts live in tests/test_context_parallel.py
-(same harness, same reference). Adding a layout is one entry in LAYOUTS.
+(same harness, same reference). Adding a layout is one entry in LAYOUTS. Each parallel dimension is
+proven inside a combination rather than alone (the suite's time is a budget): TP + SP and 1F1B
+pipelining in `tp2xpp2`, EP and the distributed optimizer in `ep2xdp2`, interleaved pipelining in
+`pp2-vpp2xep2xdp2`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
 """
 
 import pytest
@@ -16,11 +19,6 @@ import torch
 from tests import grad_check
 
 LAYOUTS = {
-    "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
-    "pp2-vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
-    "ep2": (2, ["--expert-model-parallel-size", "2"]),
-    "dp2-distopt": (2, ["--use-distributed-optimizer"]),
     # the production recipe's overlap: grad reduce-scatter started by DDP's hooks, param all-gather by
     # the next forward's pre-hooks (the evaluation at step 2 reads the gathered weights)
     "dp2-distopt-overlap": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce",

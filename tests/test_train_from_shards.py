@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, read_scalars, torchrun
+from tests.inprocess import refused, train_here, trainer
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +29,21 @@ def args(manifest, tokenizer, *extra):
 
 def test_trains_and_resumes_exactly_from_shards(shards, tmp_path):
     manifest, tokenizer = shards
-    torchrun(1, args(manifest, tokenizer, "--tensorboard-dir", str(tmp_path / "full")))
-    full = read_scalars(tmp_path / "full")["lm loss"]
+    ck = tmp_path / "ck"
+    full = train_here(args(manifest, tokenizer, "--save", str(ck), "--save-interval", "3"))["lm loss"]
     assert full[6] < full[1] - 0.3  # it learns real text
 
-    ck = tmp_path / "ck"
-    torchrun(1, args(manifest, tokenizer, "--save", str(ck), "--exit-interval", "3"))
-    torchrun(1, args(manifest, tokenizer, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "resumed")))
-    resumed = read_scalars(tmp_path / "resumed")["lm loss"]
+    (ck / "latest_checkpointed_iteration.txt").write_text("3\n")  # back to iteration 3's checkpoint
+    resumed = train_here(args(manifest, tokenizer, "--load", str(ck)))["lm loss"]
+    assert sorted(resumed) == [4, 5, 6]
     for it in (4, 5, 6):  # the reader continued mid-epoch at exactly the same batches
         assert resumed[it] == pytest.approx(full[it], rel=1e-6), it
 
 
-def test_tokenizer_mismatch_is_refused(shards, tmp_path, data_tokenizer_dir):
+def test_tokenizer_mismatch_is_refused(shards, data_tokenizer_dir):
     manifest, _ = shards
-    proc = torchrun(1, args(manifest, data_tokenizer_dir, "--train-iters", "1"), check=False)
-    assert proc.returncode != 0 and "tokenizer" in proc.stderr.lower()
+    with refused(ValueError, "tokenizer"), trainer(args(manifest, data_tokenizer_dir, "--train-iters", "1")):
+        pass
 
 
 def test_batch_ramp_and_mtp_schedule_from_shards_resume_exactly(shards, tmp_path):

@@ -50,7 +50,7 @@ deepspeed.py -- DeepSpeed 0.19.8 under --dp-engine deepspeed (pretrain/deepspeed
   - an engine subclass that answers `has_moe_layers` from the parameters (DeepSpeed looks for its
     own MoE layer class).
 
-megatron_checkpoint.py -- megatron-core 0.16.1's checkpointing (pretrain/checkpointing.py):
+megatron_checkpoint.py -- megatron-core 0.16.1's checkpointing (pretrain/checkpointing.py, pretrain/engine.py):
   - the checkpoint writer's multiprocessing results queue (`filesystem_async._results_queue`)
     created with a server that dies with its parent (a SIGKILLed trainer leaves no orphan);
   - the distributed optimizer's per-parameter state copy (`_set_main_param_and_optimizer_states`,
