@@ -189,7 +189,7 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict) ->
             "e.g. to extend a run with a longer --train-iters) or --use-checkpoint-opt_param-scheduler "
             "(the checkpoint's schedule)")
     same_layout = saved.get("layout") == layout
-    parts.engine.check_resumable(saved, same_layout, where=f"--load {root}: iteration {iteration}")
+    parts.engine.check_resumable(saved, layout, where=f"--load {root}: iteration {iteration}")
     request = model_sharded_state(parts.model)
     request.update(parts.engine.sharded_state_dict(request, is_loading=True))
     parts.engine.prepare_load(request, directory, saved)

@@ -220,11 +220,11 @@ class DeepSpeedEngine(Engine):
     def reload_model_params(self) -> None:
         self.ds.optimizer._restore_from_bit16_weights()
 
-    def check_resumable(self, saved: dict, same_layout: bool, where: str) -> None:
-        super().check_resumable(saved, same_layout, where)
-        if not same_layout:
+    def check_resumable(self, saved: dict, layout: dict, where: str) -> None:
+        super().check_resumable(saved, layout, where)
+        if saved.get("layout") != layout:
             raise CheckpointError(f"{where} holds DeepSpeed ZeRO state partitioned for the layout "
-                                  f"{saved.get('layout')}; resume at that layout")
+                                  f"{saved.get('layout')}; resume at that layout (this run: {layout})")
 
     def rank_state_dict(self) -> dict:
         return self.ds.optimizer.state_dict()  # this rank's ZeRO partition, fp32 master copy included

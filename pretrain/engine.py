@@ -16,6 +16,7 @@ from pathlib import Path
 from megatron.core.distributed import finalize_model_grads
 
 from pretrain import optimizer_state
+from pretrain.checkpointing import SHARDING_METADATA
 from pretrain.config import TrainConfig
 from pretrain.implementations import megatron_optimizer_report
 from pretrain.optim import build_optimizer, wrap_ddp, wrap_precision
@@ -66,8 +67,9 @@ class Engine(abc.ABC):
         """What the checkpoint records about the engine (RunState fields)."""
         return {"dp_engine": self.name}
 
-    def check_resumable(self, saved: dict, same_layout: bool, where: str) -> None:
-        """Refuse a checkpoint this engine cannot resume (CheckpointError naming the way out)."""
+    def check_resumable(self, saved: dict, layout: dict, where: str) -> None:
+        """Refuse a checkpoint this engine cannot resume at this run's `layout` (CheckpointError naming
+        the way out)."""
         theirs = saved.get("dp_engine", "megatron")
         if theirs != self.name:
             raise CheckpointError(f"{where} holds {theirs}'s optimizer state, this run uses --dp-engine {self.name}: "
@@ -160,8 +162,6 @@ class MegatronEngine(Engine):
         return {"dp_engine": self.name, "distributed_optimizer": optimizer_state.is_distributed(self.optimizer)}
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
-        from pretrain.checkpointing import SHARDING_METADATA
-
         if is_loading:
             self._prepare_fresh_state()
         # The nested {model0: ..., model1: ...} of interleaved pipelining, not a merged dict: the

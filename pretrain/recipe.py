@@ -134,6 +134,7 @@ class Recipe:
         self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
         self.sparse_topk = tconfig.dsa_indexer_topk
         self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
+        self._warmup_hooks = []  # removed when the warm-up is over: no per-gradient call for the rest of the run
         self.tokens_per_microbatch = tokens_per_microbatch
 
     def scale_indexer_loss(self, grad_scale_func, device: torch.device) -> None:
@@ -152,19 +153,22 @@ class Recipe:
         """In the warm-up, every non-indexer gradient is zero as autograd produces it, for every engine:
         one that reduces gradients during backward (DeepSpeed ZeRO-2) has already sent them when
         `before_optimizer_step` runs. With zero Adam moments at the start and no weight decay, those
-        weights stay."""
+        weights stay. The hooks are removed by the first `before_step` after the warm-up."""
         def zero_in_warmup(g):
             return torch.zeros_like(g) if self.settings is not None and self.settings.dsa_warmup else g
 
-        for chunk in self.chunks:
-            for name, p in chunk.named_parameters():
-                if p.requires_grad and not is_indexer_param(name):
-                    p.register_hook(zero_in_warmup)
+        self._warmup_hooks = [p.register_hook(zero_in_warmup) for chunk in self.chunks
+                              for name, p in chunk.named_parameters()
+                              if p.requires_grad and not is_indexer_param(name)]
 
     def before_step(self, iteration: int, consumed_tokens: int) -> dict[str, float]:
         """`iteration` is the 0-based index of the step about to run. Returns the scalars to log."""
         self.settings = step_settings(self.rc, self.sparse_topk, iteration, consumed_tokens)
         apply_step_settings(self.settings, self.tconfig, self.indexers)
+        if not self.settings.dsa_warmup:
+            for hook in self._warmup_hooks:
+                hook.remove()
+            self._warmup_hooks = []
         return self.settings.scalars()
 
     def before_optimizer_step(self, iteration: int, optimizer) -> None:

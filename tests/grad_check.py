@@ -52,13 +52,10 @@ def train(out: Path, nproc: int, args: list[str], timeout: float = 900) -> tuple
     tb, dump = out / "tb", out / "grads"
     dump.mkdir(parents=True)
     if nproc == 1:
-        from tests.helpers import one_rank_gloo_world
-        from tests.inprocess import trainer
+        from tests.inprocess import train_here
 
-        with one_rank_gloo_world(), trainer([*args, "--tensorboard-dir", str(tb)]) as t:
-            _dump_at_first_step(t, dump / "rank0.pt")
-            t.train()
-        return read_scalars(tb), [torch.load(dump / "rank0.pt")]
+        scalars = train_here(args, prepare=lambda t: _dump_at_first_step(t, dump / "rank0.pt"))
+        return scalars, [torch.load(dump / "rank0.pt")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--dump-grads", str(dump), *args, "--tensorboard-dir", str(tb)]

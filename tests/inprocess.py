@@ -41,7 +41,7 @@ def trainer(argv: list[str]):
         destroy_num_microbatches_calculator()
 
 
-def train_here(argv: list[str]) -> dict:
+def train_here(argv: list[str], prepare=None) -> dict:
     """Train in this process, in a one-rank gloo world of its own: {tag: {iteration: value}} read back
     from its TensorBoard event files, as tests.helpers.read_scalars gives a torchrun run's (for
     single-process runs whose test is not about the launch: each torchrun costs seconds of start-up)."""
@@ -51,6 +51,8 @@ def train_here(argv: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory() as tb:
         with one_rank_gloo_world(), trainer([*argv, "--tensorboard-dir", tb]) as t:
+            if prepare is not None:
+                prepare(t)  # e.g. instrument the built Trainer
             t.train()
         return read_scalars(tb)
 
