@@ -9,6 +9,7 @@
 # e.g. /tmp/te as ../shared/device/te-setup.sh assembles it). Logs and benchmark figures: runs/gpu_check/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MCORE=$(grep -oP 'megatron-core==\K[0-9.]+' setup.cfg)  # the release setup.cfg pins (0.19.2)
 start=$SECONDS
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
@@ -48,7 +49,7 @@ if [ -n "$todo" ]; then
         || { tail -40 "$src/build.log"; exit 1; }
     fi
   else  # online
-    "$PYTHON" -m pip install -q --no-build-isolation "transformer-engine[pytorch]" "megatron-core==0.16.1" \
+    "$PYTHON" -m pip install -q --no-build-isolation "transformer-engine[pytorch]>=2.20,<2.21" "megatron-core==$MCORE" \
       webdataset pytest
   fi
   todo=$(missing)

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TE=${TE_VERSION:-2.20.2}
 PYV=${GPU_PYTHON:-3.12}
+MCORE=$(grep -oP 'megatron-core==\K[0-9.]+' setup.cfg)  # the release setup.cfg pins (0.19.2)
 out=.device/te
 mkdir -p "$out/small" "$out/full"
 plat=(--only-binary=:all: --python-version "$PYV" --implementation cp --platform manylinux_2_28_x86_64
@@ -18,7 +19,7 @@ dl() { python3 -m pip download -q --no-deps "${plat[@]}" -d "$1" "${@:2}"; }
 core=transformer_engine_cu13-$TE-py3-none-manylinux_2_28_x86_64.whl
 [ -f "$out/full/$core" ] || dl "$out/full" "transformer-engine-cu13==$TE"
 dl "$out/small" "transformer-engine==$TE" pydantic pydantic-core annotated-types typing-inspection \
-   typing-extensions nvdlfw-inspect nvidia-cudnn-frontend importlib-metadata "megatron-core==0.16.1" \
+   typing-extensions nvdlfw-inspect nvidia-cudnn-frontend importlib-metadata "megatron-core==$MCORE" \
    webdataset braceexpand pytest pluggy iniconfig "$@"
 sdist="$out/small/transformer_engine_torch-$TE.tar.gz"
 if [ ! -f "$sdist" ]; then  # source only on PyPI; `pip download` would try to build it here

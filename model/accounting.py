@@ -98,16 +98,28 @@ def model_info(c: GLM5Config, seq_length: int) -> dict:
     return info
 
 
-def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None) -> list[list[int]]:
-    """The decoder layers of each model chunk of pipeline stage `pp_rank` (megatron's even split:
-    chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
+def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
+                 layout: str | None = None) -> list[list[int]]:
+    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those --pipeline-model-parallel-layout
+    gives it, else megatron's even split (chunk v of stage r holds the (v * pp + r)-th run of
+    num_layers / (pp * vpp) layers)."""
+    if layout is not None:
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        parsed = PipelineParallelLayerLayout(layout, pp)
+        offsets = [0]
+        for stage in (parsed.layout[r][v] for v in range(parsed.virtual_pipeline_model_parallel_size)
+                      for r in range(pp)):
+            offsets.append(offsets[-1] + sum(t.name == "decoder" for t in stage))
+        return [list(range(offsets[v * pp + pp_rank], offsets[v * pp + pp_rank + 1]))
+                for v in range(parsed.virtual_pipeline_model_parallel_size)]
     chunks = vpp or 1
     per_chunk = c.num_hidden_layers // (pp * chunks)
     return [list(range((v * pp + pp_rank) * per_chunk, (v * pp + pp_rank + 1) * per_chunk)) for v in range(chunks)]
 
 
 def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_rank: int, vpp: int | None = None,
-                     replicated_down_projection: bool = True) -> dict:
+                     replicated_down_projection: bool = True, layout: str | None = None) -> dict:
     """Parameters one GPU holds: the layers of its pipeline stage (the embedding on the first, final
     norm, output head and MTP layer on the last), its TP shard of each, its EP share of the routed
     experts. `experts` are the routed experts (reduced over expert-DP), `dense` everything else
@@ -120,7 +132,7 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
     moe_dense = c.n_routed_experts * h + shared  # router (replicated) + shared expert
     moe_experts = c.n_routed_experts // ep * mlp_params(h, c.moe_intermediate_size) // etp
     dense = experts = bias = 0
-    layers = [i for chunk in stage_layers(c, pp, pp_rank, vpp) for i in chunk]
+    layers = [i for chunk in stage_layers(c, pp, pp_rank, vpp, layout) for i in chunk]
     for i in layers:
         dense += attn
         if c.is_moe_layer(i):
@@ -186,7 +198,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
                    vpp: int | None = None, bf16: bool = True, replicated_down_projection: bool = True,
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
-                   dsa_path: str = "triton") -> dict:
+                   dsa_path: str = "triton", layout: str | None = None) -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
     (sharded over DP by the distributed optimizer, experts over expert-DP), and the activations of
@@ -199,7 +211,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     partition of the grads (reduction buckets ignored); `offload_optimizer` moves main params and
     moments to host memory (reported as host_optimizer_gb)."""
     p = local_parameters(c, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=pp_rank, vpp=vpp,
-                         replicated_down_projection=replicated_down_projection)
+                         replicated_down_projection=replicated_down_projection, layout=layout)
     local_dense, local_experts = p["dense"], p["experts"]
     expert_dp = tp * cp * dp // (ep * etp)
     shard_dense, shard_experts = (dp * cp, expert_dp) if distributed_optimizer or zero_stage else (1, 1)

@@ -20,7 +20,9 @@ def build_model_chunk(cfg: GLM5Config, tconfig, use_te: bool, vp_stage: int | No
     count = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    has_mtp = post and mtp_on_this_rank(tconfig, ignore_virtual=False, vp_stage=vp_stage)
+    # where --pipeline-model-parallel-layout puts the MTP layer ("m"), else on the last stage
+    has_mtp = mtp_on_this_rank(tconfig.pipeline_model_parallel_layout, tconfig.mtp_num_layers,
+                               ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=tconfig,
         transformer_layer_spec=decoder_block_spec(tconfig, backend, list(range(offset, offset + count))),

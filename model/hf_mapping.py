@@ -226,6 +226,22 @@ _EXPERT_LOGICAL = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(linear_fc[12]\.weigh
 _EXPERT_STORED = re.compile(r"^(.*\.mlp\.experts\.)experts\.(linear_fc[12]\.weight)$")
 
 
+# megatron-core 0.19 calls the MTP layer's inner layer `mtp_model_layer` in the module tree but keeps its
+# checkpoint keys at `transformer_layer` (0.16's name; its sharded_state_dict renames): logical names here
+# are checkpoint keys, and these two convert (tests/test_compat.py holds upstream to it).
+_MTP_MODULE, _MTP_STORED = ".mtp_model_layer.", ".transformer_layer."
+
+
+def checkpoint_name(module_name: str) -> str:
+    """A parameter's module (state_dict) name -> its dist_checkpointing key."""
+    return module_name.replace(_MTP_MODULE, _MTP_STORED, 1) if module_name.startswith("mtp.") else module_name
+
+
+def module_name(logical: str) -> str:
+    """A dist_checkpointing key -> the parameter's module (state_dict) name."""
+    return logical.replace(_MTP_STORED, _MTP_MODULE, 1) if logical.startswith("mtp.") else logical
+
+
 def storage_key(logical: str) -> tuple[str, int | None]:
     """(dist_checkpointing key, index on its leading expert axis or None)."""
     m = _EXPERT_LOGICAL.match(logical)

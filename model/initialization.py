@@ -17,6 +17,8 @@ import re
 import torch
 from megatron.core import parallel_state
 
+from model.hf_mapping import checkpoint_name
+
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 # TE's grouped experts (--moe-grouped-gemm) hold local expert i's weight as `experts.linear_fc1.weight{i}`.
@@ -31,6 +33,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def _global_name(name: str, chunk) -> str:
     """The name one process gives this parameter: global layer and expert numbers, and a grouped
     expert's weight named like SequentialMLP's (so both draw the same values)."""
+    name = checkpoint_name(name)  # the MTP layer's, as checkpoints (and megatron-core 0.16) name it
     m = _GROUPED_EXPERT.match(name)
     if m:
         name = f"{m.group(1)}local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"

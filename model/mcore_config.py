@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from model.config import GLM5Config
-from parallel.compat.megatron_config import mla_config_with_dsa_cp
 
 
 @dataclass
@@ -25,6 +24,7 @@ class ModelOptions:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    pipeline_model_parallel_layout: str | None = None  # megatron-core's "Et|tt|...|tmL"
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int | None = None
     context_parallel_size: int = 1
@@ -41,6 +41,11 @@ class ModelOptions:
     moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
     moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
     moe_grouped_gemm: bool = False
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather | flex
+    moe_flex_dispatcher_backend: str | None = None  # deepep | hybridep, with flex
+    moe_router_dtype: str = "fp32"  # fp32 | fp64
+    moe_permute_fusion: bool = False  # TE's fused permutation
+    moe_shared_expert_overlap: bool = False
     recompute_granularity: str | None = None  # full | selective
     recompute_method: str | None = None  # with full: uniform (default) | block
     recompute_num_layers: int | None = None  # with full: default 1
@@ -63,9 +68,13 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         tensor_model_parallel_size=o.tensor_model_parallel_size,
         pipeline_model_parallel_size=o.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=o.virtual_pipeline_model_parallel_size,
+        pipeline_model_parallel_layout=o.pipeline_model_parallel_layout,
         expert_model_parallel_size=o.expert_model_parallel_size,
         expert_tensor_parallel_size=o.expert_tensor_parallel_size,
         context_parallel_size=o.context_parallel_size,
+        # DSA's context parallelism all-gathers the keys (ours: the latent rows, model/modules/cp_attention.py);
+        # megatron-core 0.19.2 accepts DSA with CP for this type only
+        cp_comm_type="allgather" if o.context_parallel_size > 1 else None,
         sequence_parallel=o.sequence_parallel,
         # precision
         params_dtype=o.params_dtype,
@@ -93,6 +102,9 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         mscale=1.0,
         rotary_scaling_factor=1.0,
         apply_rope_fusion=False,
+        # the q_a / kv_a latent norms (D1, D2): megatron-core 0.19.2 builds MLA's q_layernorm and
+        # kv_layernorm only with qk_layernorm=True (mla_qk_norm_config.py refuses them otherwise)
+        qk_layernorm=True,
         # DSA
         experimental_attention_variant="dsa",
         dsa_indexer_n_heads=c.index_n_heads,
@@ -120,11 +132,14 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         moe_router_topk_scaling_factor=c.routed_scaling_factor,
         moe_router_enable_expert_bias=True,
         moe_router_bias_update_rate=o.moe_router_bias_update_rate,
-        moe_router_dtype="fp32",
+        moe_router_dtype=o.moe_router_dtype,
         moe_router_load_balancing_type=load_balancing,
         moe_aux_loss_coeff=o.moe_aux_loss_coeff,
         moe_expert_capacity_factor=o.moe_expert_capacity_factor,
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type=o.moe_token_dispatcher_type,
+        moe_flex_dispatcher_backend=o.moe_flex_dispatcher_backend or "deepep",
+        moe_permute_fusion=o.moe_permute_fusion,
+        moe_shared_expert_overlap=o.moe_shared_expert_overlap,
         moe_grouped_gemm=o.moe_grouped_gemm,
         # FP8 GEMMs need each expert's token count padded to a multiple of 16 (32 for MXFP8): done
         # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
@@ -151,8 +166,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     if o.recompute_granularity == "full":  # default: every layer, one at a time (uniform, 1)
         kwargs.update(recompute_method=o.recompute_method or "uniform",
                       recompute_num_layers=o.recompute_num_layers or 1)
-    # megatron-core refuses DSA with context parallelism, which our CP attention has.
-    return mla_config_with_dsa_cp(**kwargs)
+    return MLATransformerConfig(**kwargs)
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:

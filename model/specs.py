@@ -28,12 +28,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from model import transformer_impl
 from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.modules.norms import RMSNorm, apex_rmsnorm, fixed_eps_norm
-from parallel.compat.megatron_without_te import repair_te_stand_ins
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (docs/HF_MAPPING.md, D2)
 
@@ -72,12 +70,10 @@ def te_backend():
 
 
 def get_backend(use_te: bool):
-    # megatron-core's local path breaks on its own TE stand-ins when TE is absent
-    repair_te_stand_ins(te_present=transformer_impl.te_available())
     return te_backend() if use_te else LocalBackend()
 
 
-def attention_spec(backend) -> ModuleSpec:
+def attention_spec(backend, layer_number_offset: int = 0) -> ModuleSpec:
     latent_norm = fixed_eps_norm(backend.layer_norm(), LATENT_NORM_EPS)
     indexer = ModuleSpec(
         module=GLMIndexer,
@@ -101,7 +97,8 @@ def attention_spec(backend) -> ModuleSpec:
                 module=GLMSparseAttention, submodules=DSAttentionSubmodules(indexer=indexer),
                 # TE's replicated down projection gathers k_pe over the sequence under SP, whose
                 # backward already sums its gradient over TP; the local path never does.
-                params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection}),
+                params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection,
+                        "layer_number_offset": layer_number_offset}),
             linear_proj=backend.row_parallel_linear(),
         ),
     )
@@ -114,13 +111,15 @@ def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
         linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
 
 
-def layer_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
+def layer_spec(backend, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0) -> ModuleSpec:
+    """A decoder layer; the MTP layer's inner layer with `layer_number_offset` = num_layers (megatron-core
+    numbers it 1: the offset files its DSA statistics after the decoder's)."""
     norm = backend.layer_norm()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=attention_spec(backend),
+            self_attention=attention_spec(backend, layer_number_offset),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=mlp_spec(backend, moe, grouped_gemm),
@@ -139,6 +138,7 @@ def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlo
 def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | None:
     if not tconfig.mtp_num_layers:
         return None
-    moe_layer = layer_spec(backend, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm))
-    mtp_layer = get_mtp_layer_spec_for_backend(transformer_layer_spec=moe_layer, backend=backend)
+    moe_layer = layer_spec(backend, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
+                           layer_number_offset=tconfig.num_layers)
+    mtp_layer = get_mtp_layer_spec_for_backend(mtp_model_layer_spec=moe_layer, backend=backend)
     return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * tconfig.mtp_num_layers)

@@ -26,6 +26,9 @@ class ParallelDims:
     sequence_parallel: bool = False
     layers_per_virtual_stage: int | None = None
     microbatch_group_size: int | None = None  # interleaved: micro-batches per virtual stage in a row
+    # --pipeline-model-parallel-layout: megatron-core's per-stage layer lists ("Et|tt|...|tmL"), which
+    # also sets the virtual stages (len / PP); None: num_hidden_layers split evenly
+    pipeline_layout: str | None = None
 
     @property
     def dp(self) -> int:
@@ -40,6 +43,9 @@ class ParallelDims:
         return (self.tp * self.cp * self.dp) // (self.expert_tp * self.ep)
 
     def vpp(self, num_layers: int) -> int | None:
+        if self.pipeline_layout is not None:
+            stages = _layout_stages(self.pipeline_layout)
+            return stages // self.pp if stages > self.pp else None
         if self.layers_per_virtual_stage is None:
             return None
         return num_layers // (self.pp * self.layers_per_virtual_stage)
@@ -90,9 +96,15 @@ class ParallelDims:
              f"--expert-tensor-parallel-size {self.expert_tp}")
         need(cfg.intermediate_size % self.tp == 0,
              f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
-        need(cfg.num_hidden_layers % self.pp == 0,
-             f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
-             f"{self.pp} (the MTP layer goes on the last stage)")
+        if self.pipeline_layout is not None:
+            need(self.layers_per_virtual_stage is None,
+                 "--pipeline-model-parallel-layout sets the virtual stages itself: drop "
+                 "--num-layers-per-virtual-pipeline-stage")
+            self._validate_pipeline_layout(cfg)
+        else:
+            need(cfg.num_hidden_layers % self.pp == 0,
+                 f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
+                 f"{self.pp} (the MTP layer goes on the last stage), or give --pipeline-model-parallel-layout")
         if self.layers_per_virtual_stage is not None:
             need(self.layers_per_virtual_stage >= 1,
                  f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be >= 1 "
@@ -107,7 +119,7 @@ class ParallelDims:
         need(global_batch_size % (micro_batch_size * self.dp) == 0,
              f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
              f"data-parallel size {self.dp} = {micro_batch_size * self.dp}")
-        if self.layers_per_virtual_stage is not None:
+        if self.vpp(cfg.num_hidden_layers) is not None:
             # megatron-core's interleaved schedule runs micro-batches in groups of G (default PP) per
             # virtual stage: PP <= G <= M, and a last partial group of at least PP micro-batches.
             n_micro = global_batch_size // (micro_batch_size * self.dp)
@@ -124,6 +136,30 @@ class ParallelDims:
                  f"--pipeline-model-parallel-size {self.pp}")
         elif self.microbatch_group_size is not None:
             raise LayoutError("--microbatch-group-size-per-virtual-pipeline-stage needs "
-                              "--num-layers-per-virtual-pipeline-stage")
+                              "--num-layers-per-virtual-pipeline-stage (or virtual stages in "
+                              "--pipeline-model-parallel-layout)")
         need(seq_length <= cfg.max_position_embeddings,
              f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+
+    def _validate_pipeline_layout(self, cfg: GLM5Config) -> None:
+        """megatron-core's own checks of the layout (embedding first, loss last, every decoder layer once, the
+        MTP layer after them in a last virtual stage), as a LayoutError naming the flag; and ours: the MTP
+        layer on the last pipeline stage, where the loss function computes its loss."""
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        flag = f"--pipeline-model-parallel-layout {self.pipeline_layout!r}"
+        try:
+            layout = PipelineParallelLayerLayout(self.pipeline_layout, self.pp)
+            standalone_mtp = layout.validate_layer_layout(cfg.num_hidden_layers, cfg.num_nextn_predict_layers or None)
+        except (AssertionError, ValueError, KeyError) as e:
+            raise LayoutError(f"{flag} for --pipeline-model-parallel-size {self.pp}, {cfg.num_hidden_layers} "
+                              f"layers and {cfg.num_nextn_predict_layers} MTP layer(s): {e or 'not a layout'}") from None
+        if standalone_mtp:
+            raise LayoutError(f"{flag}: put the MTP layer ('m') in the last pipeline stage, beside the loss ('L') "
+                              "(an MTP stage of its own is not supported here yet)")
+
+
+def _layout_stages(layout: str) -> int:
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    return PipelineParallelLayerLayout.get_num_stages_from_str(layout)

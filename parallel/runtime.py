@@ -62,6 +62,9 @@ def init_model_parallel(dims: ParallelDims, num_layers: int, seed: int, timeout_
     """megatron-core's groups for `dims`; `gloo_groups=False` under a fake process group (no gloo there)."""
     from megatron.core import parallel_state, tensor_parallel
 
+    from parallel.compat import patch_megatron
+
+    patch_megatron()  # before any model is built (parallel/compat/__init__.py)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 
@@ -63,11 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
+                        "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
+                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself)")
     g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default=None,
+                   help="context parallelism's collective: DSA all-gathers the keys, so allgather (the default) only")
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather", "flex"], default="alltoall",
+                   help="how tokens reach their experts; flex runs --moe-flex-dispatcher-backend (CUDA only)")
+    g.add_argument("--moe-flex-dispatcher-backend", choices=["deepep", "hybridep"], default=None,
+                   help="with --moe-token-dispatcher-type flex: DeepEP or HybridEP (their packages, CUDA)")
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32",
+                   help="the router's logits and top-k in this precision")
+    g.add_argument("--moe-permute-fusion", action="store_true",
+                   help="Transformer Engine's fused token permutation (needs TE)")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="run the shared expert beside the token dispatch (alltoall or flex dispatcher)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
@@ -87,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="accepted for Megatron-LM's command lines: losses are always normalized by the global "
+                        "token count here (layout-independent)")
     g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
                    metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
                    help="grow the global batch from START by INCREMENT over RAMPUP_SAMPLES sequences")
@@ -209,6 +229,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         sequence_parallel=args.sequence_parallel,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
+        pipeline_layout=args.pipeline_model_parallel_layout,
     )
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
@@ -221,9 +242,11 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
     _check_dp_engine(args, dims)
+    _check_moe_and_cp_engine(args, dims, use_te)
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
+        pipeline_model_parallel_layout=dims.pipeline_layout,
         expert_model_parallel_size=dims.ep, expert_tensor_parallel_size=dims.expert_tp,
         context_parallel_size=dims.cp, sequence_parallel=dims.sequence_parallel,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
@@ -233,7 +256,9 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         mtp_loss_scaling_factor=mtp_schedule(0),
         moe_router_bias_update_rate=bias_schedule(0),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_grouped_gemm=args.moe_grouped_gemm, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_flex_dispatcher_backend=args.moe_flex_dispatcher_backend, moe_router_dtype=args.moe_router_dtype,
+        moe_permute_fusion=args.moe_permute_fusion, moe_shared_expert_overlap=args.moe_shared_expert_overlap,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules,
         overlap_p2p_comm=args.overlap_p2p_comm,
@@ -329,6 +354,34 @@ def _check_recompute(args, cfg: GLM5Config) -> None:
     if "moe_act" in (args.recompute_modules or []) and not args.moe_grouped_gemm:
         raise ValueError("--recompute-modules moe_act needs --moe-grouped-gemm (megatron-core recomputes "
                          "the activation of grouped experts only)")
+
+
+def _check_moe_and_cp_engine(args, dims: ParallelDims, use_te: bool) -> None:
+    """megatron-core 0.19.2's MoE dispatch and CP options: what needs CUDA or a missing package is refused
+    here, by name, before any work (megatron would fail mid start-up or at the first step)."""
+    if args.cp_comm_type is not None and args.cp_comm_type.replace("_", "").lower() != "allgather":
+        raise ValueError(f"--cp-comm-type {args.cp_comm_type}: DSA's context parallelism all-gathers the keys "
+                         "(model/modules/cp_attention.py); use allgather")
+    flex = args.moe_token_dispatcher_type == "flex"
+    if args.moe_flex_dispatcher_backend and not flex:
+        raise ValueError(f"--moe-flex-dispatcher-backend {args.moe_flex_dispatcher_backend} needs "
+                         "--moe-token-dispatcher-type flex")
+    if flex:
+        backend = args.moe_flex_dispatcher_backend or "deepep"
+        package = {"deepep": "deep_ep", "hybridep": "deep_ep"}[backend]  # HybridEP ships inside DeepEP
+        if not torch.cuda.is_available():
+            raise ValueError(f"--moe-token-dispatcher-type flex ({backend}) needs CUDA GPUs")
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend {backend}: "
+                             f"the {package} package is not installed")
+        if backend == "deepep" and dims.tp * dims.ep == 1:
+            raise ValueError("--moe-flex-dispatcher-backend deepep needs --tensor-model-parallel-size x "
+                             "--expert-model-parallel-size > 1")
+    if args.moe_permute_fusion and not transformer_impl.te_available():
+        raise ValueError("--moe-permute-fusion uses Transformer Engine's fused permutation: TE is not installed")
+    if args.moe_shared_expert_overlap and args.moe_token_dispatcher_type == "allgather":
+        raise ValueError("--moe-shared-expert-overlap works with --moe-token-dispatcher-type alltoall or flex "
+                         "(this run: allgather)")
 
 
 def _check_dp_engine(args, dims: ParallelDims) -> None:

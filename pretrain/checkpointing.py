@@ -145,7 +145,10 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
                              scheduler=parts.scheduler.state_dict(), data=parts.data.global_state_dict(),
                              **parts.engine.describe())))
     results_queue_dies_with_us()
-    request = dist_checkpointing.save(state, str(partial), async_sharded_save=async_queue is not None)
+    # async_strategy "mcore": megatron-core's own writer (parallel/compat/megatron_checkpoint.py patches its
+    # results queue); 0.19's default "nvrx" needs nvidia-resiliency-ext
+    request = dist_checkpointing.save(state, str(partial), async_sharded_save=async_queue is not None,
+                                      async_strategy="mcore")
     try:
         if not weights_only:
             (partial / "rank_state").mkdir(exist_ok=True)

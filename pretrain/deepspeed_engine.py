@@ -64,9 +64,12 @@ def _param_groups(module, cfg: TrainConfig) -> list[dict]:
     """megatron-core's own grouping, as its optimizer gets it (no weight decay on biases and 1-D
     weights: `wd_mult` 0, applied by the LR/WD scheduler), with its expert groups marked for
     DeepSpeed, which partitions them over the expert-data-parallel group."""
-    from megatron.core.optimizer import _get_param_groups
+    from megatron.core.optimizer import _get_param_groups, get_standard_config_overrides
 
-    groups = [g for g in _get_param_groups([module], optimizer_config(cfg), None) if g["params"]]
+    # megatron-core 0.19 applies its standard overrides (wd_mult 0 for biases and 1-D weights) in
+    # get_megatron_optimizer, no longer inside _get_param_groups: pass them (tests/test_compat.py)
+    config = optimizer_config(cfg)
+    groups = [g for g in _get_param_groups([module], config, get_standard_config_overrides(config)) if g["params"]]
     for group in groups:
         if group["is_expert_parallel"]:
             for p in group["params"]:

@@ -194,11 +194,3 @@ class MegatronEngine(Engine):
             state = optimizer_state.conform(request["optimizer"], state)
         self.optimizer.load_state_dict(state)
 
-
-def build_engine(chunks, tconfig, cfg: TrainConfig) -> Engine:
-    """The engine of --dp-engine, around the built model chunks."""
-    if cfg.dp_engine == "deepspeed":
-        from pretrain.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(chunks, tconfig, cfg)
-    return MegatronEngine(chunks, tconfig, cfg)

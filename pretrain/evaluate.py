@@ -25,11 +25,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from data.loader import PretrainingData, build_valid_data
 from pretrain.config import TrainConfig
-from pretrain.step import split_microbatches
+from pretrain.step import split_microbatches, take_mtp_loss
 
 
 def check_validation_set(cfg: TrainConfig) -> None:
@@ -113,9 +112,7 @@ class Evaluator:
         loss = float(totals[0] / totals[1])
         out = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(20.0, loss))}
         if cfg.model.num_nextn_predict_layers:
-            MTPLossLoggingHelper.reduce_loss_in_tracker()  # the average over data parallel
-            out["mtp loss validation"] = float(MTPLossLoggingHelper.tracker["values"].mean() / num_microbatches)
-            MTPLossLoggingHelper.clean_loss_in_tracker()
+            out["mtp loss validation"] = take_mtp_loss(num_microbatches)  # the average over data parallel
         return out
 
 

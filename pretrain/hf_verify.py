@@ -35,9 +35,9 @@ class VerificationError(RuntimeError):
 
 def _state_dict_name(logical: str) -> str:
     """Logical megatron name -> the single-process (SequentialMLP) module's state_dict name."""
-    key, expert = hf_mapping.storage_key(logical)
+    key, expert = hf_mapping.storage_key(hf_mapping.module_name(logical))
     if expert is None:
-        return logical
+        return key
     return key.replace(".mlp.experts.experts.", f".mlp.experts.local_experts.{expert}.")
 
 

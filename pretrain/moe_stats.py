@@ -14,7 +14,10 @@ def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
     for chunk in chunks:
         for module in chunk.modules():
             if isinstance(module, TransformerLayer) and hasattr(module.mlp, "router"):
-                found.append((module.layer_number - 1, module.mlp.router))
+                # megatron-core 0.19.2 numbers the MTP layer's inner layer from 1 (is_mtp_layer): count it
+                # after the decoder's, as its router does for the aux-loss tracker
+                mtp_offset = module.config.num_layers if module.is_mtp_layer else 0
+                found.append((mtp_offset + module.layer_number - 1, module.mlp.router))
     return found
 
 

@@ -68,6 +68,10 @@ class RecipeConfig:
     dsa_warmup_lr: float | None = None
     dsa_sparse_loss: bool = True  # in the sparse stage, the indexer loss on the selected keys only
 
+    @staticmethod
+    def keep_indexer_loss_scale(megatron_scale) -> None:
+        """megatron's per-micro-batch call: the scale set by scale_indexer_loss stands."""
+
     def in_dsa_warmup(self, iteration: int) -> bool:
         return iteration < self.dsa_warmup_iters
 
@@ -136,6 +140,10 @@ class Recipe:
         self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
         self._warmup_hooks = []  # removed when the warm-up is over: no per-gradient call for the rest of the run
         self.tokens_per_microbatch = tokens_per_microbatch
+        # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
+        # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
+        # in scale_indexer_loss (tests/test_compat.py checks the schedule still asks this hook).
+        tconfig.experimental_attention_variant_loss_scale_func = self.keep_indexer_loss_scale
 
     def scale_indexer_loss(self, grad_scale_func, device: torch.device) -> None:
         """Before each forward-backward. megatron scales the indexer's KL (a per-micro-batch mean) by
@@ -145,6 +153,10 @@ class Recipe:
         for the MoE and MTP auxiliary losses (a class-wide scale: megatron-core's API)."""
         tokens = torch.tensor(float(self.tokens_per_microbatch), device=device)
         DSAIndexerLossAutoScaler.set_loss_scale(grad_scale_func(tokens).reshape(()))
+
+    @staticmethod
+    def keep_indexer_loss_scale(megatron_scale) -> None:
+        """megatron's per-micro-batch call: the scale set by scale_indexer_loss stands."""
 
     def in_dsa_warmup(self, iteration: int) -> bool:
         return self.rc.in_dsa_warmup(iteration)

@@ -72,8 +72,11 @@ class RunState:
 
 
 def layout_of(dims) -> dict:
-    return {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep, "etp": dims.expert_tp, "dp": dims.dp,
-            "vpp": dims.layers_per_virtual_stage, "sp": dims.sequence_parallel}
+    layout = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep, "etp": dims.expert_tp, "dp": dims.dp,
+              "vpp": dims.layers_per_virtual_stage, "sp": dims.sequence_parallel}
+    if dims.pipeline_layout is not None:  # only then: earlier checkpoints' layouts stay equal to today's
+        layout["pp_layout"] = dims.pipeline_layout
+    return layout
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:

@@ -69,3 +69,15 @@ def make_forward_step(device: torch.device):
         return output, partial(loss_func, batch["loss_mask"])
 
     return forward_step
+
+
+def take_mtp_loss(num_microbatches: int) -> float:
+    """The MTP loss of the step that just ran (mean over MTP depths, per micro-batch), read from and
+    cleared in megatron-core's tracker, reduced over its groups (a collective: every rank of the
+    stage holding the MTP layer calls it)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.reduce_metrics_in_tracker()
+    value = float(MTPLossLoggingHelper.tracker["loss_values"].mean() / num_microbatches)
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return value

@@ -18,8 +18,8 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from data.batch_ramp import step_schedule
 from data.errors import ShardError
 from data.loader import build_train_data
 from model.accounting import flops_per_token
@@ -30,7 +30,7 @@ from parallel import runtime as rt
 from pretrain import checkpointing, faults
 from pretrain.checkpointing import CheckpointParts, Checkpointer
 from pretrain.config import TrainConfig
-from pretrain.engine import build_engine
+from pretrain.engine import Engine, MegatronEngine
 from pretrain.evaluate import Evaluator
 from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
@@ -39,7 +39,16 @@ from pretrain.optim import build_scheduler
 from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
-from pretrain.step import make_forward_step, split_microbatches
+from pretrain.step import make_forward_step, split_microbatches, take_mtp_loss
+
+
+def build_engine(chunks, tconfig, cfg: TrainConfig) -> Engine:
+    """The engine of --dp-engine, around the built model chunks (docs/ENGINES.md)."""
+    if cfg.dp_engine == "deepspeed":
+        from pretrain.deepspeed_engine import DeepSpeedEngine  # DeepSpeed is an optional extra
+
+        return DeepSpeedEngine(chunks, tconfig, cfg)
+    return MegatronEngine(chunks, tconfig, cfg)
 
 
 class Trainer:
@@ -70,9 +79,12 @@ class Trainer:
                              tokens_per_microbatch=cfg.micro_batch_size * cfg.seq_length // cfg.dims.cp)
         if cfg.recipe.dsa_warmup_iters:
             self.recipe.zero_grads_as_produced()
+        # megatron-core 0.19.2 ignores rampup_batch_size: a ramp goes in as its step schedule (data/batch_ramp.py)
         init_num_microbatches_calculator(
-            runtime.rank, cfg.rampup_batch_size, cfg.global_batch_size, cfg.micro_batch_size, cfg.dims.dp,
-            decrease_batch_size_if_needed=False)
+            runtime.rank, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+            data_parallel_size=cfg.dims.dp, decrease_batch_size_if_needed=False,
+            step_batch_size_schedule=step_schedule(*cfg.rampup_batch_size, cfg.global_batch_size)
+            if cfg.rampup_batch_size else None)
 
         self.guard = faults.StepGuard(cfg.max_consecutive_skipped_iters, cfg.loss_spike_factor, cfg.skip_loss_spikes)
         self.phase = "start-up"
@@ -191,10 +203,7 @@ class Trainer:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             out["lm loss"] = float(total[0] / total[1])
             if self.cfg.model.num_nextn_predict_layers:
-                MTPLossLoggingHelper.reduce_loss_in_tracker()
-                values = MTPLossLoggingHelper.tracker["values"] / num_microbatches
-                out["mtp loss"] = float(values.mean())
-                MTPLossLoggingHelper.clean_loss_in_tracker()
+                out["mtp loss"] = take_mtp_loss(num_microbatches)
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP

@@ -71,3 +71,12 @@ def read_scalars(logdir: str | Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def megatron_lm_ramp(consumed: int, start: int, increment: int, ramp_samples: int, global_batch_size: int) -> int:
+    """Megatron-LM's --rampup-batch-size rule, written out (megatron-core <= 0.16's
+    RampupBatchsizeNumMicroBatchesCalculator.update): the reference the step schedule must reproduce."""
+    if consumed > ramp_samples:
+        return global_batch_size
+    per_increment = ramp_samples / ((global_batch_size - start) // increment)
+    return start + int(consumed / per_increment) * increment

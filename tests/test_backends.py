@@ -18,23 +18,23 @@ def test_te_stand_ins_are_repaired_when_te_is_absent_even_with_a_gpu(monkeypatch
     import megatron.core.transformer.multi_latent_attention as mla
 
     from model import transformer_impl
-    from model.specs import get_backend
-    from parallel.compat import megatron_without_te
+    from parallel.compat import megatron_without_te, patch_megatron
 
-    # What megatron-core leaves without TE (MagicMock TELinear, HAVE_TE True, no te_general_gemm),
-    # on a machine that has CUDA: the CPU runtime (which is inert there) must not be what repairs it.
+    # megatron-core 0.19.2 itself says "no TE" to MLA and defines the router's TE GEMM as None (0.16.1
+    # needed both repaired): only selective recompute's FP8 names are left undefined
+    if not transformer_impl.te_available():
+        assert mla.HAVE_TE is False and moe_utils.te_general_gemm is None
+    # What megatron-core leaves without TE, on a machine that has CUDA: the CPU runtime (which is inert
+    # there) must not be what repairs it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(mla, "HAVE_TE", True)
-    monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)
     monkeypatch.delattr(mc_random, "FP8GlobalStateManager", raising=False)
     monkeypatch.setattr(transformer_impl, "te_available", lambda: False)
-    get_backend(use_te=False)  # what every model build goes through
-    assert mla.HAVE_TE is False and moe_utils.te_general_gemm is None
+    patch_megatron()  # what every model build goes through (parallel.runtime.init_model_parallel)
     assert mc_random.FP8GlobalStateManager.is_fp8_enabled() is False
 
-    monkeypatch.setattr(mla, "HAVE_TE", True)
+    monkeypatch.delattr(mc_random, "FP8GlobalStateManager")
     assert megatron_without_te.repair_te_stand_ins(te_present=True) is False  # TE there: nothing touched
-    assert mla.HAVE_TE is True
+    assert not hasattr(mc_random, "FP8GlobalStateManager")
 
 
 def test_transformer_impl_choice():

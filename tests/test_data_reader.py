@@ -247,21 +247,36 @@ def test_global_state_dict_gathers_every_rank(data_synthetic, tmp_path):
 
 
 def test_batch_ramp_is_megatrons_schedule():
-    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+    """BatchRamp and the calculator the trainer steps (megatron-core's step schedule made by
+    data/batch_ramp.step_schedule, initialised as pretrain/trainer.py does) both follow Megatron-LM's rule."""
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        get_current_global_batch_size,
+        init_num_microbatches_calculator,
+        update_num_microbatches,
+    )
 
-    from data.batch_ramp import BatchRamp
+    from data.batch_ramp import BatchRamp, step_schedule
+    from tests.helpers import megatron_lm_ramp
 
-    for start, inc, samples, gbs in [(4, 2, 12, 8), (3072, 1536, 114501953, 15360), (16, 16, 1000, 256)]:
+    for start, inc, samples, gbs in [(4, 2, 12, 8), (3072, 1536, 114501953, 15360), (16, 16, 1000, 256),
+                                     (2, 2, 3, 12)]:  # fewer samples than increments: steps share thresholds
         ramp = BatchRamp(start, inc, samples, gbs)
-        megatron = RampupBatchsizeNumMicroBatchesCalculator(gbs, 1, 1, False, 0, start, inc, samples)
-        consumed = 0
-        for step in range(200_000):
-            megatron.update(consumed, consistency_check=False)
-            assert ramp.consumed_before(step) == consumed and ramp.size(step) == megatron.get_current_global_batch_size()
-            consumed += ramp.size(step)
-            if ramp.size(step) == gbs and step > 3:
-                break
-        assert ramp.size(step) == gbs
+        init_num_microbatches_calculator(0, global_batch_size=gbs, micro_batch_size=1, data_parallel_size=1,
+                                         step_batch_size_schedule=step_schedule(start, inc, samples, gbs))
+        try:
+            consumed = 0
+            for step in range(200_000):
+                update_num_microbatches(consumed, consistency_check=False)
+                want = megatron_lm_ramp(consumed, start, inc, samples, gbs)
+                assert ramp.consumed_before(step) == consumed and ramp.size(step) == want
+                assert get_current_global_batch_size() == want
+                consumed += want
+                if want == gbs and step > 3:
+                    break
+            assert ramp.size(step) == gbs
+        finally:
+            destroy_num_microbatches_calculator()
 
 
 def test_ramped_batches_are_rank_independent_and_resume_exactly(data_synthetic):

@@ -138,6 +138,25 @@ def test_grouped_gemm_starts_from_the_same_model_as_sequential_experts(te_refere
     grad_check.assert_same_gradients("grouped gemm", te_reference[1][0], ranks, tol=1e-3)
 
 
+def test_moe_permute_fusion_matches_unfused(te_reference, tmp_path):
+    """--moe-permute-fusion (TE's fused token permutation, megatron-core 0.19.2): same step, same gradients."""
+    scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, "--moe-permute-fusion"])
+    grad_check.assert_same_scalars("permute fusion", te_reference[0], scalars)
+    grad_check.assert_same_gradients("permute fusion", te_reference[1][0], ranks, tol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the flex dispatcher needs TP x EP > 1: two GPUs")
+@pytest.mark.parametrize("backend", ["deepep", "hybridep"])
+def test_flex_dispatcher_matches_one_process(backend, te_reference, tmp_path):
+    """--moe-token-dispatcher-type flex (DeepEP / HybridEP, the deep_ep package) at EP 2, per weight."""
+    pytest.importorskip("deep_ep")
+    scalars, ranks = grad_check.train(tmp_path, 2, [*grad_check.RUN, *TE, "--expert-model-parallel-size", "2",
+                                                    "--moe-token-dispatcher-type", "flex",
+                                                    "--moe-flex-dispatcher-backend", backend])
+    grad_check.assert_same_scalars(backend, te_reference[0], scalars)
+    grad_check.assert_same_gradients(backend, te_reference[1][0], ranks, tol=1e-3)
+
+
 @pytest.mark.parametrize("precision", [["--bf16"], ["--bf16", "--fp8-recipe", "blockwise"]], ids=["bf16", "fp8"])
 def test_bench_glm5_proxy(precision):
     proc = subprocess.run(

@@ -3,7 +3,9 @@
 import re
 
 import pytest
+import torch
 
+from model import transformer_impl
 from model.presets import get_preset
 from parallel.dims import LayoutError, ParallelDims
 from pretrain.arguments import parse_args
@@ -64,6 +66,40 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
         world = 416 if "13" in flags else 576  # PP 13: Megatron-Bridge's 416 GPUs; else the recipe's 576
         parse_args(["--preset", "glm5", "--mock-data", *flags], world_size=world)
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|t||tmL"],
+     "--pipeline-model-parallel-layout 'Et|t||tmL' .* Number of decoder layers 3"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tt|tmL"],
+     "must be divisible by pipeline_model_parallel_size"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|t|ttm|L"],
+     "put the MTP layer .* in the last pipeline stage"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL",
+      "--num-layers-per-virtual-pipeline-stage", "1"], "drop --num-layers-per-virtual-pipeline-stage"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL",
+      "--global-batch-size", "3"], "the number of micro-batches 3"),
+    (["--cp-comm-type", "p2p"], "--cp-comm-type p2p: DSA's context parallelism all-gathers"),
+    (["--moe-flex-dispatcher-backend", "hybridep"], "needs --moe-token-dispatcher-type flex"),
+    (["--moe-token-dispatcher-type", "allgather", "--moe-shared-expert-overlap"],
+     "--moe-shared-expert-overlap works with --moe-token-dispatcher-type alltoall or flex"),
+])
+def test_megatron_core_019_flags_refused_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny", "--mock-data", *flags], world_size=2)
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusals of GPU-only options")
+def test_gpu_only_moe_options_refused_on_cpu(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny", "--mock-data", "--moe-token-dispatcher-type", "flex",
+                    "--expert-model-parallel-size", "2"], world_size=2)
+    assert "--moe-token-dispatcher-type flex (deepep) needs CUDA GPUs" in capsys.readouterr().err
+    if not transformer_impl.te_available():
+        with pytest.raises(SystemExit):
+            parse_args(["--preset", "tiny", "--mock-data", "--moe-permute-fusion"], world_size=1)
+        assert "--moe-permute-fusion uses Transformer Engine's fused permutation" in capsys.readouterr().err
 
 
 def test_arguments_refuse_before_work(capsys):

@@ -95,3 +95,16 @@ def test_recipe_memory_per_pipeline_stage():
     parts = [local_parameters(c, tp=1, pp=13, ep=32, etp=1, pp_rank=r, vpp=2) for r in range(13)]
     assert sum(p["dense"] + 32 * p["experts"] + p["expert_bias"] for p in parts) == \
         whole["params_total_with_mtp"] + whole["params_embedding"]
+
+
+def test_stage_layers_follow_the_pipeline_layout():
+    """--pipeline-model-parallel-layout decides each chunk's layers in the memory plan: an even layout gives
+    megatron's even split, an uneven one (with an empty virtual chunk) its own."""
+    from model.accounting import stage_layers
+    from model.presets import get_preset
+
+    tiny = get_preset("tiny")
+    for rank in range(2):
+        assert stage_layers(tiny, 2, rank, 2, "Et|t|t|tmL") == stage_layers(tiny, 2, rank, 2)
+    assert stage_layers(tiny, 2, 0, 2, "Ett|t||tmL") == [[0, 1], []]
+    assert stage_layers(tiny, 2, 1, 2, "Ett|t||tmL") == [[2], [3]]

@@ -10,7 +10,7 @@ far more tightly than a loss can. Context-parallel layouts live in tests/test_co
 (same harness, same reference). Adding a layout is one entry in LAYOUTS. Each parallel dimension is
 proven inside a combination rather than alone (the suite's time is a budget): TP + SP and 1F1B
 pipelining in `tp2xpp2`, EP and the distributed optimizer in `ep2xdp2`, interleaved pipelining in
-`pp2-vpp2xep2xdp2`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
+`pp2-vpp2xep2xdp2`, `--pipeline-model-parallel-layout` in `pp2-layout`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
 """
 
 import pytest
@@ -24,10 +24,17 @@ LAYOUTS = {
     "dp2-distopt-overlap": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce",
                                 "--overlap-param-gather"]),
     "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
-    "ep2xdp2": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
+    # with the shared expert run beside the token dispatch, and the router in fp64
+    "ep2xdp2": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--moe-shared-expert-overlap",
+                    "--moe-router-dtype", "fp64"]),
     # interleaved stages x experts x data parallel: global layer and expert names across chunks and ranks
     "pp2-vpp2xep2xdp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
                              "--expert-model-parallel-size", "2"]),
+    # megatron-core's explicit layout: uneven stages, interleaved, an empty virtual chunk, the MTP layer
+    # beside the loss (layers 0-1 | 2 on the first virtual stages, none | 3 + MTP on the second)
+    "pp2-layout": (2, ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL"]),
+    # megatron-core's all-gather token dispatcher on experts split over two ranks
+    "ep2-allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"]),
 }
 
 

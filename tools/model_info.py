@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.accounting import memory_per_gpu, model_info  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset  # noqa: E402
+from parallel.dims import ParallelDims  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -68,8 +69,9 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
         parser.error(f"--recipe {path}: world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
     dp = world // (tp * pp * cp)
     etp = args.expert_tensor_parallel_size or tp
-    vpp = args.num_layers_per_virtual_pipeline_stage and cfg.num_hidden_layers // (
-        pp * args.num_layers_per_virtual_pipeline_stage)
+    layout = args.pipeline_model_parallel_layout
+    vpp = ParallelDims(world_size=world, pp=pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                       pipeline_layout=layout).vpp(cfg.num_hidden_layers)
     # Every pipeline stage (they differ: embedding first, head + MTP last); Transformer Engine's
     # layer layout (a GPU run's). tools/simulate_layout.py checks these against the built model.
     stages = [memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp, cp=cp,
@@ -79,7 +81,8 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
                              zero_stage=args.zero_stage if args.dp_engine == "deepspeed" else 0,
                              offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
                              bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
-                             microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage)
+                             microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
+                             layout=layout)
               for stage in range(pp)]
     for m in stages:
         m["memory_gb_total_estimate"] = sum(

@@ -1,4 +1,4 @@
-"""What megatron-core 0.16.1 lacks or gets wrong for GLM-5, as small modules plugged in by spec.
+"""What megatron-core 0.19.2 lacks or gets wrong for GLM-5, as small modules plugged in by spec (docs/COMPAT.md).
 
 GLM-5 specifics handled here (the D-numbers are sections of docs/HF_MAPPING.md):
 - The DSA indexer reads the *normalized* query latent (D1): the spec uses a separate
@@ -7,6 +7,7 @@ GLM-5 specifics handled here (the D-numbers are sections of docs/HF_MAPPING.md):
 - No Hadamard rotation in the indexer (HF has none; q.k is invariant under it; it needs a
   CUDA-only package), and the indexer loss is skipped when its coefficient is 0 (megatron computes
   a full fp32 [b, heads, s, s] KL at 0.0).
-- The indexer-loss tracker counts the MTP layer (megatron sizes it by num_layers: IndexError).
+- The indexer-loss tracker counts the MTP layer after the decoder layers (megatron-core numbers its inner
+  layer 1: `layer_number_offset`).
 - The local (CPU) RMSNorm supports sequence parallelism (megatron's torch norm asserts against it).
 """

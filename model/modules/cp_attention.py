@@ -1,5 +1,6 @@
-"""Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 has none: it refuses
-CP with DSA, and its CP exists only inside Transformer Engine's dense attention), and the latent
+"""Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 had none; 0.19.2's
+DSAttention has CP only with cp_comm_type "allgather" inside its own absorbed-MLA module, whose
+parameter layout and indexer differ from ours: issue 26 weighs moving onto it), and the latent
 form of MLA that the DSA core attention runs on at any CP size (CP = 1 is the one-chunk case).
 
 Layout (Megatron-LM's convention): the sequence of S tokens is cut into 2·CP chunks of S/(2·CP);
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -51,6 +51,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from model.modules.dsa import GLMSparseAttention, LatentAttentionInputs
+from model.modules.rope import apply_mla_rope
 
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -89,9 +90,11 @@ class CPMLASelfAttention(MLASelfAttention):
     """
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.padding,
-                 cp_comm_type=None, pg_collection=None):
+                 cp_comm_type=None, pg_collection=None, **kwargs):
+        # kwargs: what megatron-core's TransformerLayer passes on (pp_layer_offset, name)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+                         **kwargs)
         pg = self.pg_collection
         self.cp_size = pg.cp.size()
         self.latent_form = isinstance(self.core_attention, GLMSparseAttention)
@@ -160,7 +163,7 @@ class CPMLASelfAttention(MLASelfAttention):
                 kv_combined = scatter_to_sequence_parallel_region(kv_combined)
         latent, k_pe = torch.split(kv_combined, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
         latent = self.kv_layernorm(latent)
-        k_pe = apply_rotary_pos_emb(k_pe.unsqueeze(-2), freqs[own_positions], config=cfg, cp_group=pg.cp)
+        k_pe = apply_mla_rope(k_pe.unsqueeze(-2), freqs[own_positions], cfg, pg.cp)
         indexer = self.core_attention.indexer
         k_index = indexer.index_keys(hidden_states.detach(), own_positions, seq_len)
 
@@ -186,7 +189,7 @@ class CPMLASelfAttention(MLASelfAttention):
         q, _ = self.linear_q_up_proj(q_compressed)
         q = q.view(s_local, b, heads, self.q_head_dim)
         q_nope, q_pe = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
-        q_pe = apply_rotary_pos_emb(q_pe, freqs[q_positions], config=cfg, cp_group=pg.cp)
+        q_pe = apply_mla_rope(q_pe, freqs[q_positions], cfg, pg.cp)
         query = torch.cat([q_nope, q_pe], dim=-1)
 
         # megatron's forward hands (query, key, value) to the core attention: the latent rows go as

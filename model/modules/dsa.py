@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron.core.models.common.embeddings import RotaryEmbedding, apply_rotary_pos_emb
+from megatron.core.models.common.embeddings import RotaryEmbedding
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.experimental_attention_variant.dsa import (
@@ -48,6 +48,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from model.modules import dsa_blockwise as blockwise
 from model.modules.norms import LayerNorm
+from model.modules.rope import apply_mla_rope
 
 INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (docs/HF_MAPPING.md, D2)
 
@@ -65,6 +66,12 @@ class LatentAttentionInputs:
     def contiguous(self) -> "LatentAttentionInputs":
         """megatron's MLA forward makes its `value` contiguous before the core attention."""
         return self
+
+    @property
+    def shape(self) -> torch.Size:
+        """megatron-core 0.19.2's MLA reads `value.shape[-1]` before its core attention (to pad V for
+        packed THD sequences without DSA, `_prepare_mla_core_attention_value`): the index keys'."""
+        return self.index_keys.shape
 
 
 def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -162,7 +169,7 @@ class GLMIndexer(MegatronModule):
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         nope, pe = torch.split(t, [self.head_dim - self.rope_dim, self.rope_dim], dim=-1)
-        pe = apply_rotary_pos_emb(pe, freqs, config=self.config, cp_group=self.pg_collection.cp)
+        pe = apply_mla_rope(pe, freqs, self.config, self.pg_collection.cp)
         return torch.cat([nope, pe], dim=-1)
 
     def freqs_at(self, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -210,21 +217,27 @@ def _without_sequence_parallel(config):
 class GLMSparseAttention(MegatronModule):
     """DSA core attention: the indexer picks top-k keys per query, attention runs over them."""
 
+    # megatron-core's MLA passes the layer input `x` and the normalized query latent `qr` to a core
+    # attention that says it needs them (0.19.2's contract)
+    requires_dsa_inputs = True
+
     def __init__(self, config, submodules, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
                  v_channels=None, cp_comm_type=None, pg_collection=None,
-                 rope_grad_summed_by_sp_gather: bool = False):
+                 rope_grad_summed_by_sp_gather: bool = False, layer_number_offset: int = 0):
         # rope_grad_summed_by_sp_gather: kept for the specs; the latent gather of cp_attention.py
         # now sums the shared rope key's gradient over TP on every backend.
+        # layer_number_offset: num_layers in the MTP layer, whose inner layer megatron-core numbers 1
+        # (model/specs.py), so that its indexer loss is tracked after the decoder's, not on layer 1's.
         super().__init__(config=config)
-        self.layer_number = layer_number
+        self.layer_number = layer_number + layer_number_offset
         self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
         # megatron's Attention base builds core attention once without k_channels before MLA
         # rebuilds it with them; the first instance is discarded.
         if softmax_scale is None:
             softmax_scale = (k_channels or config.kv_channels) ** -0.5
         self.softmax_scale = softmax_scale
-        # The MTP layer's layer_number is num_layers + 1: size the loss tracker for it.
+        # The loss tracker counts the MTP layer after the decoder layers.
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
         # "auto": Triton kernels on CUDA when importable, else the torch blockwise path;
         # "blockwise", "triton", or "dense" (the unfused reference) to force one.

@@ -2,12 +2,20 @@
 fills in an object of megatron-core, Transformer Engine, DeepSpeed or torch.
 
 A patch reaches into a library's internals (often private names), so each one is written against
-the version below and must be re-read against the new source when that library is upgraded:
-megatron-core 0.16.1, DeepSpeed 0.19.8, torch 2.13. Transformer Engine: none of its objects is
-patched (only megatron-core's stand-ins for it, when it is absent). Importing this package
-patches nothing; each module's functions do, when the caller named below calls them.
+the version below and re-derived when that library is upgraded: megatron-core 0.19.2, DeepSpeed
+0.19.8, torch 2.13. Each upstream behaviour a patch relies on has a test in tests/test_compat.py that
+fails when it changes, so the next upgrade is mechanical; docs/COMPAT.md lists them with what the
+move from 0.16.1 dropped. Transformer Engine: none of its objects is patched (only megatron-core's
+stand-ins for it, when it is absent). Importing this package patches nothing.
 
-megatron_cpu.py -- megatron-core 0.16.1 and torch.cuda, only on a machine without CUDA
+`patch_megatron()` (by parallel/runtime.init_model_parallel, before any model is built) applies the
+patches every run needs, GPU or CPU:
+  - megatron_without_te.py: where TE is absent, `tensor_parallel.random.CheckpointWithoutOutput`
+    (selective recompute) asks TE's FP8 state: told "FP8 off";
+  - megatron_mtp.py: `multi_token_prediction.roll_tensor` as process_mtp_loss calls it returns a
+    token count that makes the MTP loss's per-token weight the context-parallel group's, not the rank's.
+
+megatron_cpu.py -- megatron-core 0.19.2 and torch.cuda, only on a machine without CUDA
 (`activate()`, by parallel/runtime.py; does nothing where CUDA is present). megatron-core assumes
 CUDA in about a dozen places; the CPU/gloo runtime (debugging, CI) needs it on the CPU:
   - a process-wide TorchFunctionMode: CUDA device arguments become "cpu", `Tensor.cuda()` is a
@@ -29,30 +37,27 @@ megatron_meta.py -- torch.cuda.current_device, only inside `on_meta()` (tools/si
 restored on exit: answers a CUDA ordinal, and a TorchFunctionMode sends megatron's "GPU" tensors
 to the meta device, so one CPU builds any rank of a large layout without storage.
 
-megatron_without_te.py -- megatron-core 0.16.1 where Transformer Engine is absent, GPU or not
-(`repair_te_stand_ins`, by model/specs.py before any layer is built): megatron replaces TE's names
-by stand-ins that break its own local path:
-  - `multi_latent_attention.HAVE_TE = False`: `TELinear` is a MagicMock while MLA believes TE is
-    there, so its `isinstance(self.linear_proj, TELinear)` raises;
-  - `moe_utils.te_general_gemm = None`: the fp32 router's gating references it, never defined;
-  - `tensor_parallel.random.FP8GlobalStateManager`, `activation_recompute_forward`, `fp8_autocast`
-    -> "FP8 off" and null contexts: selective recompute (`CheckpointWithoutOutput`) asks them,
-    names only imported with TE.
-
-megatron_config.py -- megatron-core 0.16.1's TransformerConfig validation (`mla_config_with_dsa_cp`,
-by model/mcore_config.py): `__post_init__` refuses DSA with context parallelism (its DSAttention
-has none; ours, model/modules/cp_attention.py, has), so the config is validated with CP = 1 and
-the real degree set on it afterwards.
-
 deepspeed.py -- DeepSpeed 0.19.8 under --dp-engine deepspeed (pretrain/deepspeed_engine.py):
   - registers megatron's expert and expert-data-parallel groups in DeepSpeed's private group tables
     (`groups._EXPERT_*`) under one name;
   - an engine subclass that answers `has_moe_layers` from the parameters (DeepSpeed looks for its
     own MoE layer class).
 
-megatron_checkpoint.py -- megatron-core 0.16.1's checkpointing (pretrain/checkpointing.py, pretrain/engine.py):
+megatron_checkpoint.py -- megatron-core 0.19.2's checkpointing (pretrain/checkpointing.py, pretrain/engine.py):
   - the checkpoint writer's multiprocessing results queue (`filesystem_async._results_queue`)
-    created with a server that dies with its parent (a SIGKILLed trainer leaves no orphan);
+    created with a server that dies with its parent (a SIGKILLed trainer leaves no orphan); it is
+    the writer of `save(async_strategy="mcore")`, which pretrain/checkpointing.py asks for (0.19's
+    default, "nvrx", is nvidia-resiliency-ext's writer, which this patch does not reach);
   - the distributed optimizer's per-parameter state copy (`_set_main_param_and_optimizer_states`,
     per instance) wrapped for torch Adam, so every parameter gets its own step tensor.
 """
+
+
+def patch_megatron() -> None:
+    """The megatron-core patches every run needs (above); idempotent."""
+    from model.transformer_impl import te_available
+    from parallel.compat.megatron_mtp import cp_consistent_mtp_counts
+    from parallel.compat.megatron_without_te import repair_te_stand_ins
+
+    repair_te_stand_ins(te_present=te_available())
+    cp_consistent_mtp_counts()

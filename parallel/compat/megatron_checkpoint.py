@@ -1,4 +1,4 @@
-"""Patches of megatron-core 0.16.1's checkpointing (dist_checkpointing's async writer, the distributed
+"""Patches of megatron-core 0.19.2's checkpointing (dist_checkpointing's async writer, the distributed
 optimizer's state loading). Listed with their reasons in parallel/compat/__init__.py."""
 
 from __future__ import annotations

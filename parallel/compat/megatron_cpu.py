@@ -1,7 +1,7 @@
 """megatron-core's CUDA assumptions redirected to the CPU -- the ONE place that does so (listed in
 parallel/compat/__init__.py).
 
-megatron-core 0.16.1 assumes CUDA in about a dozen places: `device="cuda"` and `.cuda()` in the
+megatron-core 0.19.2 assumes CUDA in about a dozen places: `device="cuda"` and `.cuda()` in the
 schedules, optimizer, grad clipping, MoE trackers and dist-checkpointing; `torch.cuda.FloatTensor`
 type checks in the optimizers; `torch.cuda.current_device()` for buffers; CUDA streams in the
 all-to-all token dispatcher; the CUDA RNG tracker. On a machine without CUDA, `activate()`:
