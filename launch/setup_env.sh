@@ -10,13 +10,14 @@ EXTRAS="${1:-test}"
 
 is_312() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
 
-find_python() {
+find_python() {  # 3.12 first (the release megatron-core 0.19.2 ships wheels for), then newer
   local c
-  for c in "${PYTHON:-}" python3.12 python3.13 python3; do
+  for c in "${PYTHON:-}" python3.12 python3 python3.13; do
     [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && is_312 "$c" && { command -v "$c"; return; }
   done
   if command -v pyenv >/dev/null 2>&1; then  # pyenv keeps versions it does not put on PATH
-    for c in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])(\.[0-9]+)?$' | sort -V -r); do
+    for c in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$' | sort -V -r) \
+             $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[3-9])(\.[0-9]+)?$' | sort -V); do
       c="$(pyenv root)/versions/$c/bin/python3"
       is_312 "$c" && { echo "$c"; return; }
     done
