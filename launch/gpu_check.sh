@@ -2,7 +2,8 @@
 # The GPU check: every test marked `gpu` (tests/test_gpu.py: TE in bf16 and each FP8 recipe, the local
 # backend on CUDA, resume with TE's fused Adam and the distributed optimizer, HF import -> TE run and
 # back, export --verify with the model on CUDA, recompute and grouped GEMM with TE, tools/bench.py on
-# glm5-proxy at seq 4096 in bf16 and FP8 blockwise) on one GPU, in under 8 minutes.
+# glm5-proxy at seq 4096 in bf16 and FP8 blockwise, the CUDA memory tags and nsys profiler ranges) on one
+# GPU, in under 8 minutes.
 #   bash launch/gpu_check.sh [extra pytest args]        (PYTHON=... picks the interpreter)
 # First installs what is missing: Transformer Engine, megatron-core, webdataset, pytest -- from PyPI,
 # or offline from the wheels launch/gpu_prepare.sh put in .device/te/ (or a flat directory TE_CACHE,

@@ -16,6 +16,7 @@ from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
+from pretrain import observability
 from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoints from a background process while training continues")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
+    observability.add_arguments(p)
     return p
 
 
@@ -243,6 +245,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
     _check_dp_engine(args, dims)
     _check_moe_and_cp_engine(args, dims, use_te)
+    observed = observability.from_args(args, world_size)
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
@@ -284,7 +287,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         skip_bad_shards=args.skip_bad_shards, data_allow_pipe=args.data_allow_pipe, log_interval=args.log_interval,
         valid_data_path=args.valid_data_path, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         eod_mask_loss=args.eod_mask_loss, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
-        tensorboard_dir=args.tensorboard_dir, save=args.save, load=args.load, save_interval=args.save_interval,
+        tensorboard_dir=args.tensorboard_dir, observability=observed, save=args.save, load=args.load,
+        save_interval=args.save_interval,
         async_save=args.async_save,
         exit_interval=args.exit_interval, max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
         loss_spike_factor=args.loss_spike_factor, skip_loss_spikes=args.skip_loss_spikes,

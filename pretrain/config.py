@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from model.config import GLM5Config
 from model.mcore_config import ModelOptions
 from parallel.dims import ParallelDims
+from pretrain.observability import ObservabilityConfig
 from pretrain.recipe import RecipeConfig
 
 
@@ -58,6 +59,8 @@ class TrainConfig:
     # logging
     log_interval: int = 1
     tensorboard_dir: str | None = None
+    # timers, memory, norms, profiler, W&B, expert-load picture (pretrain/observability.py)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # checkpoints
     save: str | None = None
     load: str | None = None

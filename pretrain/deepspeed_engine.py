@@ -210,10 +210,10 @@ class DeepSpeedEngine(Engine):
             _update_router_expert_bias(modules, self.tconfig)
         reset_model_temporary_tensors(self.tconfig, modules)
 
-    def step(self) -> tuple[bool, float | None]:
+    def step(self) -> tuple[bool, float | None, None]:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return self.ds.was_step_applied(), (float(norm) if norm is not None else None)
+        return self.ds.was_step_applied(), (float(norm) if norm is not None else None), None
 
     def report(self) -> dict[str, str]:
         zero = self.ds.optimizer

@@ -51,8 +51,9 @@ class Engine(abc.ABC):
     def finalize_grads(self, *args, **kwargs): ...
 
     @abc.abstractmethod
-    def step(self) -> tuple[bool, float | None]:
-        """(whether the update was applied, the gradient norm)."""
+    def step(self) -> tuple[bool, float | None, float | None]:
+        """(whether the update was applied, the gradient norm, the number of zero gradient values: None
+        unless --log-num-zeros-in-grad, which the arguments allow only where the engine counts them)."""
 
     def report(self) -> dict[str, str]:
         """The optimizer and gradient-norm implementations, for the start-up log."""
@@ -105,7 +106,7 @@ class MegatronEngine(Engine):
     def __init__(self, chunks, tconfig, cfg: TrainConfig):
         self.cfg = cfg
         self.model = wrap_ddp(wrap_precision(chunks, tconfig), tconfig, cfg)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, timers=tconfig.timers)
 
     def attach(self, tconfig, before_finalize) -> None:
         super().attach(tconfig, before_finalize)
@@ -131,9 +132,9 @@ class MegatronEngine(Engine):
     def finalize_grads(self, *args, **kwargs):
         return finalize_model_grads(*args, **kwargs)
 
-    def step(self) -> tuple[bool, float | None]:
-        updated, grad_norm, _ = self.optimizer.step()
-        return updated, grad_norm
+    def step(self) -> tuple[bool, float | None, float | None]:
+        updated, grad_norm, num_zeros = self.optimizer.step()
+        return updated, grad_norm, (num_zeros if self.cfg.observability.log_num_zeros_in_grad else None)
 
     def report(self) -> dict[str, str]:
         return megatron_optimizer_report()

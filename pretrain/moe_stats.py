@@ -31,6 +31,7 @@ class LoadImbalanceTracker:
         self.device = device  # where the counts are reduced (NCCL: the GPU), also on a stage without MoE layers
         self.moe_layers = None
         self.per_layer: dict[int, float] = {}
+        self.counts = torch.zeros(total_layers, num_experts)  # the last step's global tokens per expert
         self.bias_range: tuple[float, float] = (0.0, 0.0)
         self.dropped_fraction = 0.0
         # megatron counts the tokens each expert *kept* (after capacity dropping); count what was
@@ -67,6 +68,7 @@ class LoadImbalanceTracker:
             holders[layer] = 1
         dist.all_reduce(holders)
         counts, bias, holders, routed = counts.cpu(), bias.cpu(), holders.cpu(), routed.cpu()
+        self.counts = counts
         assigned = routed.sum() * self.topk
         self.dropped_fraction = float(1 - counts.sum() / assigned) if assigned > 0 else 0.0
         self.per_layer = {}
@@ -78,6 +80,12 @@ class LoadImbalanceTracker:
         if moe:
             mean_bias = bias[moe] / holders[moe].unsqueeze(1)  # replicas hold the same bias
             self.bias_range = (float(mean_bias[:, 0].min()), float(mean_bias[:, 1].max()))
+
+    def load(self):
+        """layers x experts numpy array: tokens per expert / the layer's mean (NaN: no experts there)."""
+        counts = self.counts.double()
+        mean = counts.mean(dim=1, keepdim=True)
+        return torch.where(mean > 0, counts / mean.clamp_min(1e-30), float("nan")).numpy()
 
     def scalars(self) -> dict[str, float]:
         if not self.per_layer:

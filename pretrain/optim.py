@@ -37,19 +37,22 @@ def wrap_ddp(chunks, tconfig, cfg: TrainConfig):
     ]
 
 
-def optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
+def optimizer_config(cfg: TrainConfig, timers=None) -> OptimizerConfig:
+    """megatron-core's optimizer options; `timers` (megatron's Timers, pretrain/timing.py) times its phases."""
     return OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.model_options.bf16, params_dtype=cfg.model_options.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         overlap_param_gather=cfg.overlap_param_gather,
+        log_num_zeros_in_grad=cfg.observability.log_num_zeros_in_grad,
+        timers=timers, barrier_with_L1_time=cfg.observability.barrier_with_l1_time,
     )
 
 
-def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True):
+def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True, timers=None):
     # gloo_groups=False under a fake process group (tools/simulate_layout.py), which has no gloo groups
-    return get_megatron_optimizer(optimizer_config(cfg), model, use_gloo_process_groups=gloo_groups)
+    return get_megatron_optimizer(optimizer_config(cfg, timers), model, use_gloo_process_groups=gloo_groups)
 
 
 def samples_after(iterations: int, cfg: TrainConfig) -> int:

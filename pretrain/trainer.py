@@ -35,6 +35,7 @@ from pretrain.evaluate import Evaluator
 from pretrain.implementations import format_report, report
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.moe_stats import LoadImbalanceTracker, aux_loss_scalars
+from pretrain.observer import Observer
 from pretrain.optim import build_scheduler
 from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
@@ -64,15 +65,18 @@ class Trainer:
         for chunk in chunks:
             chunk.to(runtime.device)
         init_weights(chunks, cfg.model.vocab_size, cfg.seed)
+        self.moe_stats = LoadImbalanceTracker(
+            chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
+            cfg.model.num_experts_per_tok, runtime.device)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        self.observer = Observer(cfg, runtime, self.moe_stats, self.flops_per_token)
+        self.observer.timing.attach(self.tconfig)  # before the engine: its DDP and optimizer time themselves
         self.engine = build_engine(chunks, self.tconfig, cfg)
         self.model = self.engine.model  # the chunks as megatron's schedule calls them
         self.scheduler = build_scheduler(self.engine.optimizer, cfg)
 
         if runtime.rank == 0:
             print(format_report(report(chunks, self.engine.report())), flush=True)
-        self.moe_stats = LoadImbalanceTracker(
-            chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
-            cfg.model.num_experts_per_tok, runtime.device)
         # the MoE load statistics are read before finalize_model_grads updates the bias and zeroes them
         self.engine.attach(self.tconfig, before_finalize=self.moe_stats.record)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
@@ -90,8 +94,7 @@ class Trainer:
         self.phase = "start-up"
         self.progress = Progress()
         self.evaluated = None  # the iteration of the last evaluation
-        self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg.tensorboard_dir, cfg.log_interval)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg)
         self._model_forward = make_forward_step(runtime.device)
         self.eod_id = self.data.eod_id if cfg.eod_mask_loss else None
         self.evaluator = (Evaluator(cfg, self.model, self._model_forward, self.eod_id)
@@ -122,6 +125,10 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save()
 
+    def _timed_save(self) -> None:
+        self.phase = "checkpoint save"
+        self.metrics.log_timers(self.iteration, *self.observer.timed_save(self.save))
+
     def _build_data(self):
         cfg = self.cfg
         return build_train_data(
@@ -138,8 +145,9 @@ class Trainer:
         global_batch_size = get_current_global_batch_size()
         recipe_scalars = self.recipe.before_step(self.iteration, self.progress.consumed_tokens)
         self.engine.zero_grad()
-        microbatches = split_microbatches(self.data.next_batch(global_batch_size)["tokens"], cfg.micro_batch_size,
-                                          eod_id=self.eod_id)
+        with self.observer.timing.timed("batch-generator", 2):
+            microbatches = split_microbatches(self.data.next_batch(global_batch_size)["tokens"],
+                                              cfg.micro_batch_size, eod_id=self.eod_id)
         self.engine.begin_step(microbatches)
         self.recipe.scale_indexer_loss(self.engine.scale_loss, self.runtime.device)
         iterators = [iter(microbatches) for _ in self.model]
@@ -159,10 +167,11 @@ class Trainer:
         scalars = self._reduce_losses(losses, len(microbatches))
         self.phase = "optimizer step"
         skip = self._should_skip(scalars.get("lm loss"))
-        grad_norm = None
+        grad_norm = num_zeros = None
         if not skip:
             self.recipe.before_optimizer_step(self.iteration, self.optimizer)
-            updated, grad_norm = self.engine.step()
+            with self.observer.timing.phase("optimizer"):
+                updated, grad_norm, num_zeros = self.engine.step()
             skip = not updated
         if not skip:
             self.scheduler.step(increment=global_batch_size)
@@ -171,6 +180,8 @@ class Trainer:
         scalars.update(recipe_scalars)
         scalars["batch-size"] = float(global_batch_size)
         scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if cfg.observability.log_num_zeros_in_grad:
+            scalars["num-zeros"] = float(num_zeros) if num_zeros is not None else float("nan")
         scalars["skipped-iterations"] = 1.0 if skip else 0.0
         scalars["skipped-iterations-total"] = float(self.guard.total_skipped)
         scalars["learning-rate"] = self.optimizer.param_groups[0]["lr"]
@@ -219,6 +230,7 @@ class Trainer:
         history, saved, stopped = [], False, False
         while self.iteration < cfg.train_iters:
             self.checkpointer.finish(blocking=False)
+            self.observer.before_step(self.iteration)
             start = time.perf_counter()
             try:
                 scalars = self.train_step()
@@ -233,12 +245,15 @@ class Trainer:
                 self.flops_per_token * tokens_per_step / elapsed / self.runtime.world_size / 1e12)
             scalars["consumed-tokens"] = float(self.progress.consumed_tokens)
             scalars.update(memory_gb())
-            self.metrics.log(self.iteration, cfg.train_iters, scalars)
+            observed = self.observer.after_step(self.model, self.iteration, elapsed, tokens_per_step)
+            scalars.update(observed.scalars)
+            self.metrics.log(self.iteration, cfg.train_iters, scalars, observed.line, observed.timers_text)
+            for tag, image in observed.images.items():
+                self.metrics.image(tag, image, self.iteration)
             history.append(scalars)
             saved = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
             if saved:
-                self.phase = "checkpoint save"
-                self.save()
+                self._timed_save()
             if self.evaluator is not None and self.iteration % cfg.eval_interval == 0:
                 self.evaluate()
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
@@ -246,10 +261,11 @@ class Trainer:
             if stop is not None and stop.requested(self.runtime.device):  # every rank asks: a collective
                 stopped = True
                 break  # SLURM's pre-timeout signal: the save below writes the checkpoint
+        self.observer.close()  # a profile still running ends here
         if self.evaluator is not None and not stopped and self.evaluated != self.iteration:
             self.evaluate()  # at the end of training, as Megatron-LM
         if cfg.save and not saved:
-            self.save()
+            self._timed_save()
         self.phase = "checkpoint save"
         self.checkpointer.finish(blocking=True)
         return history
@@ -258,13 +274,15 @@ class Trainer:
         """The validation loss now (outside the timed training step: not in the throughput)."""
         self.phase = "evaluation"
         try:
-            scalars = self.evaluator.evaluate()
+            with self.observer.timing.paused(self.tconfig):
+                scalars = self.evaluator.evaluate()
         except RuntimeError as e:
             raise faults.explain_timeout(e, self.phase, self.iteration, self.cfg.distributed_timeout_s) from e
         self.evaluated = self.iteration
         self.metrics.log_validation(self.iteration, scalars)
 
     def close(self) -> None:
+        self.observer.close()
         self.metrics.close()
 
 

@@ -80,3 +80,38 @@ def megatron_lm_ramp(consumed: int, start: int, increment: int, ramp_samples: in
         return global_batch_size
     per_increment = ramp_samples / ((global_batch_size - start) // increment)
     return start + int(consumed / per_increment) * increment
+
+
+def read_wandb_history(save_dir: str | Path) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} of the one W&B offline run under `save_dir` (its `wandb/offline-run-*/run-*.wandb`):
+    the run file is a LevelDB-style log (32 KiB blocks, 7-byte record headers) after a 7-byte W&B header,
+    each record one `wandb_internal_pb2.Record`; history records hold the logged values as JSON."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(save_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    history: dict[str, dict[int, float]] = {}
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        pending = chunk if kind == 2 else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                for item in record.history.item:
+                    key = item.key or "/".join(item.nested_key)
+                    if not key.startswith("_"):
+                        history.setdefault(key, {})[record.history.step.num] = json.loads(item.value_json)
+    return history

@@ -23,7 +23,8 @@ TRAINING_TAGS = ("lm loss", "mtp loss", "grad-norm", "learning-rate", "moe/load-
 
 
 def test_evaluation_changes_no_training_number(tiny_reference, tmp_path):
-    proc = torchrun(1, [*TINY_RUN, "--eval-interval", "3", "--eval-iters", "2", "--tensorboard-dir", str(tmp_path)])
+    proc = torchrun(1, [*TINY_RUN, "--eval-interval", "3", "--eval-iters", "2", "--log-validation-ppl-to-tensorboard",
+                        "--tensorboard-dir", str(tmp_path)])
     got = read_scalars(tmp_path)
     for tag in TRAINING_TAGS:
         assert got[tag] == tiny_reference[tag], tag  # bit for bit: evaluation touches nothing training reads

@@ -157,6 +157,44 @@ def test_flex_dispatcher_matches_one_process(backend, te_reference, tmp_path):
     grad_check.assert_same_gradients(backend, te_reference[1][0], ranks, tol=1e-3)
 
 
+def test_cuda_memory_tags_and_level_2_timers(tmp_path):
+    """--log-memory-to-tensorboard on CUDA: Megatron-LM's mem-* tags from torch.cuda.memory_stats (not the
+    CPU's resident-set tags), and level-2 timers with the device synchronised at each start and stop."""
+    _, s = _run(tmp_path, "memory", ["--preset", "tiny", "--mock-data", "--train-iters", "3", "--global-batch-size",
+                                     "4", "--log-memory-to-tensorboard", "--timing-log-level", "2",
+                                     "--log-timers-to-tensorboard"])
+    assert not [tag for tag in s if tag.startswith("mem-cpu")]
+    for it in (1, 2, 3):
+        allocated = s["mem-allocated-bytes"][it]
+        assert 1e6 < allocated <= s["mem-max-allocated-bytes"][it] and allocated <= s["mem-reserved-bytes"][it]
+        assert s["mem-allocated-count"][it] > 0
+        assert s["mem-peak-max-over-ranks-bytes"][it] == s["mem-max-allocated-bytes"][it]
+        assert 0 < s["forward-backward-time"][it] < s["iteration-time"][it]
+
+
+def test_nsys_ranges_start_before_and_stop_after_the_profiled_iterations(monkeypatch):
+    """--profile without --use-pytorch-profiler: cudaProfilerStart before iteration start+1 and cudaProfilerStop
+    after iteration end (Megatron-LM's nsys range), with NVTX ranges between, on the chosen rank only."""
+    from pretrain.observability import ObservabilityConfig
+    from pretrain.profiling import StepProfiler
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append(("start", done)))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append(("stop", done)))
+    obs = ObservabilityConfig(profile=True, profile_step_start=2, profile_step_end=4, profile_ranks=(1,))
+    chosen, other = StepProfiler(obs, 1, None), StepProfiler(obs, 0, None)
+    for done in range(6):
+        for profiler in (chosen, other):
+            profiler.before_step(done)
+        nvtx = chosen._nvtx is not None
+        assert nvtx == (2 <= done < 4), done
+        torch.ones(4, device="cuda").sum()  # an operator inside or outside the range
+        done += 1
+        for profiler in (chosen, other):
+            profiler.after_step(done)
+    assert calls == [("start", 2), ("stop", 4)]
+
+
 @pytest.mark.parametrize("precision", [["--bf16"], ["--bf16", "--fp8-recipe", "blockwise"]], ids=["bf16", "fp8"])
 def test_bench_glm5_proxy(precision):
     proc = subprocess.run(

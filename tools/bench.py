@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 1 tools/bench.py --preset glm5-proxy --fp8-recipe blockwise --iters 20
     python tools/bench.py --preset tiny --iters 5            # CPU
 
-Takes every launch/pretrain.py flag (layout, precision, batch); trains on mock data and reports the
+Takes every launch/pretrain.py flag (layout, precision, batch, --timing-log-level; --log-interval N prints the log
+lines and gathers the timers every N iterations, as training does); trains on mock data and reports the
 steady state (the first `--warmup` iterations are excluded). MFU is against the device's dense bf16
 peak (989 TFLOP/s for an H100 SXM); FLOPs are model FLOPs from model/accounting.py.
 """
@@ -38,7 +39,8 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv + (["--mock-data"] if "--mock-data" not in argv else []))
     args.train_iters = args.iters + args.warmup
-    args.log_interval = 10**9
+    if "--log-interval" not in argv:  # no log lines unless asked for (timers gather at each one)
+        args.log_interval = 10**9
     try:
         cfg = config_from_args(args, rt.world_size_from_env())
     except ValueError as e:
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
                 "layout": cfg.dims.describe(), "seq_length": cfg.seq_length,
                 "global_batch_size": cfg.global_batch_size, "fp8_recipe": cfg.model_options.fp8_recipe,
                 "bf16": cfg.model_options.bf16, "iters": args.iters,
+                "timing_log_level": cfg.observability.timing_log_level,
                 "tokens_per_sec": tokens, "tflops_per_gpu": tflops,
                 "mfu": tflops / peak if peak else None,
                 "peak_memory_gb": memory if torch.cuda.is_available() else history[-1].get("memory/max-rss-gb"),
