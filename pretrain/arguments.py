@@ -221,6 +221,10 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict "
                          "each other: give one (the flags win, or the checkpoint does)")
+    decay_iters = max(1, args.lr_decay_iters or args.train_iters)  # as pretrain/optim.build_scheduler
+    if args.lr_warmup_iters and args.lr_warmup_iters >= decay_iters:  # megatron's scheduler asserts it
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
+                         f"{decay_iters} (--lr-decay-iters, default --train-iters)")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if (args.save_interval is not None or args.async_save) and not args.save:

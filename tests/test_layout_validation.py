@@ -80,6 +80,7 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
     (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL",
       "--global-batch-size", "3"], "the number of micro-batches 3"),
     (["--cp-comm-type", "p2p"], "--cp-comm-type p2p: DSA's context parallelism all-gathers"),
+    (["--train-iters", "4", "--lr-warmup-iters", "4"], "--lr-warmup-iters 4 must be below the decay iterations 4"),
     (["--moe-flex-dispatcher-backend", "hybridep"], "needs --moe-token-dispatcher-type flex"),
     (["--moe-token-dispatcher-type", "allgather", "--moe-shared-expert-overlap"],
      "--moe-shared-expert-overlap works with --moe-token-dispatcher-type alltoall or flex"),
