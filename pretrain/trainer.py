@@ -203,7 +203,7 @@ class Trainer:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             out["lm loss"] = float(total[0] / total[1])
             if self.cfg.model.num_nextn_predict_layers:
-                out["mtp loss"] = take_mtp_loss(num_microbatches)
+                out.update(take_mtp_loss(num_microbatches))
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP

@@ -149,6 +149,10 @@ def test_upstream_shapes_the_patches_rely_on():
     # megatron_mtp: process_mtp_loss takes its counts from the module's roll_tensor
     assert "roll_tensor(" in inspect.getsource(mtp.process_mtp_loss)
     assert "original_num_tokens / num_tokens_safe" in inspect.getsource(mtp.process_mtp_loss)
+    # ... which models/gpt/gpt_model.py calls by its imported name (wrapped there too), cp_group by keyword
+    from megatron.core.models.gpt import gpt_model
+
+    assert "process_mtp_loss" in vars(gpt_model) and "cp_group=self.pg_collection.cp" in inspect.getsource(gpt_model)
     # megatron_cpu: the dispatcher converts only CUDA split sizes to numpy (read from the file: the CPU
     # runtime of this process has replaced the function)
     source = inspect.getsource(moe_utils)
