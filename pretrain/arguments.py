@@ -16,6 +16,7 @@ from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
+from pretrain import muon
 from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoints from a background process while training continues")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
+    muon.add_arguments(p)
     return p
 
 
@@ -248,6 +250,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
                          "set --dsa-indexer-loss-coeff > 0")
     if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
+    muon.check_arguments(args)
     _check_dp_engine(args, dims)
     _check_moe_and_cp_engine(args, dims, use_te)
     options = ModelOptions(
@@ -284,6 +287,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, muon=muon.MuonOptions.from_args(args),
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, dp_engine=args.dp_engine, zero_stage=args.zero_stage,
@@ -422,6 +426,7 @@ def _check_dp_engine(args, dims: ParallelDims) -> None:
     refused = {
         "--pipeline-model-parallel-size > 1": dims.pp > 1,
         "--use-distributed-optimizer (ZeRO partitions the optimizer state itself)": args.use_distributed_optimizer,
+        "--optimizer muon (ZeRO partitions flattened parameters: Muon needs whole matrices)": args.optimizer == "muon",
         "--overlap-grad-reduce / --overlap-param-gather (megatron DDP options)":
             args.overlap_grad_reduce or args.overlap_param_gather,
         "--skip-loss-spikes (ZeRO-2 has reduced the gradients by then)": args.skip_loss_spikes,

@@ -136,7 +136,11 @@ class MegatronEngine(Engine):
         return updated, grad_norm
 
     def report(self) -> dict[str, str]:
-        return megatron_optimizer_report()
+        items = megatron_optimizer_report()
+        if self.cfg.optimizer == "muon":
+            items["optimizer"] = "megatron-core Muon (emerging-optimizers, MLA heads split: pretrain/muon.py) + " \
+                                 + items["optimizer"].removeprefix("megatron-core over ")
+        return items
 
     def reload_model_params(self) -> None:
         self.optimizer.reload_model_params()  # fp32 main copies (bf16) were made from the init
@@ -159,7 +163,19 @@ class MegatronEngine(Engine):
                 m.enable_forward_pre_hook()
 
     def describe(self) -> dict:
-        return {"dp_engine": self.name, "distributed_optimizer": optimizer_state.is_distributed(self.optimizer)}
+        return {"dp_engine": self.name, "distributed_optimizer": optimizer_state.is_distributed(self.optimizer),
+                "optimizer": self.cfg.optimizer}
+
+    def check_resumable(self, saved: dict, layout: dict, where: str) -> None:
+        super().check_resumable(saved, layout, where)
+        theirs = saved.get("optimizer", "adam")
+        if theirs != self.cfg.optimizer:
+            raise CheckpointError(f"{where} holds {theirs}'s optimizer state, this run uses --optimizer "
+                                  f"{self.cfg.optimizer}: resume with --optimizer {theirs}")
+        if self.cfg.optimizer == "muon" and saved.get("layout") != layout:
+            # megatron-core's chained Muon/Adam optimizers differ in structure from layout to layout
+            raise CheckpointError(f"{where} was saved at another layout ({saved.get('layout')}): --optimizer muon "
+                                  f"resumes at the layout it saved at only (this run: {layout})")
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         if is_loading:

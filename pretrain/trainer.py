@@ -39,6 +39,7 @@ from pretrain.optim import build_scheduler
 from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
+from pretrain import muon
 from pretrain.step import make_forward_step, split_microbatches, take_mtp_loss
 
 
@@ -70,6 +71,8 @@ class Trainer:
 
         if runtime.rank == 0:
             print(format_report(report(chunks, self.engine.report())), flush=True)
+            if cfg.optimizer == "muon":  # which parameters each side takes (this rank's chunks)
+                print("optimizer: Muon for the matrices, AdamW for the rest\n" + muon.describe(chunks), flush=True)
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
             cfg.model.num_experts_per_tok, runtime.device)

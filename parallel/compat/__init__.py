@@ -16,6 +16,9 @@ patches every run needs, GPU or CPU:
     the rank's pre-roll token count, and `roll_tensor` as it calls it returns a count that makes each MTP
     depth's per-token weight the context-parallel group's, not the rank's.
 
+megatron_muon.py -- with --optimizer muon (pretrain/optim.py): one more entry in megatron-core's
+emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side.
+
 megatron_cpu.py -- megatron-core 0.19.2 and torch.cuda, only on a machine without CUDA
 (`activate()`, by parallel/runtime.py; does nothing where CUDA is present). megatron-core assumes
 CUDA in about a dozen places; the CPU/gloo runtime (debugging, CI) needs it on the CPU:
