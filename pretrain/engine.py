@@ -172,10 +172,6 @@ class MegatronEngine(Engine):
         if theirs != self.cfg.optimizer:
             raise CheckpointError(f"{where} holds {theirs}'s optimizer state, this run uses --optimizer "
                                   f"{self.cfg.optimizer}: resume with --optimizer {theirs}")
-        if self.cfg.optimizer == "muon" and saved.get("layout") != layout:
-            # megatron-core's chained Muon/Adam optimizers differ in structure from layout to layout
-            raise CheckpointError(f"{where} was saved at another layout ({saved.get('layout')}): --optimizer muon "
-                                  f"resumes at the layout it saved at only (this run: {layout})")
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         if is_loading:
@@ -198,6 +194,8 @@ class MegatronEngine(Engine):
         return optimizer_state.is_distributed(self.optimizer) and not saved.get("distributed_optimizer", False)
 
     def prepare_load(self, request: dict, directory: Path, saved: dict) -> None:
+        if self.cfg.optimizer == "muon":  # param groups differ by layout: this run's are used (optimizer_state)
+            self._param_groups = optimizer_state.take_param_groups(request["optimizer"])
         if self._switched(saved):
             optimizer_state.main_params_from_plain_checkpoint(request["optimizer"], directory)
 
@@ -206,7 +204,9 @@ class MegatronEngine(Engine):
         if self._switched(saved):
             models = [k for k in request if k != "optimizer"]
             optimizer_state.fill_from_weights(state, {k: request[k] for k in models}, {k: loaded[k] for k in models})
-        if not same_layout or self._switched(saved):
+        if self.cfg.optimizer == "muon":
+            optimizer_state.put_param_groups(self._param_groups)
+        if not same_layout or self._switched(saved) or self.cfg.optimizer == "muon":
             state = optimizer_state.conform(request["optimizer"], state)
         self.optimizer.load_state_dict(state)
 

@@ -123,21 +123,35 @@ def test_refusals_name_the_flag():
     assert "--muon-num-ns-steps 0" in error("--optimizer", "muon", "--muon-num-ns-steps", "0")
 
 
-@pytest.mark.slow
-def test_resume_at_another_layout_or_optimizer_is_refused_by_name(tmp_path):
-    """megatron-core's chained Muon/Adam optimizers are structured per layout: a Muon checkpoint resumes at the
-    layout it was saved at (exactly: test_learns_real_text_and_resumes_exactly), and is refused elsewhere,
-    naming the flag, before any state is read; so is a switch of --optimizer."""
+def test_resume_with_another_optimizer_is_refused_by_name(tmp_path):
     from pretrain.run_state import CheckpointError
     from tests.conftest import TINY_RUN
-    from tests.helpers import torchrun
     from tests.inprocess import refused
 
-    run = [*TINY_RUN, "--optimizer", "muon", "--train-iters", "5", "--lr-decay-iters", "8"]
     ck = tmp_path / "ck"
-    torchrun(2, [*run, "--expert-model-parallel-size", "2", "--save", str(ck), "--exit-interval", "3"])
-    with refused(CheckpointError, "--optimizer muon resumes at the layout it saved at"), \
-            trainer([*run, "--load", str(ck)]):
-        pass
+    train_here([*TINY_RUN, "--optimizer", "muon", "--exit-interval", "1", "--save", str(ck)])
     with refused(CheckpointError, "resume with --optimizer muon"), trainer([*TINY_RUN, "--load", str(ck)]):
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, layout", [
+    (2, ["--expert-model-parallel-size", "2"]),
+    (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+], ids=["ep2-to-1", "ep2xpp2-to-1"])
+def test_muon_state_reshards_to_one_process(tmp_path, nproc, layout):
+    """Saved at another layout, resumed by one process: the momentum buffers of every matrix (each expert's on
+    its rank, each stage's) and Adam's moments are resharded by global name, and the run continues as the
+    one-process run does."""
+    from tests.conftest import TINY_RUN
+    from tests.helpers import torchrun
+
+    run = [*TINY_RUN, "--optimizer", "muon", "--muon-fp32-matmul-prec", "high", "--train-iters", "5",
+           "--lr-decay-iters", "8"]
+    full = train_here(run)["lm loss"]
+    ck = tmp_path / "ck"
+    torchrun(nproc, [*run, *layout, "--save", str(ck), "--exit-interval", "3"])
+    resumed = train_here([*run, "--load", str(ck)])["lm loss"]
+    assert sorted(resumed) == [4, 5]
+    for it in (4, 5):
+        assert resumed[it] == pytest.approx(full[it], rel=2e-3), it
