@@ -198,7 +198,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
                    vpp: int | None = None, bf16: bool = True, replicated_down_projection: bool = True,
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
-                   dsa_path: str = "triton", layout: str | None = None) -> dict:
+                   dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None) -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
     (sharded over DP by the distributed optimizer, experts over expert-DP), and the activations of
@@ -209,7 +209,9 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     `zero_stage` (--dp-engine deepspeed): 1 partitions main params + moments like the distributed
     optimizer but keeps bf16 grads on the weights next to an fp32 partition; 2 keeps only the fp32
     partition of the grads (reduction buckets ignored); `offload_optimizer` moves main params and
-    moments to host memory (reported as host_optimizer_gb)."""
+    moments to host memory (reported as host_optimizer_gb). `mtp_depths` (--mtp-num-layers, default one per MTP
+    layer): with --mtp-use-repeated-layer the one MTP layer runs at each depth, so the last stage keeps each
+    depth's activations and logits (its parameters stay one layer's)."""
     p = local_parameters(c, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=pp_rank, vpp=vpp,
                          replicated_down_projection=replicated_down_projection, layout=layout)
     local_dense, local_experts = p["dense"], p["experts"]
@@ -224,7 +226,8 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     layer = activation_bytes_per_layer(c, tokens, tp, etp)
     layer_input = 2 * tokens * c.hidden_size / tp
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
-    stage_layers_ = p["layers"] + (c.num_nextn_predict_layers if pp_rank == pp - 1 else 0)
+    depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    stage_layers_ = p["layers"] + (depths if pp_rank == pp - 1 else 0)
     activations = (in_flight * layer_input * stage_layers_ + layer) if full_recompute \
         else in_flight * layer * stage_layers_
     dsa = dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)  # the DSA path of a GPU: Triton
@@ -232,7 +235,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     if pp_rank == pp - 1:  # fp32 logits of the main and MTP heads, one micro-batch at a time
         from model.mcore_config import padded_vocab_size
 
-        activations += (1 + c.num_nextn_predict_layers) * 4 * tokens * padded_vocab_size(c.vocab_size, tp) / tp
+        activations += (1 + depths) * 4 * tokens * padded_vocab_size(c.vocab_size, tp) / tp
     return {
         "pp_stage": pp_rank,
         "params_per_gpu": local,

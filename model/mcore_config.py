@@ -37,6 +37,10 @@ class ModelOptions:
     dsa_indexer_loss_coeff: float = 0.0
     dsa_indexer_use_sparse_loss: bool = False
     mtp_loss_scaling_factor: float = 0.3
+    # MTP depths (Megatron-LM's --mtp-num-layers; default: the config's num_nextn_predict_layers) and
+    # --mtp-use-repeated-layer: one set of MTP parameters applied at every depth (GLM-5: 3 depths, shared)
+    mtp_num_layers: int | None = None
+    mtp_use_repeated_layer: bool = False
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
     moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
@@ -145,7 +149,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
         moe_router_padding_for_quantization=bool(o.fp8_recipe),
         # MTP
-        mtp_num_layers=c.num_nextn_predict_layers or None,
+        mtp_num_layers=mtp_depths(c, o) or None,
+        mtp_use_repeated_layer=o.mtp_use_repeated_layer,
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
         # loss normalized by the global token count (layout-independent losses)
         calculate_per_token_loss=True,
@@ -167,6 +172,13 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         kwargs.update(recompute_method=o.recompute_method or "uniform",
                       recompute_num_layers=o.recompute_num_layers or 1)
     return MLATransformerConfig(**kwargs)
+
+
+def mtp_depths(c: GLM5Config, o: ModelOptions) -> int:
+    """How many future tokens the MTP module predicts: --mtp-num-layers, else one per MTP layer of the
+    config. The parameters (and the checkpoint) hold `c.num_nextn_predict_layers` layers either way:
+    with `mtp_use_repeated_layer` the one layer is applied at every depth."""
+    return o.mtp_num_layers if o.mtp_num_layers is not None else c.num_nextn_predict_layers
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:

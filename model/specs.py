@@ -141,4 +141,6 @@ def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | No
     moe_layer = layer_spec(backend, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
                            layer_number_offset=tconfig.num_layers)
     mtp_layer = get_mtp_layer_spec_for_backend(mtp_model_layer_spec=moe_layer, backend=backend)
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * tconfig.mtp_num_layers)
+    # --mtp-use-repeated-layer: one layer (one set of parameters) applied at every depth
+    built = 1 if tconfig.mtp_use_repeated_layer else tconfig.mtp_num_layers
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * built)

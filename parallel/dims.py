@@ -29,6 +29,7 @@ class ParallelDims:
     # --pipeline-model-parallel-layout: megatron-core's per-stage layer lists ("Et|tt|...|tmL"), which
     # also sets the virtual stages (len / PP); None: num_hidden_layers split evenly
     pipeline_layout: str | None = None
+    mtp_num_layers: int | None = None  # --mtp-num-layers (MTP depths; default the config's MTP layers)
 
     @property
     def dp(self) -> int:
@@ -148,12 +149,13 @@ class ParallelDims:
         from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
         flag = f"--pipeline-model-parallel-layout {self.pipeline_layout!r}"
+        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         try:
             layout = PipelineParallelLayerLayout(self.pipeline_layout, self.pp)
-            standalone_mtp = layout.validate_layer_layout(cfg.num_hidden_layers, cfg.num_nextn_predict_layers or None)
+            standalone_mtp = layout.validate_layer_layout(cfg.num_hidden_layers, depths or None)
         except (AssertionError, ValueError, KeyError) as e:
             raise LayoutError(f"{flag} for --pipeline-model-parallel-size {self.pp}, {cfg.num_hidden_layers} "
-                              f"layers and {cfg.num_nextn_predict_layers} MTP layer(s): {e or 'not a layout'}") from None
+                              f"layers and {depths} MTP depth(s) ('m' once a depth): {e or 'not a layout'}") from None
         if standalone_mtp:
             raise LayoutError(f"{flag}: put the MTP layer ('m') in the last pipeline stage, beside the loss ('L') "
                               "(an MTP stage of its own is not supported here yet)")

@@ -16,7 +16,7 @@ from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
-from pretrain import observability
+from pretrain import muon, observability
 from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa-indexer-use-sparse-loss", action="store_true")
     g.add_argument("--mtp-loss-scaling-factor", default="0.3",
                    help="MTP loss weight, or a schedule by consumed tokens: '0.3,10T:0.1'")
+    g.add_argument("--mtp-num-layers", type=int, default=None,
+                   help="MTP depths (future tokens predicted); default: the model's MTP layers (GLM-5: 1). More "
+                        "than the model holds needs --mtp-use-repeated-layer (GLM-5's recipe: 3 with it)")
+    g.add_argument("--mtp-use-repeated-layer", action="store_true",
+                   help="one MTP layer's parameters applied at every --mtp-num-layers depth (the checkpoint and "
+                        "the HF export hold one layer)")
     g.add_argument("--moe-router-bias-update-rate", default="1e-3",
                    help="expert-bias update speed gamma, or a schedule: '1e-3,28T:0'")
     g.add_argument("--dsa-warmup-iters", type=int, default=0,
@@ -169,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     observability.add_arguments(p)
+    muon.add_arguments(p)
     return p
 
 
@@ -229,13 +236,14 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if (args.save_interval is not None or args.async_save) and not args.save:
         raise ValueError(f"{'--save-interval' if args.save_interval is not None else '--async-save'} needs --save DIR")
+    _check_mtp(args, cfg)
     dims = ParallelDims(
         world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
         cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-        pipeline_layout=args.pipeline_model_parallel_layout,
+        pipeline_layout=args.pipeline_model_parallel_layout, mtp_num_layers=args.mtp_num_layers,
     )
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
@@ -247,6 +255,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
                          "set --dsa-indexer-loss-coeff > 0")
     if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
+    muon.check_arguments(args)
     _check_dp_engine(args, dims)
     _check_moe_and_cp_engine(args, dims, use_te)
     observed = observability.from_args(args, world_size)
@@ -261,6 +270,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         dsa_indexer_topk=args.dsa_indexer_topk, dsa_indexer_loss_coeff=args.dsa_indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
         mtp_loss_scaling_factor=mtp_schedule(0),
+        mtp_num_layers=args.mtp_num_layers, mtp_use_repeated_layer=args.mtp_use_repeated_layer,
         moe_router_bias_update_rate=bias_schedule(0),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         moe_grouped_gemm=args.moe_grouped_gemm, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
@@ -283,6 +293,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, muon=muon.MuonOptions.from_args(args),
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, dp_engine=args.dp_engine, zero_stage=args.zero_stage,
@@ -311,6 +322,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
                          "must be positive")
     unit = divisible_by * tp
     return -(-vocab_size // unit) * unit
+
+
+def _check_mtp(args, cfg: GLM5Config) -> None:
+    """--mtp-num-layers / --mtp-use-repeated-layer against the model's MTP layers (what its checkpoint holds)."""
+    held = cfg.num_nextn_predict_layers
+    n = args.mtp_num_layers
+    if args.mtp_use_repeated_layer and not held:
+        raise ValueError("--mtp-use-repeated-layer: this model has no MTP layer (num_nextn_predict_layers 0)")
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--mtp-num-layers {n} must be at least 1 (the model's MTP layers: {held})")
+    if not held:
+        raise ValueError(f"--mtp-num-layers {n}: this model has no MTP layer (num_nextn_predict_layers 0)")
+    if n != held and not args.mtp_use_repeated_layer:
+        raise ValueError(f"--mtp-num-layers {n}: the model holds {held} MTP layer(s) (num_nextn_predict_layers); "
+                         "add --mtp-use-repeated-layer to apply its layer at every depth (GLM-5's recipe)")
 
 
 def _check_document_flags(args) -> None:
@@ -405,6 +433,7 @@ def _check_dp_engine(args, dims: ParallelDims) -> None:
     refused = {
         "--pipeline-model-parallel-size > 1": dims.pp > 1,
         "--use-distributed-optimizer (ZeRO partitions the optimizer state itself)": args.use_distributed_optimizer,
+        "--optimizer muon (ZeRO partitions flattened parameters: Muon needs whole matrices)": args.optimizer == "muon",
         "--overlap-grad-reduce / --overlap-param-gather (megatron DDP options)":
             args.overlap_grad_reduce or args.overlap_param_gather,
         "--skip-loss-spikes (ZeRO-2 has reduced the gradients by then)": args.skip_loss_spikes,

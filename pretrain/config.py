@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from model.config import GLM5Config
 from model.mcore_config import ModelOptions
 from parallel.dims import ParallelDims
+from pretrain.muon import MuonOptions
 from pretrain.observability import ObservabilityConfig
 from pretrain.recipe import RecipeConfig
 
@@ -24,6 +25,8 @@ class TrainConfig:
     rampup_batch_size: list[int] | None = None  # [start, increment, ramp-up samples], Megatron-LM's
     train_iters: int = 20
     # optimizer and schedule (Megatron-LM names)
+    optimizer: str = "adam"  # or "muon" (pretrain/muon.py: Muon for the matrices, AdamW for the rest)
+    muon: MuonOptions = field(default_factory=MuonOptions)
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_warmup_iters: int = 0

@@ -137,7 +137,11 @@ class MegatronEngine(Engine):
         return updated, grad_norm, (num_zeros if self.cfg.observability.log_num_zeros_in_grad else None)
 
     def report(self) -> dict[str, str]:
-        return megatron_optimizer_report()
+        items = megatron_optimizer_report()
+        if self.cfg.optimizer == "muon":
+            items["optimizer"] = "megatron-core Muon (emerging-optimizers, MLA heads split: pretrain/muon.py) + " \
+                                 + items["optimizer"].removeprefix("megatron-core over ")
+        return items
 
     def reload_model_params(self) -> None:
         self.optimizer.reload_model_params()  # fp32 main copies (bf16) were made from the init
@@ -160,7 +164,15 @@ class MegatronEngine(Engine):
                 m.enable_forward_pre_hook()
 
     def describe(self) -> dict:
-        return {"dp_engine": self.name, "distributed_optimizer": optimizer_state.is_distributed(self.optimizer)}
+        return {"dp_engine": self.name, "distributed_optimizer": optimizer_state.is_distributed(self.optimizer),
+                "optimizer": self.cfg.optimizer}
+
+    def check_resumable(self, saved: dict, layout: dict, where: str) -> None:
+        super().check_resumable(saved, layout, where)
+        theirs = saved.get("optimizer", "adam")
+        if theirs != self.cfg.optimizer:
+            raise CheckpointError(f"{where} holds {theirs}'s optimizer state, this run uses --optimizer "
+                                  f"{self.cfg.optimizer}: resume with --optimizer {theirs}")
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         if is_loading:
@@ -183,6 +195,8 @@ class MegatronEngine(Engine):
         return optimizer_state.is_distributed(self.optimizer) and not saved.get("distributed_optimizer", False)
 
     def prepare_load(self, request: dict, directory: Path, saved: dict) -> None:
+        if self.cfg.optimizer == "muon":  # param groups differ by layout: this run's are used (optimizer_state)
+            self._param_groups = optimizer_state.take_param_groups(request["optimizer"])
         if self._switched(saved):
             optimizer_state.main_params_from_plain_checkpoint(request["optimizer"], directory)
 
@@ -191,7 +205,9 @@ class MegatronEngine(Engine):
         if self._switched(saved):
             models = [k for k in request if k != "optimizer"]
             optimizer_state.fill_from_weights(state, {k: request[k] for k in models}, {k: loaded[k] for k in models})
-        if not same_layout or self._switched(saved):
+        if self.cfg.optimizer == "muon":
+            optimizer_state.put_param_groups(self._param_groups)
+        if not same_layout or self._switched(saved) or self.cfg.optimizer == "muon":
             state = optimizer_state.conform(request["optimizer"], state)
         self.optimizer.load_state_dict(state)
 

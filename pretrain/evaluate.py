@@ -112,7 +112,7 @@ class Evaluator:
         loss = float(totals[0] / totals[1])
         out = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(20.0, loss))}
         if cfg.model.num_nextn_predict_layers:
-            out["mtp loss validation"] = take_mtp_loss(num_microbatches)  # the average over data parallel
+            out.update(take_mtp_loss(num_microbatches, " validation"))  # the average over data parallel
         return out
 
 

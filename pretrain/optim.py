@@ -37,22 +37,36 @@ def wrap_ddp(chunks, tconfig, cfg: TrainConfig):
     ]
 
 
+# megatron-core's emerging-optimizer name of GLM-5's Muon (parallel/compat/megatron_muon.py registers it)
+MUON = "glm5_muon"
+
+
 def optimizer_config(cfg: TrainConfig, timers=None) -> OptimizerConfig:
     """megatron-core's optimizer options; `timers` (megatron's Timers, pretrain/timing.py) times its phases."""
+    muon = cfg.optimizer == "muon"
     return OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        optimizer=MUON if muon else "adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.model_options.bf16, params_dtype=cfg.model_options.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         overlap_param_gather=cfg.overlap_param_gather,
         log_num_zeros_in_grad=cfg.observability.log_num_zeros_in_grad,
         timers=timers, barrier_with_L1_time=cfg.observability.barrier_with_l1_time,
+        **(cfg.muon.optimizer_config_fields() if muon else {}),
     )
 
 
 def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True, timers=None):
     # gloo_groups=False under a fake process group (tools/simulate_layout.py), which has no gloo groups
-    return get_megatron_optimizer(optimizer_config(cfg, timers), model, use_gloo_process_groups=gloo_groups)
+    config = optimizer_config(cfg, timers)
+    if cfg.optimizer == "muon":
+        from parallel.compat.megatron_muon import register_muon_variant
+        from pretrain import muon
+
+        register_muon_variant(MUON, muon.optimizer_class(), to_adam=lambda p: p.muon_adam)
+        muon.tag_parameters(model, cfg.muon.split_mla_heads)
+    # megatron-core's standard overrides (no weight decay on 1-D parameters) apply to both
+    return get_megatron_optimizer(config, model, use_gloo_process_groups=gloo_groups)
 
 
 def samples_after(iterations: int, cfg: TrainConfig) -> int:

@@ -8,6 +8,10 @@ layout needs to load into another (used by the megatron engine, pretrain/engine.
   plain optimizer's fp32 copies (bf16 training) or from the fp32 weights themselves
   (`main_params_from_plain_checkpoint`, then `fill_from_weights`).
 - A fresh torch Adam has no state to load into (`materialize_adam_state`).
+- Muon (--optimizer muon): megatron-core chains one Muon and one Adam optimizer per kind of parameter, whose
+  param groups differ from layout to layout (which groups a rank has), so the saved groups (common state,
+  merged by position on load) cannot be merged into this run's: they are left out of the load request
+  (`take_param_groups`) and this run's own are put back for `conform` (`put_param_groups`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,29 @@ def materialize_adam_state(optimizer) -> None:
                 state = inner.state[p]
                 if not state:
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+
+
+def take_param_groups(request) -> list[tuple[dict, object]]:
+    """Remove every `param_groups` entry from a load request; returns them for `put_param_groups`."""
+    taken = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if "param_groups" in obj:
+                taken.append((obj, obj.pop("param_groups")))
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(request)
+    return taken
+
+
+def put_param_groups(taken: list[tuple[dict, object]]) -> None:
+    for container, groups in taken:
+        container["param_groups"] = groups
 
 
 class _FromWeight(tuple):

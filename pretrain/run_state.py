@@ -58,6 +58,7 @@ class RunState:
     data: dict | None = None  # the global data position (the same for every rank)
     dp_engine: str | None = None
     distributed_optimizer: bool | None = None
+    optimizer: str | None = None  # --optimizer (absent: adam)
     preset: str | None = None
     seq_length: int | None = None
     source: dict | None = None

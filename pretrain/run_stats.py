@@ -24,8 +24,10 @@ def _own_memory() -> tuple[dict[str, float], float]:
         return {k: float(v) for k, v in own.items()}, float(s["allocated_bytes.all.peak"])
     import psutil
 
-    max_rss = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
-    return {"mem-cpu-rss-bytes": float(psutil.Process().memory_info().rss), "mem-cpu-max-rss-bytes": max_rss}, max_rss
+    rss = float(psutil.Process().memory_info().rss)
+    # the kernel's high-water mark (KiB on Linux) lags the current resident set: the peak is at least it
+    max_rss = max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), rss)
+    return {"mem-cpu-rss-bytes": rss, "mem-cpu-max-rss-bytes": max_rss}, max_rss
 
 
 def memory_scalars(device: torch.device) -> dict[str, float]:

@@ -71,13 +71,18 @@ def make_forward_step(device: torch.device):
     return forward_step
 
 
-def take_mtp_loss(num_microbatches: int) -> float:
-    """The MTP loss of the step that just ran (mean over MTP depths, per micro-batch), read from and
-    cleared in megatron-core's tracker, reduced over its groups (a collective: every rank of the
-    stage holding the MTP layer calls it)."""
+def take_mtp_loss(num_microbatches: int, suffix: str = "") -> dict[str, float]:
+    """The MTP losses of the step that just ran, read from and cleared in megatron-core's tracker,
+    reduced over its groups (a collective: every rank of the stage holding the MTP layer calls it):
+    `mtp loss` (the mean over MTP depths, per micro-batch) and, with more than one depth, each depth's
+    under Megatron-LM's tag (`mtp_1 loss`, `mtp_2 loss`, ...: MTPLossLoggingHelper.track_mtp_metrics).
+    `suffix` follows each name (" validation")."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.reduce_metrics_in_tracker()
-    value = float(MTPLossLoggingHelper.tracker["loss_values"].mean() / num_microbatches)
+    per_depth = MTPLossLoggingHelper.tracker["loss_values"] / num_microbatches
     MTPLossLoggingHelper.clean_metrics_in_tracker()
-    return value
+    out = {f"mtp loss{suffix}": float(per_depth.mean())}
+    if per_depth.numel() > 1:
+        out.update({f"mtp_{i + 1} loss{suffix}": float(v) for i, v in enumerate(per_depth)})
+    return out

@@ -40,6 +40,7 @@ from pretrain.optim import build_scheduler
 from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
+from pretrain import muon
 from pretrain.step import make_forward_step, split_microbatches, take_mtp_loss
 
 
@@ -77,6 +78,8 @@ class Trainer:
 
         if runtime.rank == 0:
             print(format_report(report(chunks, self.engine.report())), flush=True)
+            if cfg.optimizer == "muon":  # which parameters each side takes (this rank's chunks)
+                print("optimizer: Muon for the matrices, AdamW for the rest\n" + muon.describe(chunks), flush=True)
         # the MoE load statistics are read before finalize_model_grads updates the bias and zeroes them
         self.engine.attach(self.tconfig, before_finalize=self.moe_stats.record)
         self.recipe = Recipe(cfg.recipe, self.tconfig, chunks, cfg.model_options.dsa_indexer_loss_coeff,
@@ -214,7 +217,7 @@ class Trainer:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             out["lm loss"] = float(total[0] / total[1])
             if self.cfg.model.num_nextn_predict_layers:
-                out["mtp loss"] = take_mtp_loss(num_microbatches)
+                out.update(take_mtp_loss(num_microbatches))
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP

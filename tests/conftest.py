@@ -3,6 +3,7 @@ trained on it, and a factory for synthetic datasets whose documents are identifi
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -35,6 +36,19 @@ def data_tokenizer_dir(tmp_path_factory, data_stdlib_files) -> str:
     from data.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(data_stdlib_files, 1000, str(tmp_path_factory.mktemp("bpe")))
+
+
+@pytest.fixture(scope="session")
+def text_shards(tmp_path_factory, data_stdlib_files) -> tuple[Path, str]:
+    """(manifest, tokenizer) of real token shards of ~0.5 MB of stdlib text, with a 500-token BPE (fits tiny's 512)."""
+    from data.tokenizer import train_bpe_tokenizer
+
+    work = tmp_path_factory.mktemp("corpus")
+    tokenizer = train_bpe_tokenizer(data_stdlib_files[:40], 500, str(work / "tokenizer"))
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", *map(str, data_stdlib_files[:40]),
+                    "--tokenizer", tokenizer, "--output-dir", str(work / "shards"), "--shard-size", "256KiB",
+                    "--chunk-tokens", "8192", "--quiet"], cwd=REPO, check=True)
+    return work / "shards" / "manifest.json", tokenizer
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ API (used by tests/test_parallel_equivalence.py and tests/test_context_parallel.
     scalars, ranks = train(out_dir, nproc, args)   # a real torchrun of launch/pretrain.py's Trainer
         scalars: TensorBoard scalars {tag: {iteration: value}}
         ranks:   one dump per rank: {"grads": {global name: fp32 gradient},
-                                     "shards": {global name: (tp_rank, tp_size, dim, glu)}}  (TP-sharded only)
+                                     "shards": {global name: (tp_rank, tp_size, dim, glu)},  (TP-sharded only)
+                                     "updates": {global name: the first optimizer step's change of the weight}}
     assert_same_gradients(name, want, ranks)       # want: the dump of a 1-process run (ranks[0] of it)
     assert_same_scalars(name, want, got)           # TensorBoard scalars: TAGS at every logged iteration
+    assert_same_updates(name, want, ranks)         # the first step's update of every weight (the optimizer)
     check_layout(name, nproc, extra, reference, out_dir)  # all of the above for one layout
 
 Gradients are taken right before the first optimizer step, when they are final: reduced over
@@ -124,12 +126,10 @@ def _gather_distributed_optimizer_shards(model) -> None:
                 dist.all_gather(list(shards), mine, group=group.intra_distributed_optimizer_instance_group)
 
 
-def _dump(trainer, path: Path) -> None:
+def _named_params(trainer):
+    """(global name, parameter, TP shard or None) of every parameter with a gradient buffer."""
     from model.initialization import _global_name, _tp
 
-    if trainer.cfg.use_distributed_optimizer:
-        _gather_distributed_optimizer_shards(trainer.model)
-    grads, shards = {}, {}
     for chunk in trainer.model:
         while not hasattr(chunk, "decoder"):  # DDP (and Float16Module) -> the GPT model init_weights names
             chunk = chunk.module
@@ -138,25 +138,47 @@ def _dump(trainer, path: Path) -> None:
             if getattr(p, "main_grad", None) is None:
                 continue
             key = _global_name(local, chunk)
-            grads[key] = p.main_grad.detach().float().clone()
             tp_rank, tp_size = _tp(key)
+            shard = None
             if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
-                shards[key] = (tp_rank, tp_size, getattr(p, "partition_dim", 0),
-                               glu and key.endswith("linear_fc1.weight"))
-    torch.save({"grads": grads, "shards": shards}, path)
+                shard = (tp_rank, tp_size, getattr(p, "partition_dim", 0), glu and key.endswith("linear_fc1.weight"))
+            yield key, p, shard
+
+
+def _dump(trainer) -> dict:
+    if trainer.cfg.use_distributed_optimizer:
+        _gather_distributed_optimizer_shards(trainer.model)
+    grads, shards = {}, {}
+    for key, p, shard in _named_params(trainer):
+        grads[key] = p.main_grad.detach().float().clone()
+        if shard is not None:
+            shards[key] = shard
+    return {"grads": grads, "shards": shards}
 
 
 def _dump_at_first_step(trainer, path: Path) -> None:
-    """Dump the gradients when the first optimizer step is about to run."""
+    """Dump the gradients when the first optimizer step is about to run, and the step's update of every
+    weight ("updates": after - before) once it has run."""
     step, dumped = trainer.optimizer.step, []
 
     def step_and_dump():
-        if not dumped:
-            _dump(trainer, path)
-            dumped.append(True)
-        return step()
+        if dumped:
+            return step()
+        dump = _dump(trainer)
+        before = {key: p.detach().float().clone() for key, p, _ in _named_params(trainer)}
+        result = step()
+        dump["updates"] = {key: p.detach().float() - before[key] for key, p, _ in _named_params(trainer)}
+        torch.save(dump, path)
+        dumped.append(True)
+        return result
 
     trainer.optimizer.step = step_and_dump
+
+
+def assert_same_updates(name: str, want: dict, ranks: list[dict], tol: float = GRAD_TOL) -> None:
+    """Every rank's first-step update of every weight equals the reference's (the optimizer, per weight)."""
+    assert_same_gradients(name, {"grads": want["updates"]},
+                          [{"grads": d["updates"], "shards": d["shards"]} for d in ranks], tol)
 
 
 def _worker(argv: list[str]) -> None:

@@ -135,6 +135,7 @@ def test_upstream_shapes_the_patches_rely_on():
     means re-deriving that patch."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core import optimizer as mcore_optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
     from megatron.core.transformer import multi_token_prediction as mtp
@@ -149,6 +150,18 @@ def test_upstream_shapes_the_patches_rely_on():
     # megatron_mtp: process_mtp_loss takes its counts from the module's roll_tensor
     assert "roll_tensor(" in inspect.getsource(mtp.process_mtp_loss)
     assert "original_num_tokens / num_tokens_safe" in inspect.getsource(mtp.process_mtp_loss)
+    # ... which models/gpt/gpt_model.py calls by its imported name (wrapped there too), cp_group by keyword
+    from megatron.core.models.gpt import gpt_model
+
+    assert "process_mtp_loss" in vars(gpt_model) and "cp_group=self.pg_collection.cp" in inspect.getsource(gpt_model)
+    # megatron_muon: the registry entry we copy, the hook we override, the orthogonalizer we call per head
+    from megatron.core.optimizer import emerging_optimizers as eo
+
+    muon = eo._EMERGING_OPTIMIZERS["muon"]
+    assert muon.optimizer_cls is eo.TensorParallelMuon and muon.config_to_kwargs is eo._muon_config_to_kwargs
+    assert "self.orthogonalize(p, grad" in inspect.getsource(eo.OrthogonalizedOptimizer.step)
+    assert "def scaled_orthogonalize_fn(\n            grad" in inspect.getsource(eo.TensorParallelMuon.__init__)
+    assert "check_config_overrides_consistency" in inspect.getsource(mcore_optimizer.get_megatron_optimizer)
     # megatron_cpu: the dispatcher converts only CUDA split sizes to numpy (read from the file: the CPU
     # runtime of this process has replaced the function)
     source = inspect.getsource(moe_utils)

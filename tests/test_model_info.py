@@ -108,3 +108,19 @@ def test_stage_layers_follow_the_pipeline_layout():
         assert stage_layers(tiny, 2, rank, 2, "Et|t|t|tmL") == stage_layers(tiny, 2, rank, 2)
     assert stage_layers(tiny, 2, 0, 2, "Ett|t||tmL") == [[0, 1], []]
     assert stage_layers(tiny, 2, 1, 2, "Ett|t||tmL") == [[2], [3]]
+
+
+def test_shared_mtp_depths_add_activations_on_the_last_stage_only():
+    """--mtp-num-layers 3 --mtp-use-repeated-layer: the one MTP layer runs three times on the last stage (three
+    depths' activations and logits), its parameters, gradients and optimizer state stay one layer's."""
+    from model.accounting import memory_per_gpu
+
+    c = get_preset("glm5")
+    kw = dict(tp=2, pp=6, ep=32, etp=1, dp=48, seq_length=4096, micro_batch_size=1, distributed_optimizer=True,
+              full_recompute=True, num_microbatches=320)
+    for stage in (0, 5):
+        one, three = (memory_per_gpu(c, pp_rank=stage, mtp_depths=d, **kw) for d in (1, 3))
+        for key in ("weights_gb", "grads_gb", "optimizer_gb"):
+            assert one[key] == three[key], key
+        grew = three["activations_gb_estimate"] - one["activations_gb_estimate"]
+        assert (grew > 2 * 4 * 4096 * c.vocab_size / 2 / 2**30) if stage == 5 else grew == 0

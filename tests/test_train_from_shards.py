@@ -1,25 +1,16 @@
 """The tiny model trains from real tar shards of a real corpus, and resumes exactly from them."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, read_scalars, torchrun
+from tests.helpers import read_scalars, torchrun
 from tests.inprocess import refused, train_here, trainer
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, data_stdlib_files):
-    from data.tokenizer import train_bpe_tokenizer
-
-    work = tmp_path_factory.mktemp("corpus")
-    tokenizer = train_bpe_tokenizer(data_stdlib_files[:40], 500, str(work / "tokenizer"))  # fits tiny's 512
-    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", *map(str, data_stdlib_files[:40]),
-                    "--tokenizer", tokenizer, "--output-dir", str(work / "shards"), "--shard-size", "256KiB",
-                    "--chunk-tokens", "8192", "--quiet"], cwd=ROOT, check=True)
-    return work / "shards" / "manifest.json", tokenizer
+def shards(text_shards):
+    return text_shards
 
 
 def args(manifest, tokenizer, *extra):

@@ -82,7 +82,7 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
                              offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
                              bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
                              microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-                             layout=layout)
+                             layout=layout, mtp_depths=args.mtp_num_layers)
               for stage in range(pp)]
     for m in stages:
         m["memory_gb_total_estimate"] = sum(

@@ -12,8 +12,12 @@ stand-ins for it, when it is absent). Importing this package patches nothing.
 patches every run needs, GPU or CPU:
   - megatron_without_te.py: where TE is absent, `tensor_parallel.random.CheckpointWithoutOutput`
     (selective recompute) asks TE's FP8 state: told "FP8 off";
-  - megatron_mtp.py: `multi_token_prediction.roll_tensor` as process_mtp_loss calls it returns a
-    token count that makes the MTP loss's per-token weight the context-parallel group's, not the rank's.
+  - megatron_mtp.py: `multi_token_prediction.process_mtp_loss` (and gpt_model's imported name) records
+    the rank's pre-roll token count, and `roll_tensor` as it calls it returns a count that makes each MTP
+    depth's per-token weight the context-parallel group's, not the rank's.
+
+megatron_muon.py -- with --optimizer muon (pretrain/optim.py): one more entry in megatron-core's
+emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side.
 
 megatron_cpu.py -- megatron-core 0.19.2 and torch.cuda, only on a machine without CUDA
 (`activate()`, by parallel/runtime.py; does nothing where CUDA is present). megatron-core assumes

@@ -1,0 +1,38 @@
+"""`--optimizer muon` at every layout AdamW runs at, proven per weight against one process (tests/grad_check.py):
+every rank's gradient of every weight before the first step, and its update by the first step (Muon's
+orthogonalized, per-head split update for the matrices, Adam's for the rest), and the losses of the
+step after it. Under TP the head-split up-projections need no gather (a head is whole on its rank); the other
+TP-sharded matrices are orthogonalized whole with `--muon-tp-mode duplicated` (blockwise, the default,
+orthogonalizes each shard: another update by design, not comparable with one process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import grad_check
+
+MUON = ["--optimizer", "muon", "--muon-fp32-matmul-prec", "high"]
+LAYOUTS = {
+    "tp2-duplicated": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--muon-tp-mode", "duplicated"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "ep2": (2, ["--expert-model-parallel-size", "2"]),
+    "cp2": (2, ["--context-parallel-size", "2"]),
+    "dp2": (2, []),  # plain data parallel (--use-distributed-optimizer is refused with Muon: tests/test_muon.py)
+}
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory) -> tuple[dict, dict]:
+    scalars, (dump,) = grad_check.train(tmp_path_factory.mktemp("muon_reference"), 1, [*grad_check.RUN, *MUON])
+    return scalars, dump
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, muon_reference, tmp_path):
+    nproc, extra = LAYOUTS[name]
+    want, want_dump = muon_reference
+    got, got_dumps = grad_check.train(tmp_path, nproc, [*grad_check.RUN, *MUON, *extra])
+    grad_check.assert_same_scalars(name, want, got)
+    grad_check.assert_same_gradients(name, want_dump, got_dumps)
+    grad_check.assert_same_updates(name, want_dump, got_dumps)
