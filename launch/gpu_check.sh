@@ -60,9 +60,21 @@ fi
 "$PYTHON" -c "import torch, transformer_engine, megatron.core as m; print('gpu_check:', torch.cuda.get_device_name(), \
 'torch', torch.__version__, 'TE', transformer_engine.__version__, 'megatron-core', m.__version__)" 2>/dev/null
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
-# The tiny runs are start-up bound (imports, CPU): four groups share the GPU at once; the benchmarks
-# then run alone, so their figures are the GPU's.
+# The benchmarks first, alone on the GPU, so their figures are the GPU's; then the tests: the tiny runs are
+# start-up bound (imports, CPU), so five groups share the GPU at once.
 logs=runs/gpu_check; mkdir -p "$logs"; rm -f "$logs"/bench-*.json
+status=0
+"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -k bench -p no:cacheprovider -rfEs "$@" > "$logs/bench.log" 2>&1 \
+  || status=1
+tail -1 "$logs/bench.log"; grep -E "^(FAILED|ERROR)" "$logs/bench.log" || true
+cat "$logs"/bench-*.json 2>/dev/null || true
+# one layer's DSA core attention, megatron-core's backends beside ours (tools/bench_dsa.py), GLM-5's 64
+# heads and top-k 2048; a backend whose package is missing prints "unavailable"
+timeout "${DSA_BENCH_TIMEOUT:-180}" "$PYTHON" tools/bench_dsa.py --seq-lengths 4096,16384 --topk 2048 --heads 64 \
+  --bf16 --paths none,dense,blockwise,triton,tilelang,cudnn --dense-limit-gb 60 --repeats 2 \
+  > "$logs/bench-dsa.jsonl" 2> "$logs/bench-dsa.log" || { echo "bench_dsa: exit $?"; tail -5 "$logs/bench-dsa.log"; status=1; }
+cat "$logs/bench-dsa.jsonl"
+echo "gpu_check: benchmarks done in $((SECONDS - start)) s; tests"
 groups=("te_bf16 or fp8_recipe" "resume" "export" "recompute or grouped")
 pids=()
 for i in "${!groups[@]}"; do
@@ -77,22 +89,11 @@ i=${#groups[@]}; groups+=("the other gpu tests")
 "$PYTHON" -m pytest -q -m gpu tests/ -k "$rest" -p no:cacheprovider -rfEs --basetemp "$(mktemp -d)/t" "$@" \
   > "$logs/group$i.log" 2>&1 &
 pids+=($!)
-status=0
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}" || status=1
   echo "--- ${groups[$i]}: $(tail -1 "$logs/group$i.log")"
   grep -E "^(FAILED|ERROR)" "$logs/group$i.log" || true
 done
-echo "gpu_check: tests done in $((SECONDS - start)) s; benchmarks"
-"$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -k bench -p no:cacheprovider -rfEs "$@" > "$logs/bench.log" 2>&1 \
-  || status=1
-tail -1 "$logs/bench.log"; grep -E "^(FAILED|ERROR)" "$logs/bench.log" || true
-cat "$logs"/bench-*.json 2>/dev/null || true
-# one layer's DSA core attention, megatron-core's backends beside ours (tools/bench_dsa.py), GLM-5's 64
-# heads and top-k 2048; a backend whose package is missing prints "unavailable"
-timeout "${DSA_BENCH_TIMEOUT:-180}" "$PYTHON" tools/bench_dsa.py --seq-lengths 4096,16384 --topk 2048 --heads 64 \
-  --bf16 --paths none,dense,blockwise,triton,tilelang,cudnn --dense-limit-gb 60 --repeats 2 \
-  > "$logs/bench-dsa.jsonl" 2> "$logs/bench-dsa.log" || { echo "bench_dsa: exit $?"; tail -5 "$logs/bench-dsa.log"; status=1; }
-cat "$logs/bench-dsa.jsonl"
+echo "gpu_check: tests done in $((SECONDS - start)) s"
 echo "gpu_check: $( [ $status = 0 ] && echo passed || echo "FAILED (logs in $logs/)" ) in $((SECONDS - start)) s"
 exit $status

@@ -184,6 +184,24 @@ def test_checkpoint_loads_into_the_other_backend(single_process_group, tmp_path)
     chunk.load_state_dict(loaded)
 
 
+def test_mla_dsa_builds_with_linears_that_keep_an_empty_bias_as_te_does(single_process_group, monkeypatch):  # noqa: F811
+    """TE's linears built without a bias keep an empty `bias` tensor where megatron's local ones keep None:
+    a check on the module's attribute refused every TE build (found on an H200); the config decides."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from model import specs
+
+    class EmptyBias(ColumnParallelLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.bias is None:
+                self.bias = torch.nn.Parameter(torch.empty(0))
+
+    monkeypatch.setattr(specs.LocalBackend, "column_parallel_linear", lambda self: EmptyBias)
+    chunk = _tiny_chunk()
+    assert chunk.decoder.layers[0].self_attention.linear_kv_up_proj.bias.numel() == 0
+
+
 # --- defect 12: the report says what runs -----------------------------------------------------------
 def test_implementation_report_names_the_dsa_path(single_process_group):  # noqa: F811
     from pretrain.implementations import core_attention, report

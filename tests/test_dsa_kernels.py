@@ -91,6 +91,27 @@ def interpreted_indexer() -> None:
 
 
 @needs_triton
+def test_kernels_read_no_global_that_the_compiler_refuses():
+    """Compiled Triton (not its interpreter) refuses a module global inside a @triton.jit function unless
+    it is a `tl.constexpr` (found on an H200: a plain float constant broke every CUDA run)."""
+    import importlib
+    import types
+
+    import triton
+    import triton.language as tl
+
+    for name in ("model.kernels.sparse_mla", "model.kernels.indexer"):
+        module = importlib.import_module(name)
+        kernels = [v for v in vars(module).values() if isinstance(v, triton.runtime.JITFunction)]
+        assert kernels, name
+        for kernel in kernels:
+            for ref in kernel.fn.__code__.co_names:
+                value = vars(module).get(ref)
+                allowed = (value is None or isinstance(value, (types.ModuleType, tl.constexpr, triton.runtime.JITFunction)))
+                assert allowed, f"{name}.{kernel.fn.__name__} reads the global {ref} = {value!r}: make it a tl.constexpr"
+
+
+@needs_triton
 def test_sparse_mla_kernel_matches_torch_interpreted():
     """Forward and backward, fp32 and bf16 inputs (upcast in the kernel), -1 slots included."""
     run_interpreted("interpreted_sparse_mla")

@@ -207,6 +207,19 @@ def measure(path: str, module, seq: int, topk: int, heads: int, index_heads: int
             "seconds": round(best, 4), "cpu_seconds_profiled_run": round(cpu_seconds, 4)}
 
 
+def measure_path(path: str, seqs: list[int], args, device, dtype) -> None:
+    module = build(path, args.heads, args.index_heads, args.topk, device, dtype)
+    for seq in seqs:
+        # a dense path holds about 6 fp32 [heads, S, S] buffers at once (scores, masks, softmax)
+        dense_gb = 6 * 4 * (args.heads + 1) * seq * seq / 2**30
+        if path in DENSE and dense_gb > args.dense_limit_gb:
+            print(json.dumps({"path": path, "seq_length": seq, "topk": args.topk, "heads": args.heads,
+                              "skipped": f"estimated {dense_gb:.0f} GB > --dense-limit-gb"}), flush=True)
+            continue
+        print(json.dumps(measure(path, module, seq, args.topk, args.heads, args.index_heads, device, dtype,
+                                 args.repeats)), flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-lengths", default="1024,2048,4096")
@@ -247,22 +260,22 @@ def main(argv=None) -> None:
             from model.kernels import triton_usable
 
             paths = ["none", "triton" if triton_usable(device) else "blockwise"]
+        failed = []
         for path in paths:
             why = unavailable(path, device)
             if why:
                 print(json.dumps({"path": path, "unavailable": why}), flush=True)
                 continue
-            module = build(path, args.heads, args.index_heads, args.topk, device, dtype)
-            for seq in seqs:
-                # a dense path holds about 6 fp32 [heads, S, S] buffers at once (scores, masks, softmax)
-                dense_gb = 6 * 4 * (args.heads + 1) * seq * seq / 2**30
-                if path in DENSE and dense_gb > args.dense_limit_gb:
-                    print(json.dumps({"path": path, "seq_length": seq, "topk": args.topk, "heads": args.heads,
-                                      "skipped": f"estimated {dense_gb:.0f} GB > --dense-limit-gb"}), flush=True)
-                    continue
-                print(json.dumps(measure(path, module, seq, args.topk, args.heads, args.index_heads, device,
-                                         dtype, args.repeats)), flush=True)
-            del module
+            try:  # one path's failure is reported; the others are still measured
+                measure_path(path, seqs, args, device, dtype)
+            except Exception as e:  # noqa: BLE001
+                failed.append(path)
+                print(json.dumps({"path": path, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}),
+                      flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if failed:
+            raise SystemExit(f"bench_dsa: {', '.join(failed)} failed")
     finally:
         rt.shutdown()
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from model.kernels import interpreted
 
-NEG_BIG = -1.0e30  # the running max starts finite: a chunk of masked slots then gives p = 0, not NaN
+NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite: a chunk of masked slots then gives p = 0, not NaN
 
 
 @triton.jit

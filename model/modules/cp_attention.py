@@ -111,7 +111,8 @@ class CPMLASelfAttention(MLASelfAttention):
             (config.q_lora_rank is None, "q_lora_rank None (DSA needs the query latent)"),
             (config.apply_rope_fusion, "apply_rope_fusion"),
             (config.cache_mla_latents, "cache_mla_latents"),
-            (getattr(self.linear_kv_up_proj, "bias", None) is not None, "a bias in linear_kv_up_proj"),
+            # the config, not the module: TE's linears keep an empty `bias` tensor when built without one
+            (config.add_bias_linear, "add_bias_linear (a bias in linear_kv_up_proj)"),
         ]
         for bad, what in unsupported:
             if bad:
