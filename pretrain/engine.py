@@ -19,7 +19,7 @@ from pretrain import optimizer_state
 from pretrain.checkpointing import SHARDING_METADATA
 from pretrain.config import TrainConfig
 from pretrain.implementations import megatron_optimizer_report
-from pretrain.optim import build_optimizer, wrap_ddp, wrap_precision
+from pretrain.optim import build_optimizer, shards_grad_buffers, wrap_ddp, wrap_precision
 from pretrain.run_state import CheckpointError
 
 
@@ -119,7 +119,7 @@ class MegatronEngine(Engine):
 
     @property
     def _gathers_params_in_forward(self) -> bool:
-        return self.cfg.overlap_param_gather and self.cfg.use_distributed_optimizer
+        return self.cfg.overlap_param_gather and shards_grad_buffers(self.cfg)
 
     def zero_grad(self) -> None:
         for m in self.model:

@@ -84,11 +84,10 @@ def check_arguments(args) -> None:
         if changed:
             raise ValueError(f"{changed[0]} needs --optimizer muon")
         return
-    if args.use_distributed_optimizer:
-        # megatron-core's DistributedOptimizer hands each rank a flat slice of the reduce-scattered gradients:
-        # Muon needs whole matrices (Megatron-LM switches to the experimental LayerWiseDistributedOptimizer)
-        raise ValueError("--optimizer muon does not work with --use-distributed-optimizer yet (Muon orthogonalizes "
-                         "whole matrices; the distributed optimizer holds flat shards of them): drop one of them")
+    if args.use_distributed_optimizer and args.overlap_param_gather:
+        # the layer-wise optimizer all-gathers whole parameters after its step (pretrain/optim.py)
+        raise ValueError("--overlap-param-gather does not work with --optimizer muon --use-distributed-optimizer "
+                         "(megatron-core's layer-wise optimizer gathers parameters after the step): drop it")
     if args.muon_num_ns_steps < 1:
         raise ValueError(f"--muon-num-ns-steps {args.muon_num_ns_steps} must be at least 1")
     if not 0 <= args.muon_momentum < 1:

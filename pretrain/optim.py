@@ -20,12 +20,19 @@ def wrap_precision(chunks, tconfig):
     return [Float16Module(tconfig, chunk) for chunk in chunks]
 
 
+def shards_grad_buffers(cfg: TrainConfig) -> bool:
+    """Whether DDP reduce-scatters gradients into flat shards (megatron's DistributedOptimizer). Muon
+    orthogonalizes whole matrices: its --use-distributed-optimizer is megatron-core's layer-wise one, which
+    assigns whole parameters to data-parallel ranks over all-reduced gradients (pretrain/muon.py)."""
+    return cfg.use_distributed_optimizer and cfg.optimizer != "muon"
+
+
 def wrap_ddp(chunks, tconfig, cfg: TrainConfig):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.overlap_grad_reduce,
-        overlap_param_gather=cfg.overlap_param_gather,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        overlap_param_gather=cfg.overlap_param_gather and shards_grad_buffers(cfg),
+        use_distributed_optimizer=shards_grad_buffers(cfg),
         check_for_nan_in_grad=False,
         bucket_size=None,
     )
@@ -48,8 +55,9 @@ def optimizer_config(cfg: TrainConfig, timers=None) -> OptimizerConfig:
         optimizer=MUON if muon else "adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.model_options.bf16, params_dtype=cfg.model_options.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
-        overlap_param_gather=cfg.overlap_param_gather,
+        use_distributed_optimizer=shards_grad_buffers(cfg),
+        use_layer_wise_distributed_optimizer=muon and cfg.use_distributed_optimizer,
+        overlap_param_gather=cfg.overlap_param_gather and shards_grad_buffers(cfg),
         log_num_zeros_in_grad=cfg.observability.log_num_zeros_in_grad,
         timers=timers, barrier_with_L1_time=cfg.observability.barrier_with_l1_time,
         **(cfg.muon.optimizer_config_fields() if muon else {}),
@@ -60,10 +68,12 @@ def build_optimizer(model, cfg: TrainConfig, gloo_groups: bool = True, timers=No
     # gloo_groups=False under a fake process group (tools/simulate_layout.py), which has no gloo groups
     config = optimizer_config(cfg, timers)
     if cfg.optimizer == "muon":
-        from parallel.compat.megatron_muon import register_muon_variant
+        from parallel.compat.megatron_muon import layer_wise_for_any_precision_and_backend, register_muon_variant
         from pretrain import muon
 
         register_muon_variant(MUON, muon.optimizer_class(), to_adam=lambda p: p.muon_adam)
+        if cfg.use_distributed_optimizer:
+            layer_wise_for_any_precision_and_backend()
         muon.tag_parameters(model, cfg.muon.split_mla_heads)
     # megatron-core's standard overrides (no weight decay on 1-D parameters) apply to both
     return get_megatron_optimizer(config, model, use_gloo_process_groups=gloo_groups)

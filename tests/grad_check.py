@@ -146,7 +146,7 @@ def _named_params(trainer):
 
 
 def _dump(trainer) -> dict:
-    if trainer.cfg.use_distributed_optimizer:
+    if trainer.model[0].ddp_config.use_distributed_optimizer:  # reduce-scattered (not Muon's layer-wise)
         _gather_distributed_optimizer_shards(trainer.model)
     grads, shards = {}, {}
     for key, p, shard in _named_params(trainer):

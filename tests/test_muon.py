@@ -119,7 +119,8 @@ def test_refusals_name_the_flag():
 
     assert "--optimizer muon" in error("--dp-engine", "deepspeed", "--optimizer", "muon")
     assert "needs --optimizer muon" in error("--no-muon-split-mla-heads")
-    assert "--use-distributed-optimizer" in error("--optimizer", "muon", "--use-distributed-optimizer")
+    assert "--overlap-param-gather" in error("--optimizer", "muon", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                             "--overlap-param-gather")
     assert "--muon-num-ns-steps 0" in error("--optimizer", "muon", "--muon-num-ns-steps", "0")
 
 
@@ -138,7 +139,8 @@ def test_resume_with_another_optimizer_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["--expert-model-parallel-size", "2"]),
     (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-], ids=["ep2-to-1", "ep2xpp2-to-1"])
+    (2, ["--use-distributed-optimizer"]),  # megatron-core's layer-wise optimizer: each rank holds whole matrices' state
+], ids=["ep2-to-1", "ep2xpp2-to-1", "dp2-distributed-optimizer-to-1"])
 def test_muon_state_reshards_to_one_process(tmp_path, nproc, layout):
     """Saved at another layout, resumed by one process: the momentum buffers of every matrix (each expert's on
     its rank, each stage's) and Adam's moments are resharded by global name, and the run continues as the
@@ -155,3 +157,32 @@ def test_muon_state_reshards_to_one_process(tmp_path, nproc, layout):
     assert sorted(resumed) == [4, 5]
     for it in (4, 5):
         assert resumed[it] == pytest.approx(full[it], rel=2e-3), it
+
+
+@pytest.mark.slow
+def test_layer_wise_distributed_optimizer_resumes_exactly_and_from_one_process(tmp_path):
+    """`--use-distributed-optimizer` with Muon (megatron-core's layer-wise optimizer: each rank keeps the state
+    of whole matrices): a run resumed at its own layout continues exactly, and a one-process checkpoint continues
+    there as the uninterrupted run does (each matrix's state goes to the rank that owns it)."""
+    from tests.conftest import TINY_RUN
+    from tests.helpers import read_scalars, torchrun
+
+    one = [*TINY_RUN, "--optimizer", "muon", "--muon-fp32-matmul-prec", "high", "--train-iters", "5",
+           "--lr-decay-iters", "8"]
+    run = [*one, "--use-distributed-optimizer"]
+    ck = tmp_path / "ck"
+    torchrun(2, [*run, "--save", str(ck), "--save-interval", "3", "--tensorboard-dir", str(tmp_path / "full")])
+    full = read_scalars(tmp_path / "full")["lm loss"]
+    (ck / "latest_checkpointed_iteration.txt").write_text("3\n")
+    torchrun(2, [*run, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "resumed")])
+    resumed = read_scalars(tmp_path / "resumed")["lm loss"]
+    assert sorted(resumed) == [4, 5]
+    for it in (4, 5):
+        assert resumed[it] == pytest.approx(full[it], rel=1e-6), it
+
+    ck1 = tmp_path / "ck1"
+    train_here([*one, "--save", str(ck1), "--exit-interval", "3"])
+    torchrun(2, [*run, "--load", str(ck1), "--tensorboard-dir", str(tmp_path / "from_one")])
+    from_one = read_scalars(tmp_path / "from_one")["lm loss"]
+    for it in (4, 5):
+        assert from_one[it] == pytest.approx(full[it], rel=2e-3), it

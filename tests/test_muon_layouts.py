@@ -17,7 +17,9 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "ep2": (2, ["--expert-model-parallel-size", "2"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
-    "dp2": (2, []),  # plain data parallel (--use-distributed-optimizer is refused with Muon: tests/test_muon.py)
+    "dp2": (2, []),
+    # megatron-core's layer-wise distributed optimizer: each rank steps whole matrices, then all-gathers them
+    "dp2-distributed-optimizer": (2, ["--use-distributed-optimizer"]),
 }
 
 
