@@ -162,6 +162,15 @@ def test_upstream_shapes_the_patches_rely_on():
     assert "self.orthogonalize(p, grad" in inspect.getsource(eo.OrthogonalizedOptimizer.step)
     assert "def scaled_orthogonalize_fn(\n            grad" in inspect.getsource(eo.TensorParallelMuon.__init__)
     assert "check_config_overrides_consistency" in inspect.getsource(mcore_optimizer.get_megatron_optimizer)
+    # ... and the layer-wise distributed optimizer: its constructor's arguments, bf16-only wrapping, the uneven
+    # all-gather we pad over gloo, the nested state layout its checkpoint code reads
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer as LayerWise
+
+    assert list(inspect.signature(LayerWise.__init__).parameters)[1:] == [
+        "optimizers", "config", "pg_collection", "init_state_fn_list", "model_chunks"]
+    assert "if config.bf16:" in inspect.getsource(LayerWise.__init__)
+    assert "torch.distributed.all_gather(gather_list, src, group=group)" in inspect.getsource(LayerWise.allgather_params)
+    assert "sd['optimizer']['state']" in inspect.getsource(LayerWise.sharded_state_dict)
     # megatron_cpu: the dispatcher converts only CUDA split sizes to numpy (read from the file: the CPU
     # runtime of this process has replaced the function)
     source = inspect.getsource(moe_utils)

@@ -72,6 +72,14 @@ def test_fp8_recipe_trains_like_bf16(recipe, te_bf16, tmp_path, fp8_tiny_config)
     assert lm[ITERS] == pytest.approx(ref[ITERS], rel=0.02), f"{recipe}: {lm[ITERS]} vs bf16 {ref[ITERS]}"
 
 
+def test_muon_with_the_layer_wise_distributed_optimizer_trains_in_bf16_with_te(tmp_path, fp8_tiny_config):
+    """`--optimizer muon --use-distributed-optimizer` under bf16 and TE: megatron-core's layer-wise optimizer wraps
+    its optimizers itself there (the CPU suite proves the fp32 path per weight)."""
+    _, scalars = _run(tmp_path, "muon", [*_tiny_train(fp8_tiny_config), *TE, "--optimizer", "muon",
+                                         "--use-distributed-optimizer"])
+    _falls(scalars["lm loss"], "muon + distributed optimizer")
+
+
 def test_resume_is_exact_with_te_fused_adam_and_the_distributed_optimizer(tmp_path):
     common = [*grad_check.RUN, *TE, "--bf16", "--use-distributed-optimizer", "--train-iters", "6"]  # last wins
     stdout, whole = _run(tmp_path, "whole", common)

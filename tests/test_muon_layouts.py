@@ -19,7 +19,8 @@ LAYOUTS = {
     "cp2": (2, ["--context-parallel-size", "2"]),
     "dp2": (2, []),
     # megatron-core's layer-wise distributed optimizer: each rank steps whole matrices, then all-gathers them
-    "dp2-distributed-optimizer": (2, ["--use-distributed-optimizer"]),
+    # dense parameters over 4 data-parallel ranks, experts over their 2 expert-data-parallel ranks
+    "ep2-distributed-optimizer": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
 }
 
 

@@ -17,7 +17,9 @@ patches every run needs, GPU or CPU:
     depth's per-token weight the context-parallel group's, not the rank's.
 
 megatron_muon.py -- with --optimizer muon (pretrain/optim.py): one more entry in megatron-core's
-emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side.
+emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side; with
+--use-distributed-optimizer, megatron-core's layer-wise distributed optimizer run in fp32 (upstream wraps only
+bf16) and over gloo (its uneven parameter all-gather padded there).
 
 megatron_cpu.py -- megatron-core 0.19.2 and torch.cuda, only on a machine without CUDA
 (`activate()`, by parallel/runtime.py; does nothing where CUDA is present). megatron-core assumes
