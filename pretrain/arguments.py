@@ -16,7 +16,7 @@ from model.config import GLM5Config
 from model.mcore_config import FP8_RECIPES, ModelOptions
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
-from pretrain import muon, observability
+from pretrain import muon, observability, stages
 from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     observability.add_arguments(p)
     muon.add_arguments(p)
+    stages.add_arguments(p)
     return p
 
 
@@ -256,6 +257,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
     muon.check_arguments(args)
+    stages.check_arguments(args)
     _check_dp_engine(args, dims)
     _check_moe_and_cp_engine(args, dims, use_te)
     observed = observability.from_args(args, world_size)
@@ -303,6 +305,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         valid_data_path=args.valid_data_path, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         eod_mask_loss=args.eod_mask_loss, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
         tensorboard_dir=args.tensorboard_dir, observability=observed, save=args.save, load=args.load,
+        load_options=stages.LoadOptions.from_args(args),
         save_interval=args.save_interval,
         async_save=args.async_save,
         exit_interval=args.exit_interval, max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,

@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from pretrain import extra_state, faults
 from pretrain.optim import schedule_differences
+from pretrain.stages import LoadOptions
 from pretrain.run_state import (
     TRACKER, CheckpointError, Progress, RunState, iter_dir, latest_iteration, partial_dir, publish, read_run_state,
     write_run_state)
@@ -171,52 +172,80 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
     return publish(root, iteration)
 
 
-def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict) -> dict:
-    """Load the latest checkpoint under `root` into the parts; returns its run state (as written)."""
+def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
+         options: LoadOptions = LoadOptions()) -> dict:
+    """Load the latest checkpoint under `root` into the parts; returns its run state (as written), with
+    "notes": what this load left fresh and why (pretrain/stages.py)."""
     iteration, saved = read_run_state(root)
     if saved.get("model_config") != model_config:
         theirs, ours = saved.get("model_config", {}), model_config
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
-    if saved.get("weights_only"):
-        # Model weights only (tools/import_hf.py): optimizer, scheduler, data position and RNG start fresh.
+    notes = [options.describe()] if options.describe() else []
+    if saved.get("weights_only") or options.finetune:
+        # Model weights only (tools/import_hf.py, --finetune): optimizer, scheduler, data position and RNG start
+        # fresh, at iteration 0.
         _load_model(parts.model, extra_state.load(model_sharded_state(parts.model), directory))
         parts.engine.reload_model_params()
-        return saved
-    differ = schedule_differences(parts.scheduler, saved["scheduler"])
+        return {**saved, "notes": notes}
+    load_optim = not options.no_load_optim
+    differ = schedule_differences(parts.scheduler, saved["scheduler"]) if load_optim else []
     if differ:
         raise CheckpointError(
             f"--load {root}: this run's learning-rate schedule differs from iteration {iteration}'s "
             f"({'; '.join(differ)}). Say which wins: --override-opt_param-scheduler (this run's flags, "
             "e.g. to extend a run with a longer --train-iters) or --use-checkpoint-opt_param-scheduler "
-            "(the checkpoint's schedule)")
+            "(the checkpoint's schedule); or start this run's optimizer and schedule fresh: --no-load-optim")
     same_layout = saved.get("layout") == layout
-    parts.engine.check_resumable(saved, layout, where=f"--load {root}: iteration {iteration}")
     request = model_sharded_state(parts.model)
-    request.update(parts.engine.sharded_state_dict(request, is_loading=True))
-    parts.engine.prepare_load(request, directory, saved)
+    if load_optim:
+        parts.engine.check_resumable(saved, layout, where=f"--load {root}: iteration {iteration}")
+        request.update(parts.engine.sharded_state_dict(request, is_loading=True))
+        parts.engine.prepare_load(request, directory, saved)
     loaded = extra_state.load(request, directory)  # written by either transformer implementation
     _load_model(parts.model, loaded)
     if "optimizer" in request:
         parts.engine.load_sharded(loaded, request, saved, same_layout)
-    parts.scheduler.load_state_dict(saved["scheduler"])
+        parts.scheduler.load_state_dict(saved["scheduler"])
+    else:
+        parts.engine.reload_model_params()
 
     rank_file = directory / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
-    if same_layout and rank_file.exists():
-        rank_state = _read_rank_state(rank_file)
+    rank_state = _read_rank_state(rank_file) if same_layout and rank_file.exists() else None
+    if rank_state is not None and not options.no_load_rng:
         torch.set_rng_state(rank_state["torch_rng"])
         if torch.cuda.is_available() and rank_state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"])
         get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
+    if rank_state is not None and load_optim and "optimizer" in rank_state:
+        parts.engine.load_rank_state_dict(rank_state["optimizer"])
+    # The data position: this rank's at the same layout, else the global one (the same for every rank);
+    # only for the data configuration it was saved with.
+    changed = _data_changes(saved.get("data"), parts.data.state_dict())
+    if changed:
+        notes.append(f"the data position starts fresh: {changed} (the checkpoint's position belongs to its own data)")
+    elif rank_state is not None:
         parts.data.load_state_dict(rank_state["data"])
-        if "optimizer" in rank_state:
-            parts.engine.load_rank_state_dict(rank_state["optimizer"])
     else:
-        # Another layout: the data position is global (the same for every rank), RNG is reseeded.
         parts.data.load_state_dict(saved["data"])
     parts.progress.load_state_dict(saved)
-    return saved
+    return {**saved, "notes": notes}
+
+
+def _data_changes(saved: dict | None, ours: dict) -> str:
+    """What differs between the data configuration a position was saved for and this run's ("" if none)."""
+    if not saved:
+        return ""
+    keys = [k for k in ours if k not in ("step", "streams", "consumed_samples")]
+    differ = [k for k in keys if saved.get(k) != ours[k]]
+    if not differ:
+        return ""
+    show = {"datasets": "the data blend (--data-path)", "seq_length": "--seq-length",
+            "global_batch_size": "--global-batch-size", "rampup_batch_size": "--rampup-batch-size",
+            "num_streams": "the reader's streams", "seed": "--seed"}
+    return "; ".join(f"{show.get(k, k)} {saved.get(k)!r} -> {ours[k]!r}" if k != "datasets" else
+                     f"{show[k]} changed" for k in differ)
 
 
 def _rank_state_globals() -> list:
@@ -254,8 +283,8 @@ class Checkpointer:
 
             self.async_queue = AsyncCallsQueue()
 
-    def load(self, root: str) -> dict:
-        return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"])
+    def load(self, root: str, options: LoadOptions = LoadOptions()) -> dict:
+        return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
 
     def save(self) -> None:
         if self.async_queue is not None:

@@ -10,6 +10,7 @@ from parallel.dims import ParallelDims
 from pretrain.muon import MuonOptions
 from pretrain.observability import ObservabilityConfig
 from pretrain.recipe import RecipeConfig
+from pretrain.stages import LoadOptions
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     # checkpoints
     save: str | None = None
     load: str | None = None
+    load_options: LoadOptions = field(default_factory=LoadOptions)  # --finetune, --no-load-optim, --no-load-rng
     exit_on_missing_checkpoint: bool = False
     save_interval: int | None = None
     async_save: bool = False

@@ -109,9 +109,11 @@ class Trainer:
                           seq_length=cfg.seq_length),
             device=runtime.device, save_dir=cfg.save, async_save=cfg.async_save)
         if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
-            self.checkpointer.load(cfg.load)
+            loaded = self.checkpointer.load(cfg.load, cfg.load_options)
             if runtime.rank == 0:
                 print(f"loaded checkpoint {cfg.load} at iteration {self.iteration}", flush=True)
+                for note in loaded["notes"]:
+                    print(f"  {note}", flush=True)
         elif cfg.load:  # (--exit-on-missing-checkpoint stopped at the arguments)
             if runtime.rank == 0:
                 print(f"--load {cfg.load} holds no checkpoint (no {checkpointing.TRACKER}): starting from random "

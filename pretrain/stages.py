@@ -1,0 +1,63 @@
+"""Moving a checkpoint from one training stage to the next, with Megatron-LM's flags.
+
+GLM-5 was trained in stages (short-context pre-training, long-context mid-training on packed documents, DSA
+switched on over a dense warm-up): each stage starts from the previous stage's checkpoint with other
+flags. What `--load` takes from the checkpoint:
+
+  flags                what is loaded                            what starts fresh
+  (none)               weights, optimizer, LR schedule, data     -
+                       position, RNG, iteration
+  --no-load-optim      weights, data position, RNG, iteration    the optimizer state and the LR/WD schedule
+                                                                  (it counts from this run's first step)
+  --no-load-rng        all but the RNG                           the RNG (reseeded from --seed)
+  --finetune           the weights                               everything else: iteration 0
+
+The data position belongs to one data configuration (the blend's datasets and weights, the sequence
+length, the global batch size and the ramp, the seed: data/reader.py's state header). When this run's
+differs, the position starts at the beginning of this run's data and the log says what changed: the
+old blend's position is never applied to a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "LoadOptions":
+        return cls(finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng)
+
+    def describe(self) -> str | None:
+        """The log line after loading, or None when the whole run state was loaded."""
+        if self.finetune:
+            return "--finetune: weights only; iteration 0, fresh optimizer, LR schedule, data position and RNG"
+        fresh = [what for what, on in (("the optimizer state and LR schedule (--no-load-optim)", self.no_load_optim),
+                                       ("the RNG (--no-load-rng)", self.no_load_rng)) if on]
+        return "fresh: " + ", ".join(fresh) if fresh else None
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("stage changes (with --load)")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the checkpoint's weights only: iteration 0, fresh optimizer, schedule, data and RNG")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state and LR/WD schedule (the schedule restarts)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG state")
+
+
+def check_arguments(args) -> None:
+    """Before any work: each flag needs --load, and none may contradict another."""
+    given = [flag for flag, on in (("--finetune", args.finetune), ("--no-load-optim", args.no_load_optim),
+                                   ("--no-load-rng", args.no_load_rng)) if on]
+    if given and not args.load:
+        raise ValueError(f"{given[0]} changes what --load takes from a checkpoint: give --load DIR")
+    if (args.finetune or args.no_load_optim) and args.use_checkpoint_opt_param_scheduler:
+        flag = "--finetune" if args.finetune else "--no-load-optim"
+        raise ValueError(f"{flag} does not load the checkpoint's LR schedule, which "
+                         "--use-checkpoint-opt_param-scheduler asks for: drop one of them")
