@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 import pickle
 import shutil
 from pathlib import Path
@@ -29,8 +30,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from pretrain import extra_state, faults
+from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.run_state import (
     TRACKER, CheckpointError, Progress, RunState, iter_dir, latest_iteration, partial_dir, publish, read_run_state,
@@ -179,9 +182,10 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict) ->
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
+    upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config))
     if saved.get("weights_only"):
         # Model weights only (tools/import_hf.py): optimizer, scheduler, data position and RNG start fresh.
-        _load_model(parts.model, extra_state.load(model_sharded_state(parts.model), directory))
+        _load_model(parts.model, extra_state.load(upgrade(model_sharded_state(parts.model)), directory))
         parts.engine.reload_model_params()
         return saved
     differ = schedule_differences(parts.scheduler, saved["scheduler"])
@@ -196,7 +200,7 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict) ->
     request = model_sharded_state(parts.model)
     request.update(parts.engine.sharded_state_dict(request, is_loading=True))
     parts.engine.prepare_load(request, directory, saved)
-    loaded = extra_state.load(request, directory)  # written by either transformer implementation
+    loaded = extra_state.load(upgrade(request), directory)  # written by either transformer implementation
     _load_model(parts.model, loaded)
     if "optimizer" in request:
         parts.engine.load_sharded(loaded, request, saved, same_layout)
@@ -217,6 +221,12 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict) ->
         parts.data.load_state_dict(saved["data"])
     parts.progress.load_state_dict(saved)
     return saved
+
+
+def _dims(model_config: dict) -> hf_mapping.Dims:
+    from model.config import GLM5Config
+
+    return hf_mapping.Dims.of(GLM5Config.from_hf_dict(model_config), padded_vocab_size=0)  # the indexer's only
 
 
 def _rank_state_globals() -> list:

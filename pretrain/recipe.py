@@ -125,8 +125,8 @@ def apply_step_settings(settings: StepSettings, tconfig, indexers) -> None:
     tconfig.mtp_loss_scaling_factor = settings.mtp_loss_scaling_factor
     tconfig.moe_router_bias_update_rate = settings.moe_router_bias_update_rate
     tconfig.dsa_indexer_use_sparse_loss = settings.dsa_indexer_use_sparse_loss
-    for indexer in indexers:
-        indexer.topk = settings.indexer_topk
+    for core_attention in indexers:  # ours and megatron-core's DSAttention read `index_topk`
+        core_attention.index_topk = settings.indexer_topk
 
 
 class Recipe:
@@ -135,7 +135,8 @@ class Recipe:
     def __init__(self, rc: RecipeConfig, tconfig, chunks, indexer_loss_coeff: float, tokens_per_microbatch: int):
         self.rc, self.tconfig, self.chunks = rc, tconfig, chunks
         self.indexer_loss_coeff = indexer_loss_coeff
-        self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
+        self.indexers = [m for c in chunks for n, m in c.named_modules()
+                         if n.endswith("self_attention.core_attention") and hasattr(m, "index_topk")]
         self.sparse_topk = tconfig.dsa_indexer_topk
         self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
         self._warmup_hooks = []  # removed when the warm-up is over: no per-gradient call for the rest of the run
