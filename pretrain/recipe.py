@@ -141,6 +141,14 @@ class Recipe:
         self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
         self._warmup_hooks = []  # removed when the warm-up is over: no per-gradient call for the rest of the run
         self.tokens_per_microbatch = tokens_per_microbatch
+        # megatron-core's DSAttention (--dsa-kernel-backend none/tilelang/cudnn) sums its KL over the
+        # rank's queries under calculate_per_token_loss, already a token sum: weight 1. Ours is a mean.
+        from model.mcore_config import UPSTREAM_DSA_BACKENDS
+
+        upstream = tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS
+        self.indexer_loss_tokens = 1 if upstream else tokens_per_microbatch
+        # what divides the logged value into a per-token mean (upstream sums over CP ranks too)
+        self.indexer_loss_rows = tokens_per_microbatch * tconfig.context_parallel_size if upstream else 1
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
         # in scale_indexer_loss (tests/test_compat.py checks the schedule still asks this hook).
@@ -152,7 +160,7 @@ class Recipe:
         (megatron's after the backward, DeepSpeed's before it, in grad_scale_func): weigh the KL by
         its tokens and pass it through the same grad_scale_func, as megatron-core's schedule does
         for the MoE and MTP auxiliary losses (a class-wide scale: megatron-core's API)."""
-        tokens = torch.tensor(float(self.tokens_per_microbatch), device=device)
+        tokens = torch.tensor(float(self.indexer_loss_tokens), device=device)
         DSAIndexerLossAutoScaler.set_loss_scale(grad_scale_func(tokens).reshape(()))
 
     @staticmethod

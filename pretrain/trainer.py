@@ -222,7 +222,7 @@ class Trainer:
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
             DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
-            values = DSAIndexerLossLoggingHelper.tracker["values"] / num_microbatches
+            values = DSAIndexerLossLoggingHelper.tracker["values"] / (num_microbatches * self.recipe.indexer_loss_rows)
             out["dsa/indexer-loss"] = float(values.mean())
             DSAIndexerLossLoggingHelper.clean_loss_in_tracker()
         return out
