@@ -149,6 +149,7 @@ class Recipe:
         self.indexer_loss_tokens = 1 if upstream else tokens_per_microbatch
         # what divides the logged value into a per-token mean (upstream sums over CP ranks too)
         self.indexer_loss_rows = tokens_per_microbatch * tconfig.context_parallel_size if upstream else 1
+        self.indexer_layers = tconfig.num_layers + (tconfig.mtp_num_layers or 0)
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
         # in scale_indexer_loss (tests/test_compat.py checks the schedule still asks this hook).

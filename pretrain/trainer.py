@@ -223,7 +223,9 @@ class Trainer:
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
             DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
             values = DSAIndexerLossLoggingHelper.tracker["values"] / (num_microbatches * self.recipe.indexer_loss_rows)
-            out["dsa/indexer-loss"] = float(values.mean())
+            # the mean over the decoder's and the MTP layers' indexers (megatron-core's DSAttention files
+            # the MTP layer's under layer 1 in a tracker of num_layers slots, ours after the decoder's)
+            out["dsa/indexer-loss"] = float(values.sum() / self.recipe.indexer_layers)
             DSAIndexerLossLoggingHelper.clean_loss_in_tracker()
         return out
 
