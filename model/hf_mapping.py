@@ -14,6 +14,7 @@ GLU fc1 is stored as [gate; up] whatever the TP layout: `storage_key`/`logical_n
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -70,9 +71,11 @@ class VocabRows(Transform):
 
 
 class IndexerRopeFirst(Transform):
-    """The DSA indexer head is [nope | rope] in megatron and [rope | nope] in HF (D-table of
-    docs/HF_MAPPING.md): rotate each head's dims by rope_dim. Applies to wq_b's rows per head, wk's rows,
-    and k_norm's weight and bias (LayerNorm statistics are permutation-invariant)."""
+    """Checkpoints of format 1 (before INDEXER_ROPE_FIRST_SINCE) keep each DSA indexer head as
+    [nope | rope]; transformers and megatron-core 0.19.2 (so this project since) as [rope | nope]:
+    rotate each head's dims by rope_dim. Applies to wq_b's rows per head, wk's rows, and k_norm's
+    weight and bias (LayerNorm statistics are permutation-invariant). `to_hf` is also the upgrade
+    of a format-1 tensor to today's layout (pretrain/checkpoint_upgrade.py)."""
 
     name = "indexer_rope_first"
 
@@ -110,6 +113,9 @@ class GluSplit(Transform):
 
 IDENTITY, VOCAB, GLU = Transform(), VocabRows(), GluSplit()
 ROPE_FIRST_PER_HEAD, ROPE_FIRST = IndexerRopeFirst(per_head=True), IndexerRopeFirst(per_head=False)
+# The checkpoint format (pretrain/run_state.py FORMAT_VERSION) from which the indexer is stored as
+# transformers and megatron-core keep it: its tensors map to HF unchanged.
+INDEXER_ROPE_FIRST_SINCE = 2
 
 # --- the name map -----------------------------------------------------------------------------------
 # (megatron, HF, transform). In layer rules the names are relative to a layer; `*` is the expert.
@@ -123,10 +129,10 @@ ATTENTION = [
     ("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight", IDENTITY),
     ("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight", IDENTITY),
     ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", IDENTITY),
-    (_IDX + "linear_wq_b.weight", "self_attn.indexer.wq_b.weight", ROPE_FIRST_PER_HEAD),
-    (_IDX + "linear_wk.weight", "self_attn.indexer.wk.weight", ROPE_FIRST),
-    (_IDX + "k_norm.weight", "self_attn.indexer.k_norm.weight", ROPE_FIRST),
-    (_IDX + "k_norm.bias", "self_attn.indexer.k_norm.bias", ROPE_FIRST),
+    (_IDX + "linear_wq_b.weight", "self_attn.indexer.wq_b.weight", IDENTITY),
+    (_IDX + "linear_wk.weight", "self_attn.indexer.wk.weight", IDENTITY),
+    (_IDX + "k_norm.weight", "self_attn.indexer.k_norm.weight", IDENTITY),
+    (_IDX + "k_norm.bias", "self_attn.indexer.k_norm.bias", IDENTITY),
     (_IDX + "linear_weights_proj.weight", "self_attn.indexer.weights_proj.weight", IDENTITY),
     ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", IDENTITY),
 ]
@@ -152,6 +158,19 @@ MTP = [
     ("eh_proj.weight", "eh_proj.weight", IDENTITY),  # columns [embedding | hidden] in both
     ("final_layernorm.weight", "shared_head.norm.weight", IDENTITY),
 ]
+# A format-1 checkpoint's indexer tensors (by name suffix) and the transform to today's layout.
+LEGACY_INDEXER = {_IDX + "linear_wq_b.weight": ROPE_FIRST_PER_HEAD, _IDX + "linear_wk.weight": ROPE_FIRST,
+                  _IDX + "k_norm.weight": ROPE_FIRST, _IDX + "k_norm.bias": ROPE_FIRST}
+
+
+def legacy_indexer_transform(name: str, checkpoint_format: int | None) -> Transform | None:
+    """The transform a tensor named `name` (a model or optimizer-state key) of a checkpoint of
+    `checkpoint_format` needs to reach today's layout, or None."""
+    if checkpoint_format is None or checkpoint_format >= INDEXER_ROPE_FIRST_SINCE:
+        return None
+    return next((t for suffix, t in LEGACY_INDEXER.items() if name.endswith(suffix)), None)
+
+
 EMBEDDING = ("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB)
 FINAL = [("decoder.final_layernorm.weight", "model.norm.weight", IDENTITY),
          ("output_layer.weight", "lm_head.weight", VOCAB)]  # untied (tie_word_embeddings=false)
@@ -190,8 +209,15 @@ def _block(cfg: GLM5Config, m_prefix: str, h_prefix: str, moe: bool) -> list[Con
     return out
 
 
-def conversions(cfg: GLM5Config) -> list[Conversion]:
-    """Every tensor of the model, in HF order: embeddings, layers 0.., the MTP layer(s), norm, head."""
+def conversions(cfg: GLM5Config, checkpoint_format: int | None = None) -> list[Conversion]:
+    """Every tensor of the model, in HF order: embeddings, layers 0.., the MTP layer(s), norm, head.
+    `checkpoint_format`: of the megatron tensors, when they come from a checkpoint older than today's."""
+    out = _conversions(cfg)
+    return [dataclasses.replace(c, transform=legacy_indexer_transform(c.megatron, checkpoint_format) or c.transform)
+            for c in out]
+
+
+def _conversions(cfg: GLM5Config) -> list[Conversion]:
     out = [Conversion(EMBEDDING[0], (EMBEDDING[1],), EMBEDDING[2])]
     for i in range(cfg.num_hidden_layers):
         out += _block(cfg, f"decoder.layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i))

@@ -36,6 +36,8 @@ class ModelOptions:
     dsa_indexer_topk: int | None = None  # overrides the config's index_topk
     dsa_indexer_loss_coeff: float = 0.0
     dsa_indexer_use_sparse_loss: bool = False
+    # --dsa-kernel-backend (DSA_KERNEL_BACKENDS); None: this device's default (default_dsa_kernel_backend)
+    dsa_kernel_backend: str | None = None
     mtp_loss_scaling_factor: float = 0.3
     # MTP depths (Megatron-LM's --mtp-num-layers; default: the config's num_nextn_predict_layers) and
     # --mtp-use-repeated-layer: one set of MTP parameters applied at every depth (GLM-5: 3 depths, shared)
@@ -61,10 +63,54 @@ class ModelOptions:
     batch_p2p_comm: bool = True
 
 
+# megatron-core 0.19.2's `dsa_kernel_backend` values build its own attention modules
+# (AbsorbedMLASelfAttention, DSAttention, DSAIndexer); ours build model/modules/ (docs/MODEL.md).
+UPSTREAM_DSA_BACKENDS = ("none", "tilelang", "cudnn")
+OUR_DSA_BACKENDS = ("blockwise", "triton")
+DSA_KERNEL_BACKENDS = UPSTREAM_DSA_BACKENDS + OUR_DSA_BACKENDS
+# What a CUDA-only backend needs importable (the module names its packages install).
+_BACKEND_PACKAGES = {"tilelang": ("tilelang",), "cudnn": ("cudnn",), "triton": ("triton",)}
+
+
+def default_dsa_kernel_backend() -> str:
+    """Triton's kernels where they run (a CUDA device and Triton), else the torch blockwise path:
+    O(S·k) memory, the fastest torch path measured on CPU (docs/PERFORMANCE.md)."""
+    from model.kernels import triton_importable
+
+    return "triton" if torch.cuda.is_available() and triton_importable() else "blockwise"
+
+
+def check_dsa_kernel_backend(o: "ModelOptions") -> str:
+    """The backend this run uses, or a ValueError naming the flag and what is missing."""
+    import importlib.util
+
+    name = o.dsa_kernel_backend or default_dsa_kernel_backend()
+    flag = f"--dsa-kernel-backend {name}"
+    if name not in DSA_KERNEL_BACKENDS:
+        raise ValueError(f"{flag}: unknown; choose one of {', '.join(DSA_KERNEL_BACKENDS)}")
+    missing = [p for p in _BACKEND_PACKAGES.get(name, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ValueError(f"{flag} needs the package(s) {', '.join(missing)}, which cannot be imported here")
+    if name in _BACKEND_PACKAGES and not torch.cuda.is_available():
+        raise ValueError(f"{flag} runs CUDA kernels and this machine has no GPU; on CPU use blockwise "
+                         "(or none, megatron-core's dense torch path)")
+    if name in UPSTREAM_DSA_BACKENDS:
+        # megatron-core's AbsorbedMLASelfAttention and DSAttention refuse these (asserts deep in a forward)
+        if o.tensor_model_parallel_size > 1 and not o.sequence_parallel:
+            raise ValueError(f"{flag} (megatron-core's AbsorbedMLASelfAttention) needs --sequence-parallel "
+                             f"with --tensor-model-parallel-size {o.tensor_model_parallel_size}")
+        if o.tensor_model_parallel_size > 1 and o.dsa_indexer_loss_coeff > 0:
+            raise ValueError(f"{flag}: megatron-core's DSAttention refuses the indexer loss "
+                             "(--dsa-indexer-loss-coeff > 0) with sequence-parallel query shards "
+                             f"(--tensor-model-parallel-size {o.tensor_model_parallel_size}); use blockwise or triton")
+    return name
+
+
 FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
 
 
 def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfig:
+    dsa_backend = check_dsa_kernel_backend(o)
     moe_pattern = [0] * c.first_k_dense_replace + [1] * c.num_moe_layers
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     kwargs = dict(
@@ -116,6 +162,11 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         dsa_indexer_topk=o.dsa_indexer_topk or c.index_topk,
         dsa_indexer_loss_coeff=o.dsa_indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=o.dsa_indexer_use_sparse_loss,
+        # GLM-5 as transformers computes it (docs/HF_MAPPING.md): interleaved indexer RoPE, no Hadamard
+        # rotation (HF has none; it needs the CUDA-only fast_hadamard_transform), k_norm eps 1e-6 (D2)
+        dsa_indexer_rope_interleaved=True,
+        dsa_indexer_rotate_activation=False,
+        dsa_indexer_k_norm_epsilon=1e-6,
         # block
         normalization="RMSNorm",
         layernorm_epsilon=c.rms_norm_eps,
@@ -171,7 +222,12 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     if o.recompute_granularity == "full":  # default: every layer, one at a time (uniform, 1)
         kwargs.update(recompute_method=o.recompute_method or "uniform",
                       recompute_num_layers=o.recompute_num_layers or 1)
-    return MLATransformerConfig(**kwargs)
+    # megatron-core validates its own three values (and refuses CUDA backends without a GPU); ours
+    # are written after validation: only model/specs.py and our DSA module read them.
+    kwargs["dsa_kernel_backend"] = dsa_backend if dsa_backend in UPSTREAM_DSA_BACKENDS else "none"
+    tconfig = MLATransformerConfig(**kwargs)
+    tconfig.dsa_kernel_backend = dsa_backend
+    return tconfig
 
 
 def mtp_depths(c: GLM5Config, o: ModelOptions) -> int:

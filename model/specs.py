@@ -14,6 +14,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_dsa_module_spec_for_backend
 from megatron.core.transformer.experimental_attention_variant.dsa import (
     DSAIndexerSubmodules,
     DSAttentionSubmodules,
@@ -31,7 +32,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
-from model.modules.norms import RMSNorm, apex_rmsnorm, fixed_eps_norm
+from model.mcore_config import UPSTREAM_DSA_BACKENDS
+from model.modules.norms import LayerNorm, RMSNorm, apex_rmsnorm, fixed_eps_norm
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (docs/HF_MAPPING.md, D2)
 
@@ -40,8 +42,9 @@ class LocalBackend(LocalSpecProvider):
     """megatron-core's local provider, with a sequence-parallel-capable RMSNorm and the replicated
     linear the DSA indexer needs."""
 
-    def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
-        return apex_rmsnorm() or RMSNorm
+    def layer_norm(self, rms_norm: bool = True, for_qk: bool = False, has_residual: bool = False) -> type:
+        # rms_norm=False: the DSA indexer's k_norm (megatron-core's specs ask for it by that argument)
+        return (apex_rmsnorm() or RMSNorm) if rms_norm else LayerNorm
 
     def linear(self) -> type:
         return DuplicatedLinear
@@ -60,8 +63,8 @@ def te_backend():
     class TEBackend(TESpecProvider):
         replicated_down_projection = True
 
-        def layer_norm(self, rms_norm: bool = True, for_qk: bool = False) -> type:
-            return TENorm
+        def layer_norm(self, rms_norm: bool = True, for_qk: bool = False, has_residual: bool = False) -> type:
+            return TENorm  # RMSNorm or LayerNorm by the config's `normalization` (the indexer's: LayerNorm)
 
         def down_projection(self) -> type:
             return TELinear  # replicated over TP, as MLA expects for TE
@@ -73,11 +76,16 @@ def get_backend(use_te: bool):
     return te_backend() if use_te else LocalBackend()
 
 
-def attention_spec(backend, layer_number_offset: int = 0) -> ModuleSpec:
-    latent_norm = fixed_eps_norm(backend.layer_norm(), LATENT_NORM_EPS)
+def attention_spec(backend, tconfig, layer_number_offset: int = 0) -> ModuleSpec:
+    """The attention of every layer: megatron-core's for its --dsa-kernel-backend values, ours for
+    blockwise and triton. The parameters (names, shapes, layouts) are the same either way."""
+    latent_norm = fixed_eps_norm(backend.layer_norm(rms_norm=True), LATENT_NORM_EPS)
+    if tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS:
+        return upstream_attention_spec(backend, tconfig, latent_norm)
     indexer = ModuleSpec(
         module=GLMIndexer,
         submodules=DSAIndexerSubmodules(linear_wq_b=backend.linear(), linear_wk=backend.linear(),
+                                        k_norm=backend.layer_norm(rms_norm=False, for_qk=True),
                                         linear_weights_proj=backend.linear()),
     )
     # megatron's MLASelfAttention, plus context parallelism for the DSA core attention
@@ -104,6 +112,19 @@ def attention_spec(backend, layer_number_offset: int = 0) -> ModuleSpec:
     )
 
 
+def upstream_attention_spec(backend, tconfig, latent_norm) -> ModuleSpec:
+    """megatron-core's own GLM-5 attention (`get_dsa_module_spec_for_backend`: AbsorbedMLASelfAttention,
+    DSAttention, DSAIndexer), with two slots changed. Its q/kv latent norms take the one
+    `layernorm_epsilon` (1e-5) where transformers uses 1e-6 (docs/HF_MAPPING.md, D2): fixed-eps norms here.
+    Its down projections are the backend's `linear()`, which AbsorbedMLA accepts only as TE's
+    linear: the local backend's column-parallel one here (AbsorbedMLA gathers it)."""
+    spec = get_dsa_module_spec_for_backend(tconfig, backend)
+    sub = spec.submodules
+    sub.q_layernorm = sub.kv_layernorm = latent_norm
+    sub.linear_q_down_proj = sub.linear_kv_down_proj = backend.down_projection()
+    return spec
+
+
 def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
     if moe:
         return get_moe_module_spec_for_backend(backend, num_experts=True, moe_grouped_gemm=grouped_gemm)
@@ -111,15 +132,15 @@ def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
         linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
 
 
-def layer_spec(backend, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0) -> ModuleSpec:
+def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0) -> ModuleSpec:
     """A decoder layer; the MTP layer's inner layer with `layer_number_offset` = num_layers (megatron-core
     numbers it 1: the offset files its DSA statistics after the decoder's)."""
-    norm = backend.layer_norm()
+    norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=attention_spec(backend, layer_number_offset),
+            self_attention=attention_spec(backend, tconfig, layer_number_offset),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=mlp_spec(backend, moe, grouped_gemm),
@@ -131,14 +152,15 @@ def layer_spec(backend, moe: bool, grouped_gemm: bool, layer_number_offset: int 
 def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlockSubmodules:
     """The specs of the decoder layers `layer_ids` (0-based, this pipeline stage's)."""
     grouped = bool(tconfig.moe_grouped_gemm)
-    specs = [layer_spec(backend, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped) for i in layer_ids]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm())
+    specs = [layer_spec(backend, tconfig, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped)
+             for i in layer_ids]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm(rms_norm=True))
 
 
 def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | None:
     if not tconfig.mtp_num_layers:
         return None
-    moe_layer = layer_spec(backend, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
+    moe_layer = layer_spec(backend, tconfig, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
                            layer_number_offset=tconfig.num_layers)
     mtp_layer = get_mtp_layer_spec_for_backend(mtp_model_layer_spec=moe_layer, backend=backend)
     # --mtp-use-repeated-layer: one layer (one set of parameters) applied at every depth

@@ -13,7 +13,7 @@ import torch
 from data.batch_ramp import check_rampup_batch_size
 from model import transformer_impl
 from model.config import GLM5Config
-from model.mcore_config import FP8_RECIPES, ModelOptions
+from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
 from pretrain import muon, observability, stages
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa-indexer-topk", type=int, default=None, help="override index_topk")
     g.add_argument("--dsa-indexer-loss-coeff", type=float, default=0.0)
     g.add_argument("--dsa-indexer-use-sparse-loss", action="store_true")
+    g.add_argument("--dsa-kernel-backend", default=None, choices=DSA_KERNEL_BACKENDS,
+                   help="DSA attention: megatron-core's modules with its kernels (none: dense torch, "
+                        "tilelang, cudnn) or ours (blockwise: O(S·k) torch, triton); default: triton on a "
+                        "GPU with Triton, else blockwise (docs/MODEL.md)")
     g.add_argument("--mtp-loss-scaling-factor", default="0.3",
                    help="MTP loss weight, or a schedule by consumed tokens: '0.3,10T:0.1'")
     g.add_argument("--mtp-num-layers", type=int, default=None,
@@ -270,7 +274,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
         fp8_recipe=args.fp8_recipe, use_te=use_te,
         dsa_indexer_topk=args.dsa_indexer_topk, dsa_indexer_loss_coeff=args.dsa_indexer_loss_coeff,
-        dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss,
+        dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss, dsa_kernel_backend=args.dsa_kernel_backend,
         mtp_loss_scaling_factor=mtp_schedule(0),
         mtp_num_layers=args.mtp_num_layers, mtp_use_repeated_layer=args.mtp_use_repeated_layer,
         moe_router_bias_update_rate=bias_schedule(0),
@@ -284,6 +288,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_virtual_pipeline_stage,
         batch_p2p_comm=torch.cuda.is_available(),
     )
+    check_dsa_kernel_backend(options)  # a refusal names the flag before any work
     train_config = TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
         recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 import pickle
 import shutil
 from pathlib import Path
@@ -29,8 +30,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from pretrain import extra_state, faults
+from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
 from pretrain.run_state import (
@@ -183,10 +186,11 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
     notes = [options.describe()] if options.describe() else []
+    upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config))
     if saved.get("weights_only") or options.finetune:
         # Model weights only (tools/import_hf.py, --finetune): optimizer, scheduler, data position and RNG start
         # fresh, at iteration 0.
-        _load_model(parts.model, extra_state.load(model_sharded_state(parts.model), directory))
+        _load_model(parts.model, extra_state.load(upgrade(model_sharded_state(parts.model)), directory))
         parts.engine.reload_model_params()
         return {**saved, "notes": notes}
     load_optim = not options.no_load_optim
@@ -203,7 +207,7 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
         parts.engine.check_resumable(saved, layout, where=f"--load {root}: iteration {iteration}")
         request.update(parts.engine.sharded_state_dict(request, is_loading=True))
         parts.engine.prepare_load(request, directory, saved)
-    loaded = extra_state.load(request, directory)  # written by either transformer implementation
+    loaded = extra_state.load(upgrade(request), directory)  # written by either transformer implementation
     _load_model(parts.model, loaded)
     if "optimizer" in request:
         parts.engine.load_sharded(loaded, request, saved, same_layout)
@@ -246,6 +250,12 @@ def _data_changes(saved: dict | None, ours: dict) -> str:
             "num_streams": "the reader's streams", "seed": "--seed"}
     return "; ".join(f"{show.get(k, k)} {saved.get(k)!r} -> {ours[k]!r}" if k != "datasets" else
                      f"{show[k]} changed" for k in differ)
+
+
+def _dims(model_config: dict) -> hf_mapping.Dims:
+    from model.config import GLM5Config
+
+    return hf_mapping.Dims.of(GLM5Config.from_hf_dict(model_config), padded_vocab_size=0)  # the indexer's only
 
 
 def _rank_state_globals() -> list:

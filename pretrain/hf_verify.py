@@ -74,6 +74,7 @@ def build_our_model(load: str, iteration: int | None):
     from model.config import GLM5Config
     from model.mcore_config import ModelOptions, to_transformer_config
     from pretrain import extra_state
+    from pretrain.checkpoint_upgrade import upgrade_request
     from pretrain.checkpointing import SHARDING_METADATA
     from pretrain.run_state import iter_dir, read_run_state
 
@@ -82,16 +83,19 @@ def build_our_model(load: str, iteration: int | None):
     device = _init_single_process(cfg)
     (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
     chunk.to(device)
-    # DSA's dense reference path, which takes its top-k with torch.topk over the full score rows as
-    # transformers does: a random tiny model's indexer scores tie at exactly 0 (ReLU), and the blockwise
-    # path breaks ties towards the lower key position, picking other (equally scored) keys. What this
-    # checks is the weight map; the blockwise path equals the dense one up to ties (tests/test_dsa_blockwise.py).
+    # DSA's dense reference path (megatron-core's torch functions), which takes its top-k with torch.topk
+    # over the full score rows as transformers does: a random tiny model's indexer scores tie at exactly
+    # 0 (ReLU), and the blockwise path breaks ties towards the lower key position, picking other (equally
+    # scored) keys. What this checks is the weight map; the blockwise path equals the dense one up to
+    # ties (tests/test_dsa_blockwise.py).
     for m in chunk.modules():
         if hasattr(m, "dsa_path"):
             m.dsa_path = "dense"
-    # A TE run's checkpoint has extra-state objects this local model does not ask for (ignored).
-    loaded = extra_state.load({"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)},
-                              iter_dir(load, iteration))
+    # A TE run's checkpoint has extra-state objects this local model does not ask for (ignored); an
+    # older format's tensors are converted as they load.
+    request = {"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)}
+    upgrade_request(request, state.get("format_version"), hf_mapping.Dims.of(cfg, padded_vocab_size=0))
+    loaded = extra_state.load(request, iter_dir(load, iteration))
     chunk.load_state_dict(loaded["model"])
     return chunk.eval(), cfg
 

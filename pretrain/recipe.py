@@ -125,8 +125,8 @@ def apply_step_settings(settings: StepSettings, tconfig, indexers) -> None:
     tconfig.mtp_loss_scaling_factor = settings.mtp_loss_scaling_factor
     tconfig.moe_router_bias_update_rate = settings.moe_router_bias_update_rate
     tconfig.dsa_indexer_use_sparse_loss = settings.dsa_indexer_use_sparse_loss
-    for indexer in indexers:
-        indexer.topk = settings.indexer_topk
+    for core_attention in indexers:  # ours and megatron-core's DSAttention read `index_topk`
+        core_attention.index_topk = settings.indexer_topk
 
 
 class Recipe:
@@ -135,11 +135,21 @@ class Recipe:
     def __init__(self, rc: RecipeConfig, tconfig, chunks, indexer_loss_coeff: float, tokens_per_microbatch: int):
         self.rc, self.tconfig, self.chunks = rc, tconfig, chunks
         self.indexer_loss_coeff = indexer_loss_coeff
-        self.indexers = [m for c in chunks for n, m in c.named_modules() if n.endswith("core_attention.indexer")]
+        self.indexers = [m for c in chunks for n, m in c.named_modules()
+                         if n.endswith("self_attention.core_attention") and hasattr(m, "index_topk")]
         self.sparse_topk = tconfig.dsa_indexer_topk
         self.settings: StepSettings | None = None  # the step's; read by the hooks of zero_grads_as_produced
         self._warmup_hooks = []  # removed when the warm-up is over: no per-gradient call for the rest of the run
         self.tokens_per_microbatch = tokens_per_microbatch
+        # megatron-core's DSAttention (--dsa-kernel-backend none/tilelang/cudnn) sums its KL over the
+        # rank's queries under calculate_per_token_loss, already a token sum: weight 1. Ours is a mean.
+        from model.mcore_config import UPSTREAM_DSA_BACKENDS
+
+        upstream = tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS
+        self.indexer_loss_tokens = 1 if upstream else tokens_per_microbatch
+        # what divides the logged value into a per-token mean (upstream sums over CP ranks too)
+        self.indexer_loss_rows = tokens_per_microbatch * tconfig.context_parallel_size if upstream else 1
+        self.indexer_layers = tconfig.num_layers + (tconfig.mtp_num_layers or 0)
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
         # in scale_indexer_loss (tests/test_compat.py checks the schedule still asks this hook).
@@ -151,7 +161,7 @@ class Recipe:
         (megatron's after the backward, DeepSpeed's before it, in grad_scale_func): weigh the KL by
         its tokens and pass it through the same grad_scale_func, as megatron-core's schedule does
         for the MoE and MTP auxiliary losses (a class-wide scale: megatron-core's API)."""
-        tokens = torch.tensor(float(self.tokens_per_microbatch), device=device)
+        tokens = torch.tensor(float(self.indexer_loss_tokens), device=device)
         DSAIndexerLossAutoScaler.set_loss_scale(grad_scale_func(tokens).reshape(()))
 
     @staticmethod

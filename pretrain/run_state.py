@@ -18,7 +18,10 @@ import torch.distributed as dist
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
-FORMAT_VERSION = 1
+# 2: the DSA indexer's heads stored RoPE dims first, as transformers and megatron-core 0.19.2 keep them
+# (model/hf_mapping.py INDEXER_ROPE_FIRST_SINCE); a format-1 checkpoint is converted as it loads
+# (pretrain/checkpoint_upgrade.py).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):

@@ -224,8 +224,10 @@ class Trainer:
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))
         if self.recipe.indexer_loss_coeff > 0:  # every rank holds indexers: a collective over PP
             DSAIndexerLossLoggingHelper.reduce_loss_in_tracker()
-            values = DSAIndexerLossLoggingHelper.tracker["values"] / num_microbatches
-            out["dsa/indexer-loss"] = float(values.mean())
+            values = DSAIndexerLossLoggingHelper.tracker["values"] / (num_microbatches * self.recipe.indexer_loss_rows)
+            # the mean over the decoder's and the MTP layers' indexers (megatron-core's DSAttention files
+            # the MTP layer's under layer 1 in a tracker of num_layers slots, ours after the decoder's)
+            out["dsa/indexer-loss"] = float(values.sum() / self.recipe.indexer_layers)
             DSAIndexerLossLoggingHelper.clean_loss_in_tracker()
         return out
 

@@ -68,3 +68,15 @@ def test_microbatches_split_after_the_label_shift():
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, grad_reference, tmp_path):
     grad_check.check_layout(name, *LAYOUTS[name], grad_reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_megatron_core_dsa_with_cp_matches_its_single_process(tmp_path):
+    """--dsa-kernel-backend none (megatron-core's AbsorbedMLA + DSAttention, its all-gather CP): CP2 equals
+    the same modules in one process, per weight. Against its own one-process run, not grad_reference
+    (ours): at init the indexer's ReLU scores tie at exactly 0 and each path breaks ties its own way;
+    ours and megatron-core's are held equal per weight on tie-free weights (tests/test_dsa_upstream.py)."""
+    upstream = ["--dsa-kernel-backend", "none"]
+    scalars, (grads,) = grad_check.train(tmp_path / "one", 1, [*grad_check.RUN, *upstream])
+    grad_check.check_layout("cp2-upstream-none", 2, ["--context-parallel-size", "2", *upstream], (scalars, grads),
+                            tmp_path / "cp2")

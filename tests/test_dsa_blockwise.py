@@ -36,7 +36,7 @@ def core_attention(sparse_loss: bool):
     """A GLMSparseAttention's state without megatron's construction (its methods only read these)."""
     cfg = SimpleNamespace(**DIMS, dsa_indexer_use_sparse_loss=sparse_loss)
     attn = SimpleNamespace(config=cfg, softmax_scale=(DIMS["qk_head_dim"] + DIMS["qk_pos_emb_head_dim"]) ** -0.5,
-                           indexer=SimpleNamespace(topk=TOPK))
+                           index_topk=TOPK)
     attn._split_weight = lambda inputs, heads: GLMSparseAttention._split_weight(attn, inputs, heads)
     return attn
 

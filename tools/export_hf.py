@@ -266,7 +266,7 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
     cfg = GLM5Config.from_hf_dict(state["model_config"])
     ckpt = CheckpointTensors(directory)
-    convs = hf_mapping.conversions(cfg)
+    convs = hf_mapping.conversions(cfg, state.get("format_version"))  # an older checkpoint's layout too
     check_complete(convs, ckpt, directory)
     dims = hf_mapping.Dims.of(cfg, padded_vocab_size=ckpt.shape(hf_mapping.EMBEDDING[0])[0])
     shards = plan_shards(plan_tensors(convs, ckpt, dims, dtype), max_shard_size)

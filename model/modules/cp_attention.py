@@ -1,6 +1,7 @@
 """Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 had none; 0.19.2's
-DSAttention has CP only with cp_comm_type "allgather" inside its own absorbed-MLA module, whose
-parameter layout and indexer differ from ours: issue 26 weighs moving onto it), and the latent
+DSAttention has CP only with cp_comm_type "allgather" inside its own absorbed-MLA module, which
+--dsa-kernel-backend none/tilelang/cudnn builds; it needs sequence parallelism with TP > 1 and refuses the
+indexer loss there, which this module does not), and the latent
 form of MLA that the DSA core attention runs on at any CP size (CP = 1 is the one-chunk case).
 
 Layout (Megatron-LM's convention): the sequence of S tokens is cut into 2·CP chunks of S/(2·CP);

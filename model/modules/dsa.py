@@ -5,7 +5,7 @@ Plugs into megatron-core's `MLASelfAttention` (our subclass in model/modules/cp_
 `x` (the layer input) and `qr` (the normalized query latent). Parameter names match megatron-core's
 DSA so checkpoints interoperate.
 
-    indexer:  q_I = wq_b(qr) per head, k_I = LayerNorm(wk(x)), RoPE on the last rope dims,
+    indexer:  q_I = wq_b(qr) per head, k_I = LayerNorm(wk(x)), RoPE on the first rope dims,
               score(t, s) = sum_h w_h(t) * relu(q_I[t,h] . k_I[s]),  w = weights_proj(x) * H^-1/2 * d^-1/2
               top-k over causal keys
     attention: softmax(q.k * scale) over the selected keys only (torch reference path)
@@ -33,13 +33,15 @@ reference the tests and tools/bench_dsa.py compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
-from megatron.core.models.common.embeddings import RotaryEmbedding
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.experimental_attention_variant import dsa as upstream_dsa
 from megatron.core.transformer.experimental_attention_variant.dsa import (
+    DSAIndexer,
     DSAIndexerLossAutoScaler,
     DSAIndexerLossLoggingHelper,
 )
@@ -47,11 +49,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from model.modules import dsa_blockwise as blockwise
-from model.modules.norms import LayerNorm
-from model.modules.rope import apply_mla_rope
-
-INDEXER_NORM_EPS = 1e-6  # HF's indexer k_norm (docs/HF_MAPPING.md, D2)
-
 
 @dataclass(frozen=True)
 class LatentAttentionInputs:
@@ -81,96 +78,28 @@ def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
     return mask.masked_fill_(k_positions.view(1, -1) > q_positions.view(-1, 1), float("-inf"))
 
 
-def sparse_attention(query, key, value, topk_indices, softmax_scale, mask):
-    """softmax(q.k * scale + mask) @ v over each query's top-k keys (megatron's `unfused_dsa_fn`
-    with the causal mask given, so queries need not be aligned with keys).
-    query [sq, b, np, hn], key [skv, b, np, hn], value [skv, b, np, hv], topk [b, sq, k],
-    mask [sq, skv] additive. Returns [sq, b, np * hv]."""
-    sq, b, np, hn = query.size()
-    skv = key.size(0)
-    hnv = value.size(3)
-    query = query.permute(1, 2, 0, 3).reshape(b * np, sq, hn)
-    key = key.permute(1, 2, 3, 0).reshape(b * np, hn, skv)
-    scores = torch.bmm(query.float(), key.float()) * softmax_scale
-    scores = scores.reshape(b, np, sq, skv)
-    index_mask = torch.full((b, sq, skv), float("-inf"), device=scores.device)
-    index_mask.scatter_(-1, topk_indices, 0)
-    index_mask += mask.view(1, sq, skv)
-    scores += index_mask.unsqueeze(1)
-    scores = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
-    value = value.permute(1, 2, 0, 3).reshape(b * np, skv, hnv)
-    output = torch.bmm(scores.reshape(b * np, sq, skv).to(value.dtype), value)
-    output = output.reshape(b, np, sq, hnv).permute(2, 0, 1, 3).contiguous()
-    return output.reshape(sq, b, np * hnv)
-
-
-def indexer_kl_loss(index_scores, topk_indices, query, key, softmax_scale, loss_coeff, sparse_loss,
-                    tp_group, mask):
-    """KL(L1-normalized sum over heads of softmax(q.k*scale) || softmax(index scores)), averaged over
-    this rank's queries, times `loss_coeff` (megatron's `compute_dsa_indexer_loss`, with the causal
-    mask given). Under TP the heads' attention is summed over the TP group (values only: q, k are
-    detached)."""
-    sq, b, np, hn = query.size()
-    sk = key.size(0)
-    query = query.permute(1, 2, 0, 3).reshape(b * np, sq, hn)
-    key = key.permute(1, 2, 3, 0).reshape(b * np, hn, sk)
-    attention = (torch.bmm(query.float(), key.float()) * softmax_scale).reshape(b, np, sq, sk)
-    index_mask = torch.full((b, sq, sk), float("-inf"), dtype=torch.float32,
-                            device=attention.device).scatter_(-1, topk_indices, 0)
-    attention += mask.view(1, 1, sq, sk)
-    if sparse_loss:
-        attention += index_mask.view(b, 1, sq, sk)
-        index_scores = index_scores + index_mask
-    attention = torch.nn.functional.softmax(attention, dim=-1, dtype=torch.float32)
-    index_scores = torch.nn.functional.softmax(index_scores, dim=-1, dtype=torch.float32)
-    attention = attention.sum(dim=1)
-    if tp_group.size() > 1:
-        attention = attention.contiguous()
-        torch.distributed.all_reduce(attention, group=tp_group)
-    attention = attention / attention.sum(dim=-1, keepdim=True)
-    kl = attention * (torch.log(attention + 1e-10) - torch.log(index_scores + 1e-10))
-    return kl.sum(dim=-1).mean() * loss_coeff
-
-
-class GLMIndexer(MegatronModule):
-    """The DSA lightning indexer, without megatron-core's Hadamard rotation (HF has none)."""
+class GLMIndexer(DSAIndexer):
+    """megatron-core's DSA indexer (its parameters, names, layout -- RoPE dims first, as transformers --
+    and its RoPE), evaluated at given global positions: the keys where each token lives (under
+    sequence or context parallelism, cp_attention.py gathers them), the queries at this rank's
+    positions. Built with `dsa_indexer_rotate_activation=False` (no Hadamard: HF has none, q.k is
+    invariant under it) and the HF k_norm eps (model/mcore_config.py)."""
 
     def __init__(self, config, submodules, pg_collection):
-        super().__init__(config=config)
-        self.pg_collection = pg_collection
-        self.n_heads = config.dsa_indexer_n_heads
-        self.head_dim = config.dsa_indexer_head_dim
-        self.rope_dim = config.qk_pos_emb_head_dim
-        self.topk = config.dsa_indexer_topk  # each step's: pretrain/recipe.py apply_step_settings
-        self.rotary_pos_emb = RotaryEmbedding(
-            self.rope_dim, rotary_percent=1.0, rotary_base=config.rotary_base, cp_group=pg_collection.cp,
-            use_cpu_initialization=config.use_cpu_initialization,
-        )
-        linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
-                      skip_weight_param_allocation=False, parallel_mode="duplicated")
-        self.linear_wq_b = build_module(submodules.linear_wq_b, config.q_lora_rank,
-                                        self.n_heads * self.head_dim, **linear)
-        self.linear_wk = build_module(submodules.linear_wk, config.hidden_size, self.head_dim, **linear)
-        # The indexer's inputs are gathered over the sequence, so its norm is not in the SP region.
-        norm_config = _without_sequence_parallel(config)
-        self.k_norm = LayerNorm(norm_config, self.head_dim, eps=INDEXER_NORM_EPS)
-        self.linear_weights_proj = build_module(submodules.linear_weights_proj, config.hidden_size,
-                                                self.n_heads, **linear)
+        super().__init__(config=config, submodules=submodules, pg_collection=pg_collection)
         # Which weights see only this TP rank's slice of the sequence, so that finalize_model_grads
         # must sum their grads over TP (the `sequence_parallel` attribute). The queries' weights see
-        # the gathered sequence on every TP rank (identical grads: no sum). Under sequence
-        # parallelism each rank makes the keys of its own slice (cp_attention.py), so the keys'
-        # weights are sharded. Set explicitly: TE's duplicated linear would otherwise mark all of them.
+        # the gathered sequence on every TP rank (identical grads: no reduction, where megatron-core
+        # averages). Under sequence parallelism each rank makes the keys of its own slice
+        # (cp_attention.py), so the keys' weights are sharded.
         keys_sharded = config.sequence_parallel and pg_collection.tp.size() > 1
         for module, sharded in [(self.linear_wq_b, False), (self.linear_weights_proj, False),
                                 (self.linear_wk, keys_sharded), (self.k_norm, keys_sharded)]:
             for p in module.parameters():
                 p.sequence_parallel = sharded
-
-    def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        nope, pe = torch.split(t, [self.head_dim - self.rope_dim, self.rope_dim], dim=-1)
-        pe = apply_mla_rope(pe, freqs, self.config, self.pg_collection.cp)
-        return torch.cat([nope, pe], dim=-1)
+                if hasattr(p, "average_gradients_across_tp_domain"):
+                    del p.average_gradients_across_tp_domain
+        self.n_heads, self.head_dim, self.rope_dim = self.index_n_heads, self.index_head_dim, self.qk_pos_emb_head_dim
 
     def freqs_at(self, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """RoPE angles [len(positions), 1, 1, rope_dim] at the given global positions."""
@@ -182,7 +111,7 @@ class GLMIndexer(MegatronModule):
         s, b, _ = x.shape
         k, _ = self.linear_wk(x)
         k = self.k_norm(k).view(s, b, 1, self.head_dim)
-        return self._rope(k, self.freqs_at(positions, seq_len)).view(s, b, self.head_dim)
+        return self._apply_rope(k, self.freqs_at(positions, seq_len), 1.0).view(s, b, self.head_dim)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, q_positions: torch.Tensor, seq_len: int):
         """The indexer's queries and head weights for the tokens of x [s, b, hidden] and qr
@@ -193,25 +122,12 @@ class GLMIndexer(MegatronModule):
             qr = gather_from_sequence_parallel_region(qr, group=self.pg_collection.tp)
         s, b, _ = x.shape
         q, _ = self.linear_wq_b(qr)
-        q = self._rope(q.view(s, b, self.n_heads, self.head_dim), self.freqs_at(q_positions, seq_len))
+        q = self._apply_rope(q.view(s, b, self.n_heads, self.head_dim), self.freqs_at(q_positions, seq_len), 1.0)
         w, _ = self.linear_weights_proj(x)
-        # relu(a*c) = c*relu(a) for c>0, so scaling w instead of q.k is the same score as HF's.
-        w = w.float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
+        # relu(a*c) = c*relu(a) for c>0, so scaling w instead of q.k is the same score as HF's; in
+        # fp32 as HF (megatron-core keeps w in the input's dtype).
+        w = w.float() * (self.n_heads ** -0.5) * self.softmax_scale
         return q, w
-
-
-def dense_index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The reference: every score [b, s, S] at once. q [s, b, H, d], w [s, b, H], k [S, b, d]."""
-    scores = torch.einsum("sbhd,tbd->bsht", q.float(), k.float()).relu_()
-    return torch.einsum("bsht,sbh->bst", scores, w) + mask
-
-
-def _without_sequence_parallel(config):
-    import copy
-
-    c = copy.copy(config)
-    c.sequence_parallel = False
-    return c
 
 
 class GLMSparseAttention(MegatronModule):
@@ -239,16 +155,17 @@ class GLMSparseAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         # The loss tracker counts the MTP layer after the decoder layers.
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
-        # "auto": Triton kernels on CUDA when importable, else the torch blockwise path;
-        # "blockwise", "triton", or "dense" (the unfused reference) to force one.
-        self.dsa_path = "auto"
+        # top-k per query: each step's (pretrain/recipe.py apply_step_settings), as megatron-core's DSAttention
+        self.index_topk = config.dsa_indexer_topk
+        # None: --dsa-kernel-backend's (blockwise or triton, model/mcore_config.py); "dense" forces
+        # megatron-core's unfused torch reference (the "none" backend's functions), as the tools do.
+        self.dsa_path = None
 
     def resolved_path(self, device: torch.device) -> str:
-        if self.dsa_path != "auto":
-            return self.dsa_path
-        from model.kernels import triton_usable
-
-        return "triton" if triton_usable(device) else "blockwise"
+        path = self.dsa_path or self.config.dsa_kernel_backend
+        if path == "triton" and device.type != "cuda":
+            raise ValueError(f"--dsa-kernel-backend triton runs on CUDA tensors, not on {device.type}")
+        return path
 
     def forward(self, query, key, inputs: LatentAttentionInputs, attention_mask, x, qr, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -306,11 +223,11 @@ class GLMSparseAttention(MegatronModule):
         if path == "triton":
             from model.kernels import indexer_scores_triton, sparse_mla_triton
 
-            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.indexer.topk,
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk,
                                           scores_fn=indexer_scores_triton)
             attend = sparse_mla_triton
         else:
-            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.indexer.topk)
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk)
             attend = blockwise.sparse_mla_torch
         o_latent = attend(q, kv, topk, self.softmax_scale, cfg.kv_lora_rank)  # [b, sq, heads, kv_lora]
         output = torch.einsum("bshc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
@@ -322,20 +239,23 @@ class GLMSparseAttention(MegatronModule):
         return output.contiguous(), loss
 
     def _dense(self, query, latent, inputs, q_i, w, coeff, tp_group):
-        """Today's unfused form, the reference: per-head keys and values, [b, heads, sq, S] scores."""
+        """The reference: megatron-core's unfused torch functions (its "none" backend) on the same
+        inputs -- top-k from the full [b, s_q, S] index scores, the absorbed attention over
+        [b, heads, s_q, S] scores, its KL (a mean over queries, as ours)."""
         cfg = self.config
         sq, b, heads, _ = query.shape
         skv = latent.shape[0]
-        c, k_pe = torch.split(latent, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
-        kv = torch.nn.functional.linear(c, inputs.kv_up_weight).view(skv, b, heads, -1)
-        k_nope, value = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
-        key = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+        w_uk, w_uv = self._split_weight(inputs, heads)
+        q_nope, q_pe = torch.split(query, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+        q = torch.cat([torch.einsum("sbhd,hdc->sbhc", q_nope, w_uk), q_pe], dim=-1)
+        key = latent.unsqueeze(2)  # [S, b, 1, kv_lora + rope]: one latent key for every head
         mask = causal_mask(inputs.q_positions, skv)
-        index_scores = dense_index_scores(q_i, w, inputs.index_keys, mask)
-        topk = index_scores.topk(min(self.indexer.topk, skv), dim=-1).indices
-        output = sparse_attention(query, key, value, topk, self.softmax_scale, mask)
+        index_scores, topk = upstream_dsa.fused_qk_topk_naive(q_i, inputs.index_keys, w, self.index_topk, mask=mask)
+        o_latent = upstream_dsa._unfused_absorbed_dsa_fn(q, key, topk, self.softmax_scale, cfg.kv_lora_rank, mask=mask)
+        output = torch.einsum("sbhc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
         loss = None
         if coeff > 0:
-            loss = indexer_kl_loss(index_scores, topk, query.detach(), key.detach(), self.softmax_scale,
-                                   coeff, cfg.dsa_indexer_use_sparse_loss, tp_group, mask)
+            loss = upstream_dsa.compute_dsa_indexer_loss(
+                index_scores, topk, q.detach(), key.detach().expand(-1, -1, heads, -1), self.softmax_scale, coeff,
+                cfg.dsa_indexer_use_sparse_loss, SimpleNamespace(tp=tp_group), mask=mask)
         return output, loss

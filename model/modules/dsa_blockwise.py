@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 # size from the shapes, so memory per block is bounded whatever S is.
 BLOCK_BUDGET = 1 << 24
 KEY_CHUNK = 4096  # keys scored at once by the indexer's running top-k
+KL_EPS = 1e-10  # megatron-core's INDEXER_LOSS_EPS
 
 
 def query_block(per_query: int) -> int:
@@ -169,14 +170,16 @@ def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group):
         attention = torch.softmax(s, dim=-1).sum(dim=2)  # [b, m, keys]
         if tp_group is not None and tp_group.size() > 1:
             torch.distributed.all_reduce(attention, group=tp_group)
-        attention = attention / attention.sum(dim=-1, keepdim=True)
-        log_attention = torch.log(attention + 1e-10)
+        attention = attention / attention.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
+        log_attention = torch.log(attention.clamp_min(KL_EPS))
     if sparse:
         z = index_scores_at(q_i, w, k_i, idx)
     else:
         z = _causal_fill(index_scores(q_i, w, k_i), pos, 0)
-    p = torch.softmax(z, dim=-1)
-    return (attention * (log_attention - torch.log(p + 1e-10))).sum()
+    # megatron-core 0.19.2's KL (dsa_indexer_loss.py): the exact log-softmax of the index scores
+    # (log(p + eps) would flatten the loss and its gradient where p < eps); masked keys add nothing.
+    terms = attention * (log_attention - torch.log_softmax(z, dim=-1))
+    return terms.masked_fill(torch.isinf(z), 0.0).sum()
 
 
 def indexer_kl_loss_blockwise(q_i, w, k_i, q_pos, idx, q, kv, scale: float, loss_coeff: float,
