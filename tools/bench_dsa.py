@@ -65,29 +65,21 @@ def config(heads: int, index_heads: int, topk: int, backend: str, dtype):
 
 
 def build(path: str, heads: int, index_heads: int, topk: int, device, dtype) -> torch.nn.Module:
-    """The core attention of one layer, on `device`, in training mode."""
-    from megatron.core.models.backends import LocalSpecProvider
+    """The core attention of one layer as the model builds it (model/specs.py), on `device`, in training mode."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.experimental_attention_variant import dsa as upstream
-    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.spec_utils import build_module
 
-    from model.modules.dsa import GLMIndexer, GLMSparseAttention
-    from model.modules.linear import DuplicatedLinear
+    from model.specs import LocalBackend, attention_spec
 
     cfg = config(heads, index_heads, topk, path, dtype)
-    pg = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-    linears = dict(linear_wq_b=DuplicatedLinear, linear_wk=DuplicatedLinear, linear_weights_proj=DuplicatedLinear)
-    common = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
-                  softmax_scale=(DIMS["qk_head_dim"] + DIMS["qk_pos_emb_head_dim"]) ** -0.5, pg_collection=pg)
-    if path in UPSTREAM:
-        k_norm = LocalSpecProvider().layer_norm(rms_norm=False, for_qk=True)
-        indexer = ModuleSpec(module=upstream.DSAIndexer,
-                             submodules=upstream.DSAIndexerSubmodules(k_norm=k_norm, **linears))
-        module = upstream.DSAttention(cfg, upstream.DSAttentionSubmodules(indexer=indexer), **common)
-    else:
-        indexer = ModuleSpec(module=GLMIndexer, submodules=upstream.DSAIndexerSubmodules(**linears))
-        module = GLMSparseAttention(cfg, upstream.DSAttentionSubmodules(indexer=indexer), **common)
+    if path in OURS:  # megatron-core validates its own values only; ours is set after (model/mcore_config.py)
+        cfg.dsa_kernel_backend = "blockwise" if path == "dense" else path
+    core = attention_spec(LocalBackend(), cfg).submodules.core_attention
+    module = build_module(core, config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                          attention_type="self", softmax_scale=(DIMS["qk_head_dim"] + DIMS["qk_pos_emb_head_dim"]) ** -0.5,
+                          pg_collection=ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"]))
+    if path in OURS:
         module.dsa_path = path
     return module.to(device=device, dtype=dtype).train()
 
