@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model import index_share
+
 
 _NONE_MEANS_DEFAULT = {"rope_interleave", "indexer_rope_interleave", "topk_method", "rope_theta"}
 
@@ -77,12 +79,19 @@ class GLM5Config:
     pad_token_id: int | None = 154820
     bos_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # IndexShare (GLM-5.1/5.2, model/index_share.py): "full"/"shared" per decoder layer; None = all full
+    indexer_types: tuple[str, ...] | None = None
 
     # HF constants this config does not vary (written to config.json as-is).
     model_type = "glm_moe_dsa"
     architectures = ("GlmMoeDsaForCausalLM",)
 
     def __post_init__(self):
+        if self.indexer_types is not None:
+            types = tuple(self.indexer_types)
+            index_share.check(types, self.num_hidden_layers)
+            # all full is GLM-5's default: stored as None so GLM-5 configs stay equal and resizable
+            self.indexer_types = None if all(t == index_share.FULL for t in types) else types
         self.validate()
 
     # --- derived sizes ----------------------------------------------------------------
@@ -93,6 +102,19 @@ class GLM5Config:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def layer_indexer_types(self) -> list[str]:
+        """transformers' `indexer_types`: "full" or "shared" for each decoder layer (0-based)."""
+        return list(self.indexer_types or [index_share.FULL] * self.num_hidden_layers)
+
+    @property
+    def shares_top_k(self) -> bool:
+        return self.indexer_types is not None
+
+    def has_indexer(self, layer_index: int) -> bool:
+        """0-based decoder layer index; the MTP layer (index >= num_hidden_layers) runs its own."""
+        return layer_index >= self.num_hidden_layers or self.layer_indexer_types[layer_index] == index_share.FULL
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """0-based decoder layer index; the MTP layer (index num_hidden_layers) is MoE."""
@@ -136,8 +158,8 @@ class GLM5Config:
         d["head_dim"] = self.qk_rope_head_dim  # what HF stores (it overwrites head_dim with the rope dim)
         d["qk_head_dim"] = self.qk_head_dim
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        # Every layer runs its own indexer (megatron-core has no IndexShare): docs/HF_MAPPING.md, D4.
-        d["indexer_types"] = ["full"] * self.num_hidden_layers
+        # transformers reads the list before index_topk_freq / index_topk_pattern (docs/HF_MAPPING.md, D4)
+        d["indexer_types"] = self.layer_indexer_types
         d["mlp_layer_types"] = (["dense"] * self.first_k_dense_replace
                                 + ["sparse"] * self.num_moe_layers)
         d["use_cache"] = True
@@ -155,6 +177,12 @@ class GLM5Config:
             kwargs["rope_theta"] = theta
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
+        if d.get("index_share_for_mtp_iteration"):
+            # the MTP layer runs its own indexer here, as megatron-core's (transformers builds no MTP layer)
+            raise ValueError("GLM5Config: index_share_for_mtp_iteration=true (the MTP layer reusing the last "
+                             "decoder layer's top-k) is not supported: the MTP layer runs its own indexer")
+        layers = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
+        kwargs["indexer_types"] = tuple(index_share.hf_indexer_types(d, layers))
         return cls(**kwargs)
 
     def save_hf_json(self, path: str | Path) -> None:

@@ -199,8 +199,9 @@ def _layer(m_prefix: str, h_prefix: str, rules, expert: int | None = None) -> li
     return out
 
 
-def _block(cfg: GLM5Config, m_prefix: str, h_prefix: str, moe: bool) -> list[Conversion]:
-    out = _layer(m_prefix, h_prefix, ATTENTION)
+def _block(cfg: GLM5Config, m_prefix: str, h_prefix: str, moe: bool, indexer: bool = True) -> list[Conversion]:
+    # an IndexShare "shared" layer has no indexer tensors on either side (transformers builds none)
+    out = _layer(m_prefix, h_prefix, ATTENTION if indexer else [r for r in ATTENTION if not r[0].startswith(_IDX)])
     if not moe:
         return out + _layer(m_prefix, h_prefix, DENSE_MLP)
     out += _layer(m_prefix, h_prefix, MOE)
@@ -220,7 +221,7 @@ def conversions(cfg: GLM5Config, checkpoint_format: int | None = None) -> list[C
 def _conversions(cfg: GLM5Config) -> list[Conversion]:
     out = [Conversion(EMBEDDING[0], (EMBEDDING[1],), EMBEDDING[2])]
     for i in range(cfg.num_hidden_layers):
-        out += _block(cfg, f"decoder.layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i))
+        out += _block(cfg, f"decoder.layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i), cfg.has_indexer(i))
     for j in range(cfg.num_nextn_predict_layers):
         m, h = f"mtp.layers.{j}.", f"model.layers.{cfg.num_hidden_layers + j}."
         out += _layer(m, h, MTP)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from model import index_share
 from model.config import GLM5Config
 
 
@@ -106,11 +107,27 @@ def check_dsa_kernel_backend(o: "ModelOptions") -> str:
     return name
 
 
+def upstream_index_share(c: GLM5Config, backend: str) -> tuple[int, int]:
+    """(dsa_indexer_topk_freq, dsa_indexer_skip_topk_offset) for megatron-core's DSAttention: the
+    schedule that builds exactly the config's `indexer_types` (model/index_share.py), or a ValueError
+    naming the field and the flag when the list is not such a schedule. Ours take any list: (1, 0)."""
+    if backend not in UPSTREAM_DSA_BACKENDS or not c.shares_top_k:
+        return 1, 0
+    schedule = index_share.megatron_core_schedule(c.layer_indexer_types)
+    if schedule is None:
+        pattern = "".join("F" if t == index_share.FULL else "S" for t in c.layer_indexer_types)
+        raise ValueError(f"--dsa-kernel-backend {backend}: megatron-core's DSAttention shares top-k only on a "
+                         "dsa_indexer_topk_freq / dsa_indexer_skip_topk_offset schedule, and the config's "
+                         f"indexer_types ({pattern}) is none; use --dsa-kernel-backend blockwise or triton")
+    return schedule
+
+
 FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
 
 
 def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfig:
     dsa_backend = check_dsa_kernel_backend(o)
+    topk_freq, skip_topk_offset = upstream_index_share(c, dsa_backend)
     moe_pattern = [0] * c.first_k_dense_replace + [1] * c.num_moe_layers
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     kwargs = dict(
@@ -162,6 +179,9 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         dsa_indexer_topk=o.dsa_indexer_topk or c.index_topk,
         dsa_indexer_loss_coeff=o.dsa_indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=o.dsa_indexer_use_sparse_loss,
+        # IndexShare on megatron-core's modules (ours read `glm_indexer_types`, set below)
+        dsa_indexer_topk_freq=topk_freq,
+        dsa_indexer_skip_topk_offset=skip_topk_offset,
         # GLM-5 as transformers computes it (docs/HF_MAPPING.md): interleaved indexer RoPE, no Hadamard
         # rotation (HF has none; it needs the CUDA-only fast_hadamard_transform), k_norm eps 1e-6 (D2)
         dsa_indexer_rope_interleaved=True,
@@ -227,6 +247,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     kwargs["dsa_kernel_backend"] = dsa_backend if dsa_backend in UPSTREAM_DSA_BACKENDS else "none"
     tconfig = MLATransformerConfig(**kwargs)
     tconfig.dsa_kernel_backend = dsa_backend
+    # per decoder layer (0-based) "full"/"shared": model/specs.py builds our attention from it
+    tconfig.glm_indexer_types = tuple(c.layer_indexer_types)
     return tconfig
 
 

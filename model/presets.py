@@ -1,6 +1,13 @@
 """Named GLM-5 configurations (a flavor dict, like TorchTitan's `deepseekv3_configs`).
 
 - `glm5`: exactly the released GLM-5 config (744B total, 40B active).
+- `glm5.1`: GLM-5.1, the same architecture; every layer runs its indexer (Megatron-Bridge's GLM-5.1
+  recipes read `dsa_indexer_topk_freq` 1 from its config).
+- `glm5.2`: GLM-5.2's IndexShare layout: `index_topk_freq` 4, `index_skip_topk_offset` 3, i.e. layers
+  0, 1, 2, 6, 10, ..., 74 full and the rest shared (21 indexers instead of 78). Inferred from
+  Megatron-Bridge's GLM-5.2 recipes (freq 4, offset 3, sharing groups {0}, {1}, {2-5}, ..., {74-77}
+  in its pipeline layout); the rest of GLM-5.2's config.json (its RoPE theta, context length) is
+  not verified here and kept as GLM-5's (docs/MODEL.md, "IndexShare").
 - `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
 - `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
   experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.
@@ -8,10 +15,13 @@
 
 from __future__ import annotations
 
+from model import index_share
 from model.config import GLM5Config
 
 PRESETS: dict[str, GLM5Config] = {
     "glm5": GLM5Config(),
+    "glm5.1": GLM5Config(),
+    "glm5.2": GLM5Config(indexer_types=tuple(index_share.from_schedule(78, freq=4, offset=3))),
     "glm5-proxy": GLM5Config(
         hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
@@ -31,9 +41,12 @@ PRESETS: dict[str, GLM5Config] = {
         eos_token_id=[0], pad_token_id=0, bos_token_id=None,
     ),
 }
+# `tiny` with IndexShare: layers 0 and 2 full, 1 and 3 shared (the parallel and HF tests' model)
+PRESETS["tiny-shared"] = PRESETS["tiny"].replace(indexer_types=("full", "shared", "full", "shared"))
 
 # The sequence length each preset is meant to train at (a default for --seq-length).
-DEFAULT_SEQ_LENGTH = {"glm5": 4096, "glm5-proxy": 4096, "tiny": 64}
+DEFAULT_SEQ_LENGTH = {"glm5": 4096, "glm5.1": 4096, "glm5.2": 4096, "glm5-proxy": 4096, "tiny": 64,
+                      "tiny-shared": 64}
 
 
 def get_preset(name: str) -> GLM5Config:

@@ -29,11 +29,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from model import index_share as share
 from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.mcore_config import UPSTREAM_DSA_BACKENDS
 from model.modules.norms import LayerNorm, RMSNorm, apex_rmsnorm, fixed_eps_norm
+from model.modules.topk_share import GLMDSAttention
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (docs/HF_MAPPING.md, D2)
 
@@ -76,9 +78,23 @@ def get_backend(use_te: bool):
     return te_backend() if use_te else LocalBackend()
 
 
-def attention_spec(backend, tconfig, layer_number_offset: int = 0) -> ModuleSpec:
+def index_share_params(tconfig, layer_id: int | None) -> dict | None:
+    """IndexShare of decoder layer `layer_id` (0-based; None: the MTP layer, always full) for our core
+    attention: {"source": number, "last": bool} when shared, {"publishes": True} when a full layer
+    that the next layer shares from, else None."""
+    types = getattr(tconfig, "glm_indexer_types", None)
+    if layer_id is None or not types:
+        return None
+    following = types[layer_id + 1] if layer_id + 1 < len(types) else share.FULL
+    if types[layer_id] == share.SHARED:
+        return {"source": share.source_layer(types, layer_id) + 1, "last": following == share.FULL}
+    return {"publishes": True} if following == share.SHARED else None
+
+
+def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int | None = None) -> ModuleSpec:
     """The attention of every layer: megatron-core's for its --dsa-kernel-backend values, ours for
-    blockwise and triton. The parameters (names, shapes, layouts) are the same either way."""
+    blockwise and triton. The parameters (names, shapes, layouts) are the same either way; a shared
+    IndexShare layer (`layer_id`, model/index_share.py) has no indexer in either."""
     latent_norm = fixed_eps_norm(backend.layer_norm(rms_norm=True), LATENT_NORM_EPS)
     if tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS:
         return upstream_attention_spec(backend, tconfig, latent_norm)
@@ -106,7 +122,8 @@ def attention_spec(backend, tconfig, layer_number_offset: int = 0) -> ModuleSpec
                 # TE's replicated down projection gathers k_pe over the sequence under SP, whose
                 # backward already sums its gradient over TP; the local path never does.
                 params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection,
-                        "layer_number_offset": layer_number_offset}),
+                        "layer_number_offset": layer_number_offset,
+                        "index_share": index_share_params(tconfig, layer_id)}),
             linear_proj=backend.row_parallel_linear(),
         ),
     )
@@ -117,8 +134,11 @@ def upstream_attention_spec(backend, tconfig, latent_norm) -> ModuleSpec:
     DSAttention, DSAIndexer), with two slots changed. Its q/kv latent norms take the one
     `layernorm_epsilon` (1e-5) where transformers uses 1e-6 (docs/HF_MAPPING.md, D2): fixed-eps norms here.
     Its down projections are the backend's `linear()`, which AbsorbedMLA accepts only as TE's
-    linear: the local backend's column-parallel one here (AbsorbedMLA gathers it)."""
+    linear: the local backend's column-parallel one here (AbsorbedMLA gathers it). IndexShare: its
+    DSAttention skips the indexer by `dsa_indexer_topk_freq/offset` (model/mcore_config.py); our
+    subclass reads a shared layer's top-k exactly under recompute (model/modules/topk_share.py)."""
     spec = get_dsa_module_spec_for_backend(tconfig, backend)
+    spec.submodules.core_attention.module = GLMDSAttention
     sub = spec.submodules
     sub.q_layernorm = sub.kv_layernorm = latent_norm
     sub.linear_q_down_proj = sub.linear_kv_down_proj = backend.down_projection()
@@ -132,15 +152,17 @@ def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
         linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
 
 
-def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0) -> ModuleSpec:
-    """A decoder layer; the MTP layer's inner layer with `layer_number_offset` = num_layers (megatron-core
-    numbers it 1: the offset files its DSA statistics after the decoder's)."""
+def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0,
+               layer_id: int | None = None) -> ModuleSpec:
+    """Decoder layer `layer_id` (0-based); the MTP layer's inner layer (layer_id None) with
+    `layer_number_offset` = num_layers (megatron-core numbers it 1: the offset files its DSA statistics
+    after the decoder's)."""
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=attention_spec(backend, tconfig, layer_number_offset),
+            self_attention=attention_spec(backend, tconfig, layer_number_offset, layer_id),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=mlp_spec(backend, moe, grouped_gemm),
@@ -152,7 +174,7 @@ def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_off
 def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlockSubmodules:
     """The specs of the decoder layers `layer_ids` (0-based, this pipeline stage's)."""
     grouped = bool(tconfig.moe_grouped_gemm)
-    specs = [layer_spec(backend, tconfig, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped)
+    specs = [layer_spec(backend, tconfig, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped, layer_id=i)
              for i in layer_ids]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm(rms_norm=True))
 

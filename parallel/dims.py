@@ -139,6 +139,8 @@ class ParallelDims:
             raise LayoutError("--microbatch-group-size-per-virtual-pipeline-stage needs "
                               "--num-layers-per-virtual-pipeline-stage (or virtual stages in "
                               "--pipeline-model-parallel-layout)")
+        if cfg.shares_top_k and self.pp > 1:
+            self._validate_index_share(cfg)
         need(seq_length <= cfg.max_position_embeddings,
              f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
 
@@ -159,6 +161,61 @@ class ParallelDims:
         if standalone_mtp:
             raise LayoutError(f"{flag}: put the MTP layer ('m') in the last pipeline stage, beside the loss ('L') "
                               "(an MTP stage of its own is not supported here yet)")
+
+
+    def stage_layers(self, num_layers: int) -> list[list[int]]:
+        """The decoder layers (0-based) of every pipeline stage or virtual chunk, in model order
+        (virtual stage-major, as megatron-core assigns them)."""
+        if self.pipeline_layout is not None:
+            from megatron.core.transformer.enums import LayerType
+            from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+            chunks = PipelineParallelLayerLayout(self.pipeline_layout, self.pp).layout
+            counts = [chunks[p][v].count(LayerType.decoder) for v in range(len(chunks[0])) for p in range(self.pp)]
+        else:
+            per = self.layers_per_virtual_stage or num_layers // self.pp
+            counts = [per] * (num_layers // per)
+        starts = [sum(counts[:k]) for k in range(len(counts))]
+        return [list(range(a, a + c)) for a, c in zip(starts, counts)]
+
+    def _validate_index_share(self, cfg: GLM5Config) -> None:
+        """IndexShare: a shared layer takes its top-k from the full layer before it within its own
+        stage (the indices do not travel between stages: docs/MODEL.md, "IndexShare")."""
+        from model import index_share
+
+        types = cfg.layer_indexer_types
+        stages = self.stage_layers(cfg.num_hidden_layers)
+        split = index_share.split_groups(types, stages)
+        if not split:
+            return
+        layer, source = split[0]
+        flag = (f"--pipeline-model-parallel-layout {self.pipeline_layout!r}" if self.pipeline_layout else
+                f"--pipeline-model-parallel-size {self.pp}" + (f" with --num-layers-per-virtual-pipeline-stage "
+                                                                f"{self.layers_per_virtual_stage}"
+                                                                if self.layers_per_virtual_stage else ""))
+        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
+        raise LayoutError(
+            f"{flag} puts layer {layer} in another pipeline stage than layer {source}, whose DSA top-k it "
+            f"shares (indexer_types: {len(split)} shared layer(s) cut off from their full layer, e.g. "
+            f"{split[:3]}); every stage must start on a full layer. A layout that keeps each sharing group "
+            f"in one stage: --pipeline-model-parallel-layout "
+            f"'{suggest_layout(types, len(stages), bool(depths))}'")
+
+
+def suggest_layout(types, chunks: int, mtp: bool) -> str:
+    """A --pipeline-model-parallel-layout of `chunks` stages (PP x VPP) that cuts only before full
+    layers: each sharing group goes to the chunk its first layer falls in by an even split."""
+    from model import index_share
+
+    n = len(types)
+    counts = [0] * chunks
+    starts = index_share.group_starts(types) + [n]
+    for a, b in zip(starts, starts[1:]):
+        counts[min(chunks - 1, a * chunks // n)] += b - a
+    stages = ["t" * c for c in counts]
+    stages[0] = "E" + stages[0]
+    stages[-1] += ("m" if mtp else "") + "L"
+    return "|".join(stages)
 
 
 def _layout_stages(layout: str) -> int:

@@ -17,6 +17,8 @@ import bisect
 from dataclasses import dataclass
 
 import torch
+
+from model.modules import topk_share
 from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -149,7 +151,9 @@ class Recipe:
         self.indexer_loss_tokens = 1 if upstream else tokens_per_microbatch
         # what divides the logged value into a per-token mean (upstream sums over CP ranks too)
         self.indexer_loss_rows = tokens_per_microbatch * tconfig.context_parallel_size if upstream else 1
-        self.indexer_layers = tconfig.num_layers + (tconfig.mtp_num_layers or 0)
+        # the layers with an indexer (IndexShare's shared layers have none): the logged loss is their mean
+        types = getattr(tconfig, "glm_indexer_types", None) or ("full",) * tconfig.num_layers
+        self.indexer_layers = sum(t == "full" for t in types) + (tconfig.mtp_num_layers or 0)
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
         # in scale_indexer_loss (tests/test_compat.py checks the schedule still asks this hook).
@@ -187,6 +191,7 @@ class Recipe:
         """`iteration` is the 0-based index of the step about to run. Returns the scalars to log."""
         self.settings = step_settings(self.rc, self.sparse_topk, iteration, consumed_tokens)
         apply_step_settings(self.settings, self.tconfig, self.indexers)
+        topk_share.clear(self.indexers)  # IndexShare: no top-k of an earlier step is replayed
         if not self.settings.dsa_warmup:
             for hook in self._warmup_hooks:
                 hook.remove()

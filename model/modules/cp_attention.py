@@ -166,22 +166,24 @@ class CPMLASelfAttention(MLASelfAttention):
         latent, k_pe = torch.split(kv_combined, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
         latent = self.kv_layernorm(latent)
         k_pe = apply_mla_rope(k_pe.unsqueeze(-2), freqs[own_positions], cfg, pg.cp)
-        indexer = self.core_attention.indexer
-        k_index = indexer.index_keys(hidden_states.detach(), own_positions, seq_len)
+        indexer = self.core_attention.indexer  # None on an IndexShare "shared" layer: no k_I to gather
+        own = [latent, k_pe.squeeze(-2)]
+        if indexer is not None:
+            own.append(indexer.index_keys(hidden_states.detach(), own_positions, seq_len).to(latent.dtype))
 
         # ONE all-gather (backward: reduce-scatter) of every token's [latent | k_pe | k_I].
-        own = torch.cat([latent, k_pe.squeeze(-2), k_index.to(latent.dtype)], dim=-1)
-        every = own
+        every = torch.cat(own, dim=-1)
         if self.sp or self.cp_size > 1:
-            every = to_global_order(gather_from_sequence_parallel_region(own, group=self.kv_gather_group),
+            every = to_global_order(gather_from_sequence_parallel_region(every, group=self.kv_gather_group),
                                     self.cp_size)
         latent_rows, k_index_all = torch.split(
-            every, [cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, indexer.head_dim], dim=-1)
+            every, [cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, indexer.head_dim if indexer else 0], dim=-1)
+        k_index_all = k_index_all if indexer is not None else None
         if tp_size > 1 and not self.sp:
             # Each TP rank's heads read the latent rows: sum their gradients over TP (what a
             # column-parallel linear does for its input), shared rope key included.
             latent_rows = copy_to_tensor_model_parallel_region(latent_rows, group=pg.tp)
-        if self.sp and k_index_all.requires_grad:
+        if self.sp and k_index_all is not None and k_index_all.requires_grad:
             # Every TP rank runs the same indexer on the same keys: count their gradient once.
             # (No gradient reaches it without the indexer loss: the hook then sees None.)
             k_index_all.register_hook(lambda g: None if g is None else g / tp_size)

@@ -49,6 +49,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from model.modules import dsa_blockwise as blockwise
+from model.modules import topk_share
 
 @dataclass(frozen=True)
 class LatentAttentionInputs:
@@ -56,7 +57,8 @@ class LatentAttentionInputs:
     place, besides the query heads and the latent rows [S, b, kv_lora_rank + rope] (the `key`)."""
 
     q_positions: torch.Tensor  # [s_q] global positions of this rank's queries (int64)
-    index_keys: torch.Tensor  # [S, b, index_head_dim] the indexer's keys at every position, global order
+    # [S, b, index_head_dim] the indexer's keys at every position, global order; None on a shared layer
+    index_keys: torch.Tensor | None
     kv_up_weight: torch.Tensor  # [heads * (qk_head_dim + v_head_dim), kv_lora_rank]: this TP rank's heads
     cp_group: torch.distributed.ProcessGroup | None = None  # None without context parallelism
 
@@ -68,7 +70,7 @@ class LatentAttentionInputs:
     def shape(self) -> torch.Size:
         """megatron-core 0.19.2's MLA reads `value.shape[-1]` before its core attention (to pad V for
         packed THD sequences without DSA, `_prepare_mla_core_attention_value`): the index keys'."""
-        return self.index_keys.shape
+        return self.index_keys.shape if self.index_keys is not None else torch.Size([0])
 
 
 def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -140,14 +142,20 @@ class GLMSparseAttention(MegatronModule):
     def __init__(self, config, submodules, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
                  v_channels=None, cp_comm_type=None, pg_collection=None,
-                 rope_grad_summed_by_sp_gather: bool = False, layer_number_offset: int = 0):
+                 rope_grad_summed_by_sp_gather: bool = False, layer_number_offset: int = 0,
+                 index_share: dict | None = None):
         # rope_grad_summed_by_sp_gather: kept for the specs; the latent gather of cp_attention.py
         # now sums the shared rope key's gradient over TP on every backend.
         # layer_number_offset: num_layers in the MTP layer, whose inner layer megatron-core numbers 1
         # (model/specs.py), so that its indexer loss is tracked after the decoder's, not on layer 1's.
+        # index_share (model/specs.py, IndexShare): {"source": the full layer's number} on a shared
+        # layer (no indexer of its own; "last": the group's last), {"publishes": True} on a full layer
+        # that others share from; None: neither.
         super().__init__(config=config)
         self.layer_number = layer_number + layer_number_offset
-        self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
+        self.index_share = index_share or {}
+        self.indexer = (None if "source" in self.index_share else
+                        build_module(submodules.indexer, config=config, pg_collection=pg_collection))
         # megatron's Attention base builds core attention once without k_channels before MLA
         # rebuilds it with them; the first instance is discarded.
         if softmax_scale is None:
@@ -179,14 +187,16 @@ class GLMSparseAttention(MegatronModule):
                                "model.modules.cp_attention.CPMLASelfAttention (check the layer spec)")
         cfg = self.config
         path = self.resolved_path(query.device)
+        if self.indexer is None:
+            return self._shared(query, key, inputs, path)
         q_i, w = self.indexer(x.detach(), qr.detach(), inputs.q_positions, key.shape[0])
         coeff = cfg.dsa_indexer_loss_coeff or 0.0
         with_loss = self.training and torch.is_grad_enabled() and coeff > 0
         tp_group = self.indexer.pg_collection.tp
-        if path == "dense":
-            output, loss = self._dense(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group)
-        else:
-            output, loss = self._sparse(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group, path)
+        attend = self._dense_topk if path == "dense" else self._sparse_topk
+        output, loss, topk = attend(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group, path)
+        if self.index_share.get("publishes"):
+            topk_share.publish(self, topk)
         if with_loss:
             # Logged value: CP ranks hold equal numbers of queries, so their mean is the global mean.
             DSAIndexerLossLoggingHelper.save_loss_to_tracker(
@@ -204,13 +214,25 @@ class GLMSparseAttention(MegatronModule):
             output = DSAIndexerLossAutoScaler.apply(output, (q_i.sum() + w.sum()) * 0.0)
         return output
 
+    def _shared(self, query, key, inputs, path):
+        """A shared layer: the source layer's top-k of this micro-batch (topk_share.take, exact
+        under recompute), no indexer, no indexer loss."""
+        topk = topk_share.take(self, self.index_share["source"], last=self.index_share.get("last", False))
+        attend = self._dense_topk if path == "dense" else self._sparse_topk
+        output, _, _ = attend(query, key, inputs, None, None, 0.0, None, path, topk=topk)
+        return output
+
     def _split_weight(self, inputs, heads):
         cfg = self.config
         w_kv = inputs.kv_up_weight.view(heads, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return torch.split(w_kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=1)
 
     def _sparse(self, query, latent, inputs, q_i, w, coeff, tp_group, path):
-        """The absorbed form: q_h -> [W_uk,h^T q_nope,h | q_pe,h] scores the latent rows directly."""
+        return GLMSparseAttention._sparse_topk(self, query, latent, inputs, q_i, w, coeff, tp_group, path)[:2]
+
+    def _sparse_topk(self, query, latent, inputs, q_i, w, coeff, tp_group, path, topk=None):
+        """The absorbed form: q_h -> [W_uk,h^T q_nope,h | q_pe,h] scores the latent rows directly.
+        `topk`: given on a shared layer (then q_i, w are None); returns (output, loss, topk)."""
         cfg = self.config
         sq, b, heads, _ = query.shape
         w_uk, w_uv = self._split_weight(inputs, heads)
@@ -218,17 +240,16 @@ class GLMSparseAttention(MegatronModule):
         q = torch.cat([torch.einsum("sbhd,hdc->bshc", q_nope, w_uk), q_pe.transpose(0, 1)], dim=-1)
         # batch-first and contiguous: the kernels and the torch path gather whole rows of these
         kv = latent.transpose(0, 1).contiguous()  # [b, S, kv_lora + rope]
-        k_i = inputs.index_keys.transpose(0, 1).contiguous()
-        q_i, w = q_i.transpose(0, 1), w.transpose(0, 1)
         if path == "triton":
             from model.kernels import indexer_scores_triton, sparse_mla_triton
 
-            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk,
-                                          scores_fn=indexer_scores_triton)
-            attend = sparse_mla_triton
+            scores_fn, attend = indexer_scores_triton, sparse_mla_triton
         else:
-            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk)
-            attend = blockwise.sparse_mla_torch
+            scores_fn, attend = None, blockwise.sparse_mla_torch
+        if topk is None:
+            k_i = inputs.index_keys.transpose(0, 1).contiguous()
+            q_i, w = q_i.transpose(0, 1), w.transpose(0, 1)
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk, scores_fn=scores_fn)
         o_latent = attend(q, kv, topk, self.softmax_scale, cfg.kv_lora_rank)  # [b, sq, heads, kv_lora]
         output = torch.einsum("bshc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
         loss = None
@@ -236,9 +257,12 @@ class GLMSparseAttention(MegatronModule):
             loss = blockwise.indexer_kl_loss_blockwise(
                 q_i, w, k_i, inputs.q_positions, topk, q.detach(), kv.detach(), self.softmax_scale, coeff,
                 cfg.dsa_indexer_use_sparse_loss, tp_group)
-        return output.contiguous(), loss
+        return output.contiguous(), loss, topk
 
     def _dense(self, query, latent, inputs, q_i, w, coeff, tp_group):
+        return GLMSparseAttention._dense_topk(self, query, latent, inputs, q_i, w, coeff, tp_group)[:2]
+
+    def _dense_topk(self, query, latent, inputs, q_i, w, coeff, tp_group, path="dense", topk=None):
         """The reference: megatron-core's unfused torch functions (its "none" backend) on the same
         inputs -- top-k from the full [b, s_q, S] index scores, the absorbed attention over
         [b, heads, s_q, S] scores, its KL (a mean over queries, as ours)."""
@@ -250,7 +274,9 @@ class GLMSparseAttention(MegatronModule):
         q = torch.cat([torch.einsum("sbhd,hdc->sbhc", q_nope, w_uk), q_pe], dim=-1)
         key = latent.unsqueeze(2)  # [S, b, 1, kv_lora + rope]: one latent key for every head
         mask = causal_mask(inputs.q_positions, skv)
-        index_scores, topk = upstream_dsa.fused_qk_topk_naive(q_i, inputs.index_keys, w, self.index_topk, mask=mask)
+        if topk is None:  # a shared layer is given its source's
+            index_scores, topk = upstream_dsa.fused_qk_topk_naive(q_i, inputs.index_keys, w, self.index_topk,
+                                                                  mask=mask)
         o_latent = upstream_dsa._unfused_absorbed_dsa_fn(q, key, topk, self.softmax_scale, cfg.kv_lora_rank, mask=mask)
         output = torch.einsum("sbhc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
         loss = None
@@ -258,4 +284,4 @@ class GLMSparseAttention(MegatronModule):
             loss = upstream_dsa.compute_dsa_indexer_loss(
                 index_scores, topk, q.detach(), key.detach().expand(-1, -1, heads, -1), self.softmax_scale, coeff,
                 cfg.dsa_indexer_use_sparse_loss, SimpleNamespace(tp=tp_group), mask=mask)
-        return output, loss
+        return output, loss, topk
