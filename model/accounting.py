@@ -202,7 +202,7 @@ def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: 
     else:
         idx = (8 if dsa_path == "blockwise" or indexer_loss else 0) + (4 if dsa_path == "triton" else 0)
         core += (pos * 2 * 2 * r  # the indexer query's RoPE cos/sin
-                 + t * (2 * heads * dn  # q_nope, copied for the absorption einsum
+                 + t * (2 * heads * (dn + r)  # the query, permuted into a copy for the absorption einsum
                       + 2 * heads * (kl + r)  # absorbed queries [q_nope W_uk | q_pe]
                       + idx * k + 4 * heads  # top-k indices, softmax log-sum-exp
                       + 2 * heads * kl)  # attention output in the latent (before W_uv)

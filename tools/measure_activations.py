@@ -133,10 +133,15 @@ def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, devic
                            bf16=True, recompute_granularity=None if granularity == "none" else granularity,
                            recompute_modules=modules, dsa_indexer_loss_coeff=1.0, dsa_indexer_use_sparse_loss=True)
     tconfig = to_transformer_config(cfg, options)
+    tconfig.perform_initialization = False  # megatron's CPU init builds fp32 masters: seconds per layer
     spec = layer_spec(get_backend(False), moe=cfg.first_k_dense_replace == 0, grouped_gemm=False)
     block = TransformerBlock(tconfig, TransformerBlockSubmodules(layer_specs=[spec], layer_norm=None),
                              post_layer_norm=False)
-    return block.to(device).train()
+    block = block.to(device).train()
+    with torch.no_grad():  # values only steer routing and top-k, whose sizes are fixed (top-k of 8, k keys)
+        for name, p in block.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    return block
 
 
 def measure(block, tokens: int, micro_batch_size: int, tp: int, device, details: bool = False) -> dict:
@@ -167,6 +172,24 @@ def block_dsa_path(device) -> str:
     from model.kernels import triton_usable
 
     return "triton" if triton_usable(device) else "blockwise"
+
+
+def cuda_growth_per_layer(block, tokens: int, micro_batch_size: int, tp: int, device, applications: int = 3) -> int:
+    """What one more application of the layer adds to torch.cuda.max_memory_allocated: each forward's
+    peak sits on top of everything the earlier ones keep, so successive peaks differ by exactly one
+    layer's kept bytes (its input included when it keeps it), whatever the forward's transient peak."""
+    hidden = block.config.hidden_size
+    y = torch.randn(tokens // micro_batch_size // tp, micro_batch_size, hidden, dtype=torch.bfloat16,
+                    device=device, requires_grad=True)
+    peaks = []
+    for _ in range(applications):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        y = block(y, attention_mask=None)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device))
+    del y
+    return peaks[-1] - peaks[-2]
 
 
 def cases(layers, tps, granularities, modules):
