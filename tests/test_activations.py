@@ -65,6 +65,28 @@ def test_kept_bytes_grow_linearly_with_tokens_once_the_sequence_exceeds_top_k():
         assert at[4096] == pytest.approx(2 * at[2048]) and at[8192] == pytest.approx(2 * at[4096])
 
 
+def test_plan_holds_each_in_flight_microbatch_of_a_stage():
+    """memory_per_gpu: 1F1B keeps PP - rank micro-batches on a stage, the interleaved schedule
+    megatron-core's warm-up count; activations = in flight x the stage's layers + the running layer's working
+    set (+ with full recompute one layer's whole set, which the selective case has not)."""
+    from model.accounting import dsa_buffer_bytes, memory_per_gpu
+
+    c = get_preset("glm5")
+    kw = dict(tp=2, pp=6, ep=32, etp=1, dp=48, seq_length=4096, micro_batch_size=1, distributed_optimizer=True,
+              num_microbatches=320, mtp_depths=3)
+    working = dsa_buffer_bytes(c, 4096, 4096, 2, "triton")["working"] / 2**30
+    for stage, in_flight in ((0, 6), (3, 3)):
+        sel = memory_per_gpu(c, pp_rank=stage, recompute_granularity="selective", **kw)
+        assert sel["in_flight_microbatches"] == in_flight
+        assert sel["activations_gb_estimate"] == pytest.approx(in_flight * sel["activation_gb_per_microbatch"] + working)
+        full = memory_per_gpu(c, pp_rank=stage, recompute_granularity="full", **kw)
+        assert full["activation_gb_per_microbatch"] < sel["activation_gb_per_microbatch"] / 20
+    bridge = memory_per_gpu(c, tp=1, pp=13, ep=32, etp=1, dp=32, seq_length=4096, micro_batch_size=1, vpp=2,
+                            distributed_optimizer=True, num_microbatches=32, microbatch_group_size=16, pp_rank=0,
+                            recompute_granularity="full")
+    assert bridge["in_flight_microbatches"] == (2 * 12 + 16 + 1) / 2
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--recompute-granularity", "partial"], "argument --recompute-granularity: invalid choice: 'partial'"),
     (["--seq-length", "4095"], "--seq-length 4095 must be a positive multiple of 2 x --tensor-model-parallel-size"),
