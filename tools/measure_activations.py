@@ -150,6 +150,7 @@ def measure(block, tokens: int, micro_batch_size: int, tp: int, device, details:
     x = torch.randn(tokens // micro_batch_size // tp, micro_batch_size, hidden, dtype=torch.bfloat16,
                     device=device, requires_grad=True)
     counter = SavedTensorCounter(block)
+    y = None  # the output keeps the graph (and so the saved tensors) alive until counted
     try:
         with counter.hooks_context():
             y = block(x, attention_mask=None)

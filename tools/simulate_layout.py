@@ -13,8 +13,9 @@ buffer layout). One JSON line per rank: what was built, the accounting's estimat
 Flags are launch/pretrain.py's (after --recipe's, overriding them). What cannot be simulated here:
 --fp8-recipe needs Transformer Engine (the weights, gradients and optimizer state are the same bf16 /
 fp32 tensors without it; TE's transient FP8 copies are not counted), and the layer specs are the
-local backend's (see docs/MODEL.md); activations are the accounting's estimate (docs/MODEL.md says
-why megatron-core's MoE dispatch cannot run on meta tensors).
+local backend's (see docs/MODEL.md); activations are the accounting's per-module formula, which
+tools/measure_activations.py checks against real GLM-5-width layers (docs/MEMORY.md): megatron-core's
+MoE dispatch cannot run on meta tensors.
 """
 
 from __future__ import annotations
