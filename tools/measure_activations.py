@@ -72,7 +72,9 @@ class SavedTensorCounter:
         __slots__ = ("t", "__weakref__")
 
         def __init__(self, t):
-            self.t = t
+            # detached (same storage): holding a saved *output* with its grad_fn would close a cycle
+            # through autograd's C++ graph that Python's gc cannot see, leaking every layer measured
+            self.t = t.detach()
 
     def __init__(self, model: torch.nn.Module):
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
