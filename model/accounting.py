@@ -153,16 +153,95 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
     return {"dense": dense, "experts": experts, "expert_bias": bias, "layers": len(layers)}
 
 
-def activation_bytes_per_layer(c: GLM5Config, tokens: int, tp: int, etp: int) -> float:
-    """Activations one layer keeps for backward per micro-batch of `tokens` tokens (sequence
-    parallel): 34 bytes x hidden per token (Korthikanti et al., selective recompute) plus the
-    routed experts' intermediates."""
-    return tokens * (34 * c.hidden_size / tp + 2 * 3 * c.num_experts_per_tok * c.moe_intermediate_size / etp)
+# Bytes per element each RMSNorm keeps: a fused norm (Transformer Engine, torch's CUDA kernel) keeps its
+# bf16 input; torch's CPU RMSNorm is composite and keeps fp32 copies of the input and the normalized
+# output (tools/measure_activations.py measures it). Each also keeps a 4-byte statistic per token.
+NORM_BYTES = {"fused": 2, "composite": 8}
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "shared_experts")
+
+
+def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: int = 1, tp: int = 1,
+                           etp: int = 1, cp: int = 1, moe: bool = True, recompute_granularity: str | None = None,
+                           recompute_modules: list[str] | None = None, norm: str = "fused",
+                           dsa_path: str = "blockwise", indexer_loss: bool = True) -> dict:
+    """Bytes one decoder layer keeps for backward per micro-batch on one GPU, by part (the parts of
+    tools/measure_activations.py, which measures them; docs/MEMORY.md explains each term). bf16
+    activations, sequence parallel when tp > 1, `seq_length` the tokens this CP rank holds, every
+    key of the sequence gathered (seq_length x cp), routed tokens for balanced top-k routing.
+    `norm`: "fused" or "composite" (NORM_BYTES); `dsa_path`: "blockwise" (torch) or "triton"."""
+    if norm not in NORM_BYTES or dsa_path not in ("blockwise", "triton"):
+        raise ValueError(f"norm {norm!r} / dsa_path {dsa_path!r}: choose from {sorted(NORM_BYTES)} / blockwise, triton")
+    h, heads = c.hidden_size, c.num_attention_heads / tp
+    ql, kl, r, dn, dv = c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+    hi, di, k = c.index_n_heads, c.index_head_dim, min(c.index_topk, seq_length * cp)
+    t = seq_length * micro_batch_size  # this rank's queries (every TP rank runs all of them, on its heads)
+    keys = t * cp  # latent rows of every position, gathered
+    tl = t / tp  # this rank's slice of the sequence-parallel region
+    nb = NORM_BYTES[norm]
+    g = recompute_granularity
+    mods = set(recompute_modules or ["core_attn"]) if g == "selective" else set()
+    if g == "full":  # megatron's checkpointed block keeps each layer's input; the rest is recomputed
+        return {"layer": 2 * tl * h}
+    out = {}
+    norm_out = 2 * tl * h  # a norm's bf16 output, kept by the linear it feeds; freed under layernorm recompute
+    kept_norm_out = 0 if "layernorm" in mods else norm_out
+    if "layernorm" in mods:  # each norm checkpointed: its input kept, its output dropped after use
+        out["layer"] = 2 * 2 * tl * h
+    else:
+        out["input_layernorm"] = out["pre_mlp_layernorm"] = tl * (nb * h + 4)
+    # MLA outside the core attention: the q/kv down projections' input, the latent norms, the q up
+    # projection's input, RoPE's cos/sin (2 of each: shared key, indexer key on local tokens; query on
+    # all), the output projection's input (all tokens, this rank's heads).
+    pos = seq_length  # RoPE's cos/sin are per position, shared by the micro-batch's sequences
+    out["attention"] = (kept_norm_out + tl * (nb * ql + 4 + nb * kl + 4 + 2 * ql) + pos / tp * 4 * 2 * r
+                        + pos * 2 * 2 * r + t * 2 * heads * dv)
+    # The indexer's key norm (LayerNorm: bf16 input, mean, rstd) runs outside the core attention.
+    core = tl * (2 * di + 8)
+    if "core_attn" in mods:  # the checkpoint keeps its inputs: queries, latent rows, the gathered rows
+        out["attention"] += t * 2 * heads * (dn + r) + keys * (2 * (kl + r) + 2 * (kl + r + di))
+    else:
+        idx = (8 if dsa_path == "blockwise" or indexer_loss else 0) + (4 if dsa_path == "triton" else 0)
+        core += (pos * 2 * 2 * r  # the indexer query's RoPE cos/sin
+                 + t * (2 * heads * (dn + r)  # the query, permuted into a copy for the absorption einsum
+                      + 2 * heads * (kl + r)  # absorbed queries [q_nope W_uk | q_pe]
+                      + idx * k + 4 * heads  # top-k indices, softmax log-sum-exp
+                      + 2 * heads * kl)  # attention output in the latent (before W_uv)
+                 + keys * 2 * (kl + r))  # latent rows of every key
+        if indexer_loss:  # the KL loss's checkpoint keeps its inputs: indexer queries, weights, keys, positions
+            core += t * (2 * hi * di + 4 * hi) + pos * 8 + keys * 2 * di
+        if tp > 1:  # under SP the indexer gathers x and the query latent, which its linears keep
+            core += t * (2 * h + 2 * ql)
+    out["core_attention"] = core
+    if not moe:
+        if "mlp" in mods:
+            out["layer"] = out.get("layer", 0) + kept_norm_out
+        else:  # fc1's input, fc1's output (gate | up), silu(gate), the up half copied by megatron's
+            # `x_linear + glu_linear_offset`, and fc2's input (the product)
+            out["mlp"] = kept_norm_out + t * 10 * c.intermediate_size / tp
+        return out
+    if "moe" in mods:
+        out["mlp"] = kept_norm_out
+        return out
+    e, topk, f = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
+    fs = c.n_shared_experts * f
+    if "shared_experts" in mods:
+        out["mlp"] = kept_norm_out
+    else:  # as the dense MLP, at the shared expert's width
+        out["shared_experts"] = kept_norm_out + t * 10 * fs / tp
+    # fp32 router: scores [T, E], top-k probabilities and indices, the normalization's sum
+    out["router"] = tl * (4 * e + 8 * topk + 4 * topk + 4)
+    out["mlp"] = out.get("mlp", 0) + tl * (8 * e + 8 * topk)  # the permutation's sorted indices
+    # Each routed row (top-k per local token, gathered over expert-TP): the permuted input, then as a
+    # dense MLP at f / etp, plus the probability-weighted activation and its fp32 probability.
+    rows = tl * etp * topk
+    out["experts"] = rows * (2 * h + 12 * f / etp + 4)
+    return out
 
 
 def dsa_buffer_bytes(c: GLM5Config, tokens: int, keys: int, tp: int, path: str = "blockwise") -> dict:
     """DSA's own buffers in one layer, for `tokens` queries of this rank against `keys` keys (S):
-    `saved` for backward per layer and micro-batch, `working` for the one layer running. `path` is
+    `saved` for backward per layer and micro-batch (layer_activation_bytes counts these with the rest of
+    the layer, as measured), `working` for the one layer running. `path` is
     the one model/modules/dsa.py runs: "blockwise" (torch) or "triton" keep the top-k indices
     (int64) and the softmax log-sum-exp, and a working set bounded per block of queries (torch:
     model.modules.dsa_blockwise.BLOCK_BUDGET fp32 elements for a few temporaries) or the fp32
@@ -198,13 +277,18 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
                    vpp: int | None = None, bf16: bool = True, replicated_down_projection: bool = True,
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
-                   dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None) -> dict:
+                   dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None,
+                   recompute_granularity: str | None = None, recompute_modules: list[str] | None = None,
+                   norm: str = "fused") -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
     (sharded over DP by the distributed optimizer, experts over expert-DP), and the activations of
     the micro-batches the pipeline keeps in flight on that stage (sequence parallel). `seq_length`
-    is the sequence each CP rank holds. With full recompute only each layer's input is kept, plus
-    one layer's working set. Checked against what megatron-core builds by tools/simulate_layout.py.
+    is the sequence each CP rank holds. Activations per layer: `layer_activation_bytes` (measured by
+    tools/measure_activations.py, docs/MEMORY.md) for `recompute_granularity` (or `full_recompute`)
+    and `recompute_modules`; with full recompute each layer keeps its input, and the layer being
+    recomputed in backward holds its whole set once. Weights, gradients and optimizer state are
+    checked against what megatron-core builds by tools/simulate_layout.py.
 
     `zero_stage` (--dp-engine deepspeed): 1 partitions main params + moments like the distributed
     optimizer but keeps bf16 grads on the weights next to an fp32 partition; 2 keeps only the fp32
@@ -223,15 +307,24 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     # fp32 main params exist only for bf16 weights (fp32 weights are their own main params)
     optimizer = ((4 if bf16 else 0) + 8) * partition / gib
     tokens = seq_length * micro_batch_size
-    layer = activation_bytes_per_layer(c, tokens, tp, etp)
-    layer_input = 2 * tokens * c.hidden_size / tp
+    granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
     depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
-    stage_layers_ = p["layers"] + (depths if pp_rank == pp - 1 else 0)
-    activations = (in_flight * layer_input * stage_layers_ + layer) if full_recompute \
-        else in_flight * layer * stage_layers_
-    dsa = dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)  # the DSA path of a GPU: Triton
-    activations += dsa["working"] + (0 if full_recompute else in_flight * stage_layers_ * dsa["saved"])
+    moe_flags = [c.is_moe_layer(i) for chunk in stage_layers(c, pp, pp_rank, vpp, layout) for i in chunk]
+    moe_flags += [True] * (depths if pp_rank == pp - 1 else 0)  # each MTP depth runs an MoE layer
+
+    def layer_bytes(moe: bool, g: str | None) -> float:
+        return sum(layer_activation_bytes(c, seq_length=seq_length, micro_batch_size=micro_batch_size, tp=tp,
+                                          etp=etp, cp=cp, moe=moe, recompute_granularity=g,
+                                          recompute_modules=recompute_modules, norm=norm,
+                                          dsa_path=dsa_path).values())
+
+    per_microbatch = sum(layer_bytes(m, granularity) for m in moe_flags)
+    activations = in_flight * per_microbatch
+    if granularity == "full" and moe_flags:  # backward recomputes one layer at a time, whole
+        activations += max(layer_bytes(m, None) for m in set(moe_flags))
+    # the running layer's DSA working set (model/modules/dsa_blockwise.py's blocks, or Triton's buffers)
+    activations += dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)["working"]
     if pp_rank == pp - 1:  # fp32 logits of the main and MTP heads, one micro-batch at a time
         from model.mcore_config import padded_vocab_size
 
@@ -244,4 +337,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
         "optimizer_gb": 0.0 if offload_optimizer else optimizer,
         **({"host_optimizer_gb": optimizer} if offload_optimizer else {}),
         "activations_gb_estimate": activations / gib,
+        "activation_gb_per_microbatch": per_microbatch / gib,
+        "in_flight_microbatches": in_flight,
     }
+

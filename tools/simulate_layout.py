@@ -13,8 +13,9 @@ buffer layout). One JSON line per rank: what was built, the accounting's estimat
 Flags are launch/pretrain.py's (after --recipe's, overriding them). What cannot be simulated here:
 --fp8-recipe needs Transformer Engine (the weights, gradients and optimizer state are the same bf16 /
 fp32 tensors without it; TE's transient FP8 copies are not counted), and the layer specs are the
-local backend's (see docs/MODEL.md); activations are the accounting's estimate (docs/MODEL.md says
-why megatron-core's MoE dispatch cannot run on meta tensors).
+local backend's (see docs/MODEL.md); activations are the accounting's per-module formula, which
+tools/measure_activations.py checks against real GLM-5-width layers (docs/MEMORY.md): megatron-core's
+MoE dispatch cannot run on meta tensors.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def estimate(cfg, pp_rank: int) -> dict:
         cfg.model, tp=d.tp, pp=d.pp, ep=d.ep, etp=d.expert_tp, dp=d.dp, cp=d.cp,
         seq_length=cfg.seq_length // d.cp, micro_batch_size=cfg.micro_batch_size,
         distributed_optimizer=cfg.use_distributed_optimizer,
-        full_recompute=cfg.model_options.recompute_granularity == "full", pp_rank=pp_rank,
+        recompute_granularity=cfg.model_options.recompute_granularity,
+        recompute_modules=cfg.model_options.recompute_modules, pp_rank=pp_rank,
         vpp=d.vpp(cfg.model.num_hidden_layers), bf16=cfg.model_options.bf16,
         replicated_down_projection=cfg.model_options.use_te, num_microbatches=cfg.num_microbatches,
         microbatch_group_size=d.microbatch_group_size, layout=d.pipeline_layout,
