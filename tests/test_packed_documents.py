@@ -69,6 +69,24 @@ def test_layout_follows_megatron_lms_rule_and_splits_for_cp():
     assert "document_starts" not in mb
 
 
+def test_the_trainer_hands_the_documents_to_the_model():
+    """forward_step passes [starts; positions] as megatron's attention_mask (None without the flags)."""
+    from pretrain.step import make_forward_step
+
+    seen = []
+
+    def model(input_ids, position_ids, attention_mask, labels, loss_mask):
+        seen.append(attention_mask)
+        return torch.zeros(labels.shape)
+
+    tokens = torch.cat([packed_tokens([[5, 4]]), torch.tensor([[1]])], dim=1)
+    for documents in (DocumentOptions(EOD, True, True), None):
+        batches = split_microbatches(tokens, 1, cp_size=1, cp_rank=0, documents=documents)
+        make_forward_step(torch.device("cpu"))(iter(batches), model)
+    assert seen[0].tolist() == [[[0, 0, 0, 0, 0, 5, 5, 5, 5]], [[0, 1, 2, 3, 4, 0, 1, 2, 3]]]
+    assert seen[1] is None
+
+
 # --- the core attention: packed == each document on its own --------------------------------------
 def _core(path, attn, leaves, q_positions, starts, sparse_loss):
     inputs = LatentAttentionInputs(q_positions=q_positions, index_keys=leaves["k_i"],
@@ -238,6 +256,48 @@ def test_packed_logits_equal_transformers_per_document(tmp_path):
     proc = subprocess.run([sys.executable, __file__, "hf_packed_case", str(tmp_path)], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# --- per weight against one process, documents crossing CP chunks ----------------------------------
+PACKED_LAYOUTS = {
+    "cp2": (2, ["--context-parallel-size", "2"]),
+    "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+}
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory):
+    """grad_check.RUN on short documents (5-40 tokens: several per 128-token sequence, crossing CP
+    chunks), with per-document attention and positions; its one-process (scalars, gradients)."""
+    import numpy as np
+
+    from data.writer import ShardWriter
+    from tests import grad_check
+
+    d = tmp_path_factory.mktemp("packed")
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(d / "docs"), tokenizer={"name": "synthetic", "sha256": "0" * 64, "vocab_size": 512},
+                     eod_id=EOD, dtype="uint32", shard_size=16 << 10, chunk_tokens=1024) as writer:
+        for _ in range(400):
+            writer.add_document(np.append(rng.integers(1, 512, size=int(rng.integers(4, 40))), EOD))
+    manifest = str(d / "docs" / "manifest.json")
+    run = [a for a in grad_check.RUN if a != "--mock-data"]
+    run += ["--data-path", manifest, "--valid-data-path", manifest, "--eod-mask-loss",
+            "--reset-attention-mask", "--reset-position-ids"]
+    scalars, (grads,) = grad_check.train(d / "one", 1, run)
+    return run, (scalars, grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
+def test_packed_documents_match_single_process_per_weight(name, packed_run, tmp_path):
+    from tests import grad_check
+
+    run, (want, want_grads) = packed_run
+    nproc, extra = PACKED_LAYOUTS[name]
+    got, got_grads = grad_check.train(tmp_path, nproc, [*run, *extra])
+    grad_check.assert_same_scalars(name, want, got)
+    grad_check.assert_same_gradients(name, want_grads, got_grads)
 
 
 # --- refusals -------------------------------------------------------------------------------------
