@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eod-mask-loss", action="store_true",
                    help="no loss at positions whose input is the EOD token (Megatron-LM's rule)")
     g.add_argument("--reset-position-ids", action="store_true",
-                   help="positions restart at each document (refused: see the error)")
+                   help="RoPE positions (attention's and the DSA indexer's) restart at each document (after EOD)")
     g.add_argument("--reset-attention-mask", action="store_true",
-                   help="no attention across documents (refused: see the error)")
+                   help="no attention across documents: DSA's top-k, sparse attention and indexer loss "
+                        "stay inside each document (--dsa-kernel-backend blockwise or triton)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, default=None,
@@ -308,7 +309,8 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, data_allow_pipe=args.data_allow_pipe, log_interval=args.log_interval,
         valid_data_path=args.valid_data_path, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-        eod_mask_loss=args.eod_mask_loss, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
+        eod_mask_loss=args.eod_mask_loss, reset_attention_mask=args.reset_attention_mask,
+        reset_position_ids=args.reset_position_ids, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
         tensorboard_dir=args.tensorboard_dir, observability=observed, save=args.save, load=args.load,
         load_options=stages.LoadOptions.from_args(args),
         save_interval=args.save_interval,
@@ -350,19 +352,17 @@ def _check_mtp(args, cfg: GLM5Config) -> None:
 
 
 def _check_document_flags(args) -> None:
-    # GLM-5's attention takes the causal structure and RoPE positions from the packed sequence
-    # itself (model/modules/dsa.py: the indexer's mask and RoPE, and its top-k), not from
-    # per-document masks or position ids: accepting these flags would silently ignore them.
-    why = {
-        "--reset-position-ids": "MLA and the DSA indexer apply RoPE at positions 0..S-1 of the packed sequence "
-                                "(model/modules/dsa.py takes no per-document positions yet)",
-        "--reset-attention-mask": "DSA attention and its indexer's top-k use a causal mask over the whole packed "
-                                  "sequence (model/modules/dsa.py takes no document mask yet)",
-    }
-    for flag, reason in why.items():
-        if getattr(args, flag[2:].replace("-", "_")):
-            raise ValueError(f"{flag} is not supported with DSA: {reason}; drop it (--eod-mask-loss still "
-                             "removes the loss across a document boundary)")
+    # Our DSA (blockwise, triton) keeps attention, the indexer's top-k and its loss inside each document
+    # and restarts RoPE per document (model/modules/documents.py). megatron-core's DSAttention does so only
+    # for THD-packed micro-batches (PackedSeqParams: batch 1, each document split over CP on its own),
+    # a data layout this trainer does not build: refused by name rather than silently ignored.
+    from model.mcore_config import UPSTREAM_DSA_BACKENDS
+
+    for flag in ("--reset-attention-mask", "--reset-position-ids"):
+        if getattr(args, flag[2:].replace("-", "_")) and args.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS:
+            raise ValueError(f"{flag} with --dsa-kernel-backend {args.dsa_kernel_backend}: megatron-core's DSA "
+                             "takes packed documents only as THD micro-batches (PackedSeqParams), which this "
+                             "trainer does not build; use --dsa-kernel-backend blockwise or triton")
 
 
 def _check_evaluation(args) -> None:

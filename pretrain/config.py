@@ -57,6 +57,9 @@ class TrainConfig:
     data_allow_pipe: bool = False  # manifests may name pipe: commands (docs/DATA.md, Remote data)
     valid_data_path: list[str] = field(default_factory=list)
     eod_mask_loss: bool = False  # no loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
+    # packed documents (model/modules/documents.py): attention and RoPE positions per document
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
     # evaluation (pretrain/evaluate.py): every eval_interval iterations and at the end, eval_iters global batches
     eval_interval: int | None = None
     eval_iters: int = 100

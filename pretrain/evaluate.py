@@ -74,8 +74,9 @@ def build_validation_data(cfg: TrainConfig, dp_rank: int) -> PretrainingData:
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, model: list, forward_step, eod_id: int | None):
+    def __init__(self, cfg: TrainConfig, model: list, forward_step, eod_id: int | None, documents=None):
         self.cfg, self.model, self.forward_step, self.eod_id = cfg, model, forward_step, eod_id
+        self.documents = documents  # --reset-attention-mask / --reset-position-ids, as in training
         self.data = build_validation_data(cfg, parallel_state.get_data_parallel_rank())
         self._start = self.data.state_dict()  # where every evaluation starts
 
@@ -93,7 +94,8 @@ class Evaluator:
         num_microbatches = 0
         with _eval_mode(self.model), torch.no_grad():
             for _ in range(cfg.eval_iters):
-                microbatches = split_microbatches(self._next_tokens(), cfg.micro_batch_size, eod_id=self.eod_id)
+                microbatches = split_microbatches(self._next_tokens(), cfg.micro_batch_size, eod_id=self.eod_id,
+                                                  documents=self.documents)
                 iterators = [iter(microbatches) for _ in self.model]
                 losses = get_forward_backward_func()(
                     forward_step_func=self.forward_step,

@@ -8,6 +8,10 @@ Under context parallelism every tensor of a micro-batch (input ids, labels, loss
 is cut the same way, after the labels are shifted: rank r keeps chunks r and 2*CP-1-r of 2*CP
 (model/modules/cp_attention.py). The MTP layer and its loss roll these local pieces with
 megatron-core's `roll_tensor(cp_group=...)`, which assumes exactly this layout.
+
+Packed documents (--reset-attention-mask, --reset-position-ids): `document_starts` (the row where each
+token's document starts) and reset `position_ids` are made before the split, over the whole sequence,
+and handed to the model as its `attention_mask` (model/modules/documents.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from functools import partial
 import torch
 
 from model.modules.cp_attention import split_for_context_parallel
+from model.modules.documents import document_layout
 
 
 def _context_parallel_layout(cp_size: int | None, cp_rank: int | None) -> tuple[int, int]:
@@ -30,11 +35,12 @@ def _context_parallel_layout(cp_size: int | None, cp_rank: int | None) -> tuple[
 
 
 def split_microbatches(tokens: torch.Tensor, micro_batch_size: int, cp_size: int | None = None,
-                       cp_rank: int | None = None, eod_id: int | None = None) -> list[dict]:
+                       cp_rank: int | None = None, eod_id: int | None = None, documents=None) -> list[dict]:
     """[n, seq+1] tokens of this DP rank -> model inputs per micro-batch, this CP rank's part of the
     sequence (CP size and rank default to megatron's parallel state, or 1 without it).
     With `eod_id` (--eod-mask-loss), positions whose input is EOD carry no loss: Megatron-LM's rule
-    (the token after EOD starts another document and cannot be predicted)."""
+    (the token after EOD starts another document and cannot be predicted).
+    `documents` (DocumentOptions or None): per-document attention and/or positions."""
     cp_size, cp_rank = _context_parallel_layout(cp_size, cp_rank)
     out = []
     for mb in tokens.split(micro_batch_size):
@@ -46,10 +52,23 @@ def split_microbatches(tokens: torch.Tensor, micro_batch_size: int, cp_size: int
                           else (mb[:, :-1] != eod_id).float()),
             "position_ids": torch.arange(seq).expand(mb.shape[0], seq).contiguous(),
         }
+        if documents is not None and documents.active:
+            batch["document_starts"], batch["position_ids"] = document_layout(
+                mb[:, :-1], documents.eod_id, documents.reset_attention_mask, documents.reset_position_ids)
         if cp_size > 1:
             batch = {k: split_for_context_parallel(v, cp_size, cp_rank, dim=1) for k, v in batch.items()}
         out.append(batch)
     return out
+
+
+class DocumentOptions:
+    """--reset-attention-mask / --reset-position-ids and the data's EOD id."""
+
+    def __init__(self, eod_id: int | None, reset_attention_mask: bool = False, reset_position_ids: bool = False):
+        self.eod_id, self.reset_attention_mask, self.reset_position_ids = eod_id, reset_attention_mask, reset_position_ids
+        self.active = reset_attention_mask or reset_position_ids
+        if self.active and eod_id is None:
+            raise ValueError("--reset-attention-mask / --reset-position-ids need the data's EOD id")
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -64,7 +83,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def make_forward_step(device: torch.device):
     def forward_step(data_iterator, model):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=None,
+        # packed documents: their starts and positions, as model/modules/documents.py describes
+        documents = (torch.stack([batch["document_starts"], batch["position_ids"]])
+                     if "document_starts" in batch else None)
+        output = model(batch["input_ids"], batch["position_ids"], attention_mask=documents,
                        labels=batch["labels"], loss_mask=batch["loss_mask"])
         return output, partial(loss_func, batch["loss_mask"])
 

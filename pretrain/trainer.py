@@ -41,7 +41,7 @@ from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
 from pretrain import muon
-from pretrain.step import make_forward_step, split_microbatches, take_mtp_loss
+from pretrain.step import DocumentOptions, make_forward_step, split_microbatches, take_mtp_loss
 
 
 def build_engine(chunks, tconfig, cfg: TrainConfig) -> Engine:
@@ -100,7 +100,8 @@ class Trainer:
         self.metrics = Metrics(runtime.rank == runtime.world_size - 1, cfg)
         self._model_forward = make_forward_step(runtime.device)
         self.eod_id = self.data.eod_id if cfg.eod_mask_loss else None
-        self.evaluator = (Evaluator(cfg, self.model, self._model_forward, self.eod_id)
+        self.documents = DocumentOptions(self.data.eod_id, cfg.reset_attention_mask, cfg.reset_position_ids)
+        self.evaluator = (Evaluator(cfg, self.model, self._model_forward, self.eod_id, self.documents)
                           if cfg.eval_interval else None)
         self.checkpointer = Checkpointer(
             CheckpointParts(model=self.model, progress=self.progress, engine=self.engine, scheduler=self.scheduler,
@@ -152,7 +153,7 @@ class Trainer:
         self.engine.zero_grad()
         with self.observer.timing.timed("batch-generator", 2):
             microbatches = split_microbatches(self.data.next_batch(global_batch_size)["tokens"],
-                                              cfg.micro_batch_size, eod_id=self.eod_id)
+                                              cfg.micro_batch_size, eod_id=self.eod_id, documents=self.documents)
         self.engine.begin_step(microbatches)
         self.recipe.scale_indexer_loss(self.engine.scale_loss, self.runtime.device)
         iterators = [iter(microbatches) for _ in self.model]

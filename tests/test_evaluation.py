@@ -117,8 +117,9 @@ def test_validation_set_mismatches_are_refused(data_synthetic, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("flag", ["--reset-position-ids", "--reset-attention-mask"])
-def test_document_flags_dsa_cannot_honour_are_refused(flag, capsys):
-    _refused(capsys, _args("--mock-data", flag), flag, "DSA")
+def test_document_flags_megatron_cores_dsa_cannot_honour_are_refused(flag, capsys):
+    # ours (blockwise, triton) honour them: tests/test_packed_documents.py
+    _refused(capsys, _args("--mock-data", flag, "--dsa-kernel-backend", "none"), flag, "--dsa-kernel-backend none")
 
 
 def test_vocab_size_is_padded_as_megatron(tmp_path, capsys):

@@ -109,3 +109,39 @@ def test_lr_schedules_warmup_then_decay_by_style(style):
     for i in range(86, 101):
         restored.step(increment=cfg.global_batch_size)
         assert opt2.param_groups[0]["lr"] == lr[i]
+
+
+# --- GLM-5's stages as recipe files (launch/recipes/glm5-stage*.args, docs/STAGES.md) ---------------
+STAGE_RECIPES = ["launch/recipes/glm5-stage1-pretrain-4k.args", "launch/recipes/glm5-stage2-midtrain-32k.args",
+                 "launch/recipes/glm5-stage3-128k.args"]
+
+
+def test_stage_recipes_fit_an_h100_and_chain():
+    """Each stage's memory plan (tools/model_info.py) fits an H100's 80 GB; each stage loads the previous
+    one's checkpoint with a fresh optimizer, iterations count on, DSA's warm-up ends inside stage 2,
+    and the long-context stages train on packed documents with per-document attention and positions."""
+    from pretrain.arguments import build_parser
+    from pretrain.recipe_flags import read_recipe
+    from tools.model_info import recipe_info
+
+    parser, previous = build_parser(), None
+    for path, seq in zip(STAGE_RECIPES, (4096, 32768, 131072)):
+        info = recipe_info(path, None)
+        assert info["seq_length"] == seq and 20 < info["memory_gb_total_estimate"] < 80, (path, info)
+        flags, world = read_recipe(path)
+        args = parser.parse_args(flags)
+        assert world == 576 and args.dsa_kernel_backend is None  # ours: per-document DSA (blockwise/triton)
+        if previous is None:
+            assert args.dsa_indexer_topk >= seq and not args.dsa_indexer_loss_coeff  # dense attention
+        else:
+            assert args.load == previous.save and args.no_load_optim and not args.finetune, path
+            assert args.train_iters > previous.train_iters and args.lr_decay_iters < args.train_iters
+            assert args.reset_attention_mask and args.reset_position_ids and args.eod_mask_loss
+            assert args.dsa_indexer_topk == 2048 and args.dsa_indexer_loss_coeff > 0
+            # micro-batches per DP rank: at least one per pipeline stage
+            dp = world // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                           * args.context_parallel_size)
+            assert args.global_batch_size // dp >= args.pipeline_model_parallel_size
+        if args.dsa_warmup_iters:
+            assert previous.train_iters < args.dsa_warmup_iters < args.train_iters  # absolute iterations
+        previous = args

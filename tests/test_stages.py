@@ -4,9 +4,13 @@ GLM-5 ran them (short context -> longer context -> DSA sparse), each continuing 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import TINY_RUN
+from tests.conftest import REPO, TINY_RUN
 from tests.inprocess import train_here
 
 
@@ -69,21 +73,41 @@ def test_a_new_data_configuration_starts_its_data_position_fresh(text_shards, tm
     assert "--seq-length 64 -> 128" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def short_documents(text_shards, data_stdlib_files, tmp_path_factory) -> str:
+    """The same stdlib text cut at blank lines into short documents (tens of tokens: several per sequence),
+    tokenized with the same tokenizer: a manifest of packed documents."""
+    _, tokenizer = text_shards
+    work = tmp_path_factory.mktemp("short_docs")
+    with open(work / "docs.jsonl", "w") as f:
+        for path in data_stdlib_files[:40]:
+            for part in path.read_text(errors="replace").split("\n\n"):
+                if part.strip():
+                    f.write(json.dumps({"text": part + "\n\n"}) + "\n")
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(work / "docs.jsonl"), "--tokenizer",
+                    tokenizer, "--output-dir", str(work / "shards"), "--shard-size", "256KiB", "--chunk-tokens",
+                    "8192", "--quiet"], cwd=REPO, check=True)
+    return str(work / "shards" / "manifest.json")
+
+
 @pytest.mark.slow
-def test_three_stages_each_continue_where_the_last_ended(text_shards, tmp_path, capsys):
+def test_three_stages_each_continue_where_the_last_ended(text_shards, short_documents, tmp_path, capsys):
     """GLM-5's order on the tiny model and real text: short context (every key attended), then a longer context
-    with a fresh optimizer and schedule, then DSA (the indexer's dense warm-up, then sparse attention); each
-    stage's first loss is near the previous stage's last, far below a fresh model's."""
+    of packed short documents with per-document attention and positions and a fresh optimizer and schedule,
+    then DSA on them (the indexer's dense warm-up, then sparse attention inside each document); each stage's
+    first loss is near the previous stage's last, far below a fresh model's."""
     manifest, tokenizer = text_shards
     one, two = tmp_path / "short", tmp_path / "long"
+    documents = ["--data-path", short_documents, "--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
     short = train_here(_text(manifest, tokenizer, "--seq-length", "64", "--dsa-indexer-topk", "64",
                              "--train-iters", "10", "--save", str(one)))["lm loss"]
-    long = train_here(_text(manifest, tokenizer, "--seq-length", "128", "--dsa-indexer-topk", "128",
-                            "--train-iters", "16", "--load", str(one), "--no-load-optim", "--save", str(two)))
-    assert "--seq-length 64 -> 128" in capsys.readouterr().out
-    sparse = train_here(_text(manifest, tokenizer, "--seq-length", "128", "--dsa-indexer-topk", "16",
-                              "--dsa-indexer-loss-coeff", "1.0", "--dsa-warmup-iters", "18", "--train-iters", "22",
-                              "--load", str(two), "--no-load-optim"))
+    long = train_here([*_text(manifest, tokenizer, "--seq-length", "128", "--dsa-indexer-topk", "128",
+                              "--train-iters", "16", "--load", str(one), "--no-load-optim", "--save", str(two)),
+                       *documents])
+    assert "the data blend (--data-path) changed" in capsys.readouterr().out
+    sparse = train_here([*_text(manifest, tokenizer, "--seq-length", "128", "--dsa-indexer-topk", "16",
+                                "--dsa-indexer-loss-coeff", "1.0", "--dsa-warmup-iters", "18", "--train-iters", "22",
+                                "--load", str(two), "--no-load-optim"), *documents])
     long_lm, sparse_lm = long["lm loss"], sparse["lm loss"]
     assert sorted(long_lm)[0] == 11 and sorted(sparse_lm)[0] == 17
     assert [sparse["dsa/stage"][i] for i in (17, 18, 19, 22)] == [0.0, 0.0, 1.0, 1.0]  # warm-up, then sparse

@@ -38,7 +38,7 @@ def sparse_mla_triton(q, kv, idx, scale: float, dv: int):
     return sparse_mla(q, kv, idx, scale, dv)
 
 
-def indexer_scores_triton(q, w, k, q_pos, k_start: int):
+def indexer_scores_triton(q, w, k, q_pos, k_start: int, q_start=None):
     from model.kernels.indexer import indexer_scores
 
-    return indexer_scores(q, w, k, q_pos, k_start)
+    return indexer_scores(q, w, k, q_pos, k_start, q_start)

@@ -27,6 +27,10 @@ computation:
    (`LatentAttentionInputs`, returned in the value's place, which megatron hands on as `value`):
    the indexer scores this rank's queries against every key with the causal mask at global
    positions, takes its top-k, and sparse attention runs locally.
+Packed documents (model/modules/documents.py): megatron's `attention_mask` carries each token's
+document start and RoPE position; keys and queries are RoPE'd at those positions where they are made,
+and the core attention keeps each query's top-k inside its document (documents may cross CP chunks:
+every key is gathered, the mask is by global row).
 Without CP the same steps run with one chunk: the gather is the TP all-gather of sequence
 parallelism (or, without SP, an identity whose backward sums over TP).
 
@@ -51,6 +55,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
+from model.modules.documents import rope_freqs, unpack
 from model.modules.dsa import GLMSparseAttention, LatentAttentionInputs
 from model.modules.rope import apply_mla_rope
 
@@ -129,6 +134,15 @@ class CPMLASelfAttention(MLASelfAttention):
             group = pg.tp if self.sp else pg.cp
         self.kv_gather_group = group
 
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        # megatron's MLA forward does not hand attention_mask to get_query_key_value_tensors: the packed
+        # documents' positions (model/modules/documents.py) are kept for it over this call
+        self._documents = attention_mask if self.latent_form else None
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._documents = None
+
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None,
                                     packed_seq_params=None, inference_context=None, *, inference_params=None):
         if not self.latent_form:
@@ -146,8 +160,14 @@ class CPMLASelfAttention(MLASelfAttention):
         s_local = s_own * (tp_size if self.sp else 1)  # this CP rank's tokens, S/CP
         seq_len = s_local * self.cp_size
         q_positions = context_parallel_positions(seq_len, self.cp_size, pg.cp.rank(), hidden_states.device)
-        own_positions = q_positions[tp_rank * s_own:(tp_rank + 1) * s_own] if self.sp else q_positions
-        freqs = self.rotary_pos_emb.get_emb(seq_len)  # [S, 1, 1, rope] at global positions
+        q_starts, rope_positions = unpack(getattr(self, "_documents", None))
+        if rope_positions is None:  # one document: RoPE at the global rows
+            rope_positions = q_positions
+        elif rope_positions.shape != (hidden_states.shape[1], s_local):
+            raise ValueError(f"attention_mask holds {tuple(rope_positions.shape)} positions for "
+                             f"{(hidden_states.shape[1], s_local)} tokens (batch, this rank's sequence)")
+        own_positions = rope_positions[..., tp_rank * s_own:(tp_rank + 1) * s_own] if self.sp else rope_positions
+        freqs = self.rotary_pos_emb.get_emb(seq_len)  # [S, 1, 1, rope]
 
         # Query latent: as megatron (a TP-sharded down projection is gathered, then re-split for SP).
         q_compressed, _ = self.linear_q_down_proj(hidden_states)
@@ -165,7 +185,7 @@ class CPMLASelfAttention(MLASelfAttention):
                 kv_combined = scatter_to_sequence_parallel_region(kv_combined)
         latent, k_pe = torch.split(kv_combined, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
         latent = self.kv_layernorm(latent)
-        k_pe = apply_mla_rope(k_pe.unsqueeze(-2), freqs[own_positions], cfg, pg.cp)
+        k_pe = apply_mla_rope(k_pe.unsqueeze(-2), rope_freqs(freqs, own_positions), cfg, pg.cp)
         indexer = self.core_attention.indexer  # None on an IndexShare "shared" layer: no k_I to gather
         own = [latent, k_pe.squeeze(-2)]
         if indexer is not None:
@@ -193,7 +213,7 @@ class CPMLASelfAttention(MLASelfAttention):
         q, _ = self.linear_q_up_proj(q_compressed)
         q = q.view(s_local, b, heads, self.q_head_dim)
         q_nope, q_pe = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
-        q_pe = apply_mla_rope(q_pe, freqs[q_positions], cfg, pg.cp)
+        q_pe = apply_mla_rope(q_pe, rope_freqs(freqs, rope_positions), cfg, pg.cp)
         query = torch.cat([q_nope, q_pe], dim=-1)
 
         # megatron's forward hands (query, key, value) to the core attention: the latent rows go as
@@ -201,5 +221,5 @@ class CPMLASelfAttention(MLASelfAttention):
         # goes in the value's place (model/modules/dsa.py's docstring).
         inputs = LatentAttentionInputs(
             q_positions=q_positions, index_keys=k_index_all, kv_up_weight=self.linear_kv_up_proj.weight,
-            cp_group=pg.cp if self.cp_size > 1 else None)
+            cp_group=pg.cp if self.cp_size > 1 else None, q_doc_starts=q_starts, rope_positions=rope_positions)
         return query.contiguous(), latent_rows.contiguous(), inputs, q_compressed, latent

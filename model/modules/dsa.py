@@ -50,6 +50,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from model.modules import dsa_blockwise as blockwise
 from model.modules import topk_share
+from model.modules.documents import document_mask, rope_freqs
 
 @dataclass(frozen=True)
 class LatentAttentionInputs:
@@ -61,6 +62,10 @@ class LatentAttentionInputs:
     index_keys: torch.Tensor | None
     kv_up_weight: torch.Tensor  # [heads * (qk_head_dim + v_head_dim), kv_lora_rank]: this TP rank's heads
     cp_group: torch.distributed.ProcessGroup | None = None  # None without context parallelism
+    # packed documents (model/modules/documents.py): [b, s_q] row where each query's document starts
+    # (None: one document), and the queries' RoPE positions [b, s_q] (None: q_positions)
+    q_doc_starts: torch.Tensor | None = None
+    rope_positions: torch.Tensor | None = None
 
     def contiguous(self) -> "LatentAttentionInputs":
         """megatron's MLA forward makes its `value` contiguous before the core attention."""
@@ -73,11 +78,11 @@ class LatentAttentionInputs:
         return self.index_keys.shape if self.index_keys is not None else torch.Size([0])
 
 
-def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Additive fp32 mask [s_q, num_keys]: -inf where the key's position is after the query's."""
-    k_positions = torch.arange(num_keys, device=q_positions.device)
-    mask = torch.zeros(q_positions.numel(), num_keys, dtype=torch.float32, device=q_positions.device)
-    return mask.masked_fill_(k_positions.view(1, -1) > q_positions.view(-1, 1), float("-inf"))
+def causal_mask(q_positions: torch.Tensor, num_keys: int, q_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive fp32 mask [s_q, num_keys] ([b, s_q, num_keys] with packed documents' `q_starts`): -inf
+    where the key's position is after the query's, or before the start of the query's document."""
+    hidden = document_mask(q_positions, q_starts, num_keys)
+    return torch.zeros(hidden.shape, dtype=torch.float32, device=q_positions.device).masked_fill_(hidden, float("-inf"))
 
 
 class GLMIndexer(DSAIndexer):
@@ -104,8 +109,8 @@ class GLMIndexer(DSAIndexer):
         self.n_heads, self.head_dim, self.rope_dim = self.index_n_heads, self.index_head_dim, self.qk_pos_emb_head_dim
 
     def freqs_at(self, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """RoPE angles [len(positions), 1, 1, rope_dim] at the given global positions."""
-        return self.rotary_pos_emb.get_emb(seq_len)[positions]
+        """RoPE angles at the given positions: [s] -> [s, 1, 1, rope_dim], [b, s] -> [s, b, 1, rope_dim]."""
+        return rope_freqs(self.rotary_pos_emb.get_emb(seq_len), positions)
 
     def index_keys(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """k_I = RoPE(LayerNorm(wk(x))) [s, b, head_dim] for the tokens x [s, b, hidden] at `positions`
@@ -189,7 +194,8 @@ class GLMSparseAttention(MegatronModule):
         path = self.resolved_path(query.device)
         if self.indexer is None:
             return self._shared(query, key, inputs, path)
-        q_i, w = self.indexer(x.detach(), qr.detach(), inputs.q_positions, key.shape[0])
+        rope_positions = inputs.q_positions if inputs.rope_positions is None else inputs.rope_positions
+        q_i, w = self.indexer(x.detach(), qr.detach(), rope_positions, key.shape[0])
         coeff = cfg.dsa_indexer_loss_coeff or 0.0
         with_loss = self.training and torch.is_grad_enabled() and coeff > 0
         tp_group = self.indexer.pg_collection.tp
@@ -240,6 +246,7 @@ class GLMSparseAttention(MegatronModule):
         q = torch.cat([torch.einsum("sbhd,hdc->bshc", q_nope, w_uk), q_pe.transpose(0, 1)], dim=-1)
         # batch-first and contiguous: the kernels and the torch path gather whole rows of these
         kv = latent.transpose(0, 1).contiguous()  # [b, S, kv_lora + rope]
+        starts = inputs.q_doc_starts  # packed documents: the top-k (and so the attention) stays inside each
         if path == "triton":
             from model.kernels import indexer_scores_triton, sparse_mla_triton
 
@@ -249,14 +256,15 @@ class GLMSparseAttention(MegatronModule):
         if topk is None:
             k_i = inputs.index_keys.transpose(0, 1).contiguous()
             q_i, w = q_i.transpose(0, 1), w.transpose(0, 1)
-            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk, scores_fn=scores_fn)
+            topk = blockwise.indexer_topk(q_i, w, k_i, inputs.q_positions, self.index_topk, scores_fn=scores_fn,
+                                          q_start=starts)
         o_latent = attend(q, kv, topk, self.softmax_scale, cfg.kv_lora_rank)  # [b, sq, heads, kv_lora]
         output = torch.einsum("bshc,hvc->sbhv", o_latent, w_uv).reshape(sq, b, heads * cfg.v_head_dim)
         loss = None
         if coeff > 0:
             loss = blockwise.indexer_kl_loss_blockwise(
                 q_i, w, k_i, inputs.q_positions, topk, q.detach(), kv.detach(), self.softmax_scale, coeff,
-                cfg.dsa_indexer_use_sparse_loss, tp_group)
+                cfg.dsa_indexer_use_sparse_loss, tp_group, q_start=starts)
         return output.contiguous(), loss, topk
 
     def _dense(self, query, latent, inputs, q_i, w, coeff, tp_group):
@@ -273,7 +281,7 @@ class GLMSparseAttention(MegatronModule):
         q_nope, q_pe = torch.split(query, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
         q = torch.cat([torch.einsum("sbhd,hdc->sbhc", q_nope, w_uk), q_pe], dim=-1)
         key = latent.unsqueeze(2)  # [S, b, 1, kv_lora + rope]: one latent key for every head
-        mask = causal_mask(inputs.q_positions, skv)
+        mask = causal_mask(inputs.q_positions, skv, inputs.q_doc_starts)
         if topk is None:  # a shared layer is given its source's
             index_scores, topk = upstream_dsa.fused_qk_topk_naive(q_i, inputs.index_keys, w, self.index_topk,
                                                                   mask=mask)

@@ -11,6 +11,10 @@ row kv[s] = [c(s) | k_pe(s)] of each position with q_h = [W_uk,h^T q_nope,h | q_
 the softmax-weighted sum of the latents c(s) (the caller applies W_uv,h afterwards). The top-k rows
 are gathered once per query and shared by all heads. Top-k indices are int64 [b, sq, k]; -1 marks a
 slot with no causal key (a query at position t < k has only t + 1 keys).
+
+Packed documents (model/modules/documents.py): `q_start` [b, sq], the row where each query's document
+starts, limits its keys to q_start..q_pos -- in the top-k (so the sparse attention, which reads only
+the top-k, stays inside the document too) and in the KL loss. None: every earlier key.
 """
 
 from __future__ import annotations
@@ -50,21 +54,30 @@ def index_scores_at(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, idx: torc
     return s.masked_fill(idx < 0, float("-inf"))
 
 
-def _causal_fill(scores: torch.Tensor, q_pos: torch.Tensor, k_start: int) -> torch.Tensor:
-    k_pos = torch.arange(k_start, k_start + scores.shape[-1], device=scores.device)
-    return scores.masked_fill_(k_pos.view(1, 1, -1) > q_pos.view(1, -1, 1), float("-inf"))
+def _hidden_keys(q_pos: torch.Tensor, k_start: int, n: int, q_start: torch.Tensor | None) -> torch.Tensor:
+    """Bool [1 or b, m, n]: keys k_start..k_start+n-1 after the query or before its document."""
+    k_pos = torch.arange(k_start, k_start + n, device=q_pos.device).view(1, 1, -1)
+    hidden = k_pos > q_pos.view(1, -1, 1)
+    return hidden if q_start is None else hidden | (k_pos < q_start.unsqueeze(-1))
+
+
+def _causal_fill(scores: torch.Tensor, q_pos: torch.Tensor, k_start: int,
+                 q_start: torch.Tensor | None = None) -> torch.Tensor:
+    """-inf in scores [b, m, n] where the key is after the query or before its document."""
+    return scores.masked_fill_(_hidden_keys(q_pos, k_start, scores.shape[-1], q_start), float("-inf"))
 
 
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, topk: int,
-                 scores_fn=None) -> torch.Tensor:
+                 scores_fn=None, q_start: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k causal keys per query by index score, blocks of queries with a running top-k over key
     chunks: q [b, sq, H, d], w [b, sq, H], k [b, S, d] -> int64 [b, sq, min(topk, S)] (-1: none),
-    best first; ties go to the lower key position.
-    `scores_fn(q, w, k, q_pos, k_start)` gives one tile's causally masked scores (a kernel)."""
+    best first; ties go to the lower key position. With `q_start` [b, sq] only keys of the query's
+    document (module docstring).
+    `scores_fn(q, w, k, q_pos, k_start, q_start)` gives one tile's masked scores (a kernel)."""
     b, sq, heads, _ = q.shape
     n_keys = k.shape[1]
     kk = min(topk, n_keys)
-    scores_fn = scores_fn or (lambda q_, w_, k_, p_, s_: _causal_fill(index_scores(q_, w_, k_), p_, s_))
+    scores_fn = scores_fn or (lambda q_, w_, k_, p_, s_, d_: _causal_fill(index_scores(q_, w_, k_), p_, s_, d_))
     key_chunk = KEY_CHUNK
     out = torch.empty(b, sq, kk, dtype=torch.long, device=q.device)
     block = query_block(heads * key_chunk + 4 * (kk + key_chunk))  # tile, then the merge's sort
@@ -72,11 +85,13 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_pos: torch
         for blk in _blocks(sq, block):
             pos = q_pos[blk]
             last_key = int(pos.max()) + 1  # later keys are all masked: skip them
+            starts = None if q_start is None else q_start[:, blk]
+            first_key = 0 if starts is None else int(starts.min())  # and keys of earlier documents
             vals = torch.full((b, pos.numel(), kk), float("-inf"), device=q.device)
             idx = torch.full((b, pos.numel(), kk), -1, dtype=torch.long, device=q.device)
-            for start in range(0, last_key, key_chunk):
+            for start in range(first_key, last_key, key_chunk):
                 end = min(start + key_chunk, last_key)
-                tile = scores_fn(q[:, blk], w[:, blk], k[:, start:end], pos, start)
+                tile = scores_fn(q[:, blk], w[:, blk], k[:, start:end], pos, start, starts)
                 keys = torch.arange(start, end, device=q.device).expand(b, pos.numel(), -1)
                 # A stable sort, not topk: equal scores (relu's zeros are common) keep the lower
                 # key, so the choice does not depend on how keys are chunked or queries placed.
@@ -155,7 +170,7 @@ def sparse_mla_torch(q, kv, idx, scale: float, dv: int) -> torch.Tensor:
 
 
 # --- indexer KL loss ------------------------------------------------------------------------------
-def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group):
+def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group, starts=None):
     """Sum over this block's queries of KL(attention || softmax(index scores)) (module docstring of
     model/modules/dsa.py). Attention comes from detached q, kv: only the index scores carry grad."""
     with torch.no_grad():
@@ -165,8 +180,8 @@ def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group):
             s.masked_fill_((idx < 0).unsqueeze(2), float("-inf"))
         else:
             s = torch.einsum("bqhd,bkd->bqhk", q.float(), kv.float()) * scale
-            k_pos = torch.arange(kv.shape[1], device=s.device)
-            s.masked_fill_((k_pos.view(1, -1) > pos.view(-1, 1)).view(1, -1, 1, kv.shape[1]), float("-inf"))
+            # the top-k's mask (causal, inside the document): the dense warm-up's loss stays in it too
+            s.masked_fill_(_hidden_keys(pos, 0, kv.shape[1], starts).unsqueeze(2), float("-inf"))
         attention = torch.softmax(s, dim=-1).sum(dim=2)  # [b, m, keys]
         if tp_group is not None and tp_group.size() > 1:
             torch.distributed.all_reduce(attention, group=tp_group)
@@ -175,7 +190,7 @@ def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group):
     if sparse:
         z = index_scores_at(q_i, w, k_i, idx)
     else:
-        z = _causal_fill(index_scores(q_i, w, k_i), pos, 0)
+        z = _causal_fill(index_scores(q_i, w, k_i), pos, 0, starts)
     # megatron-core 0.19.2's KL (dsa_indexer_loss.py): the exact log-softmax of the index scores
     # (log(p + eps) would flatten the loss and its gradient where p < eps); masked keys add nothing.
     terms = attention * (log_attention - torch.log_softmax(z, dim=-1))
@@ -183,7 +198,7 @@ def _kl_block(q_i, w, k_i, pos, idx, q, kv, scale, sparse, tp_group):
 
 
 def indexer_kl_loss_blockwise(q_i, w, k_i, q_pos, idx, q, kv, scale: float, loss_coeff: float,
-                              sparse: bool, tp_group=None) -> torch.Tensor:
+                              sparse: bool, tp_group=None, q_start=None) -> torch.Tensor:
     """The indexer's KL loss, mean over queries times `loss_coeff`, one checkpointed block of
     queries at a time (its backward recomputes the block: nothing [S, S] is ever kept).
     Indexer q_i [b, sq, H, d], w [b, sq, H], k_i [b, S, d]; attention q [b, sq, h, D], kv [b, S, D]."""
@@ -197,6 +212,6 @@ def indexer_kl_loss_blockwise(q_i, w, k_i, q_pos, idx, q, kv, scale: float, loss
     total = None
     for blk in _blocks(sq, block):
         part = checkpoint(_kl_block, q_i[:, blk], w[:, blk], k_i, q_pos[blk], idx[:, blk], q[:, blk], kv,
-                          scale, sparse, tp_group, use_reentrant=False)
+                          scale, sparse, tp_group, None if q_start is None else q_start[:, blk], use_reentrant=False)
         total = part if total is None else total + part
     return total / (b * sq) * loss_coeff
