@@ -16,7 +16,7 @@ import tools.measure_activations as tool
 from model.accounting import layer_activation_bytes
 from model.presets import get_preset
 
-SCALED = ["--seq-length", "128", "--tensor-model-parallel-size", "2", "--recompute-granularity", "none", "selective",
+SCALED = ["--seq-length", "64", "--tensor-model-parallel-size", "2", "--recompute-granularity", "none", "selective",
           "full", "--recompute-modules", "core_attn", "layernorm", "mlp", "moe"]
 
 
