@@ -136,7 +136,7 @@ def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, devic
                            recompute_modules=modules, dsa_indexer_loss_coeff=1.0, dsa_indexer_use_sparse_loss=True)
     tconfig = to_transformer_config(cfg, options)
     tconfig.perform_initialization = False  # megatron's CPU init builds fp32 masters: seconds per layer
-    spec = layer_spec(get_backend(False), moe=cfg.first_k_dense_replace == 0, grouped_gemm=False)
+    spec = layer_spec(get_backend(False), tconfig, moe=cfg.first_k_dense_replace == 0, grouped_gemm=False, layer_id=0)
     block = TransformerBlock(tconfig, TransformerBlockSubmodules(layer_specs=[spec], layer_norm=None),
                              post_layer_norm=False)
     block = block.to(device).train()
