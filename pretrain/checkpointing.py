@@ -211,6 +211,7 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
     _load_model(parts.model, loaded)
     if "optimizer" in request:
         parts.engine.load_sharded(loaded, request, saved, same_layout)
+    if load_optim:  # (DeepSpeed's optimizer state is in the rank files: no "optimizer" in the request)
         parts.scheduler.load_state_dict(saved["scheduler"])
     else:
         parts.engine.reload_model_params()
