@@ -9,11 +9,13 @@ from __future__ import annotations
 from model.config import GLM5Config
 
 
-def attention_params(c: GLM5Config, tp: int = 1, replicated_down_projection: bool = True) -> int:
+def attention_params(c: GLM5Config, tp: int = 1, replicated_down_projection: bool = True,
+                     with_indexer: bool = True) -> int:
     """MLA + DSA indexer of one layer, norms inside attention included, as held by one of `tp`
     tensor-parallel ranks. The up/output projections are sharded over TP; the latent norms and the
     indexer are replicated; the q/kv down projections are replicated under Transformer Engine and
-    sharded by megatron's local ColumnParallelLinear (model/specs.py)."""
+    sharded by megatron's local ColumnParallelLinear (model/specs.py). `with_indexer` False: an
+    IndexShare "shared" layer, which has no indexer (it reuses the preceding full layer's top-k)."""
     h, nh = c.hidden_size, c.num_attention_heads
     down = h * c.q_lora_rank + h * (c.kv_lora_rank + c.qk_rope_head_dim)
     up = c.q_lora_rank * nh * c.qk_head_dim + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
@@ -21,7 +23,13 @@ def attention_params(c: GLM5Config, tp: int = 1, replicated_down_projection: boo
     norms = c.q_lora_rank + c.kv_lora_rank
     indexer = (c.q_lora_rank * c.index_n_heads * c.index_head_dim + h * c.index_head_dim
                + 2 * c.index_head_dim + h * c.index_n_heads)
-    return (down if replicated_down_projection else down // tp) + (up + o) // tp + norms + indexer
+    return ((down if replicated_down_projection else down // tp) + (up + o) // tp + norms
+            + (indexer if with_indexer else 0))
+
+
+def indexer_layers(c: GLM5Config) -> int:
+    """Decoder layers that run their own DSA indexer ("full"; every layer unless IndexShare)."""
+    return sum(c.has_indexer(i) for i in range(c.num_hidden_layers))
 
 
 def mlp_params(hidden: int, ffn: int) -> int:
@@ -40,13 +48,17 @@ def moe_params(c: GLM5Config) -> tuple[int, int]:
 def count_parameters(c: GLM5Config) -> dict:
     h = c.hidden_size
     attn = attention_params(c) + 2 * h  # + input_layernorm, post_attention_layernorm
+    shared_attn = attention_params(c, with_indexer=False) + 2 * h
+    n_full = indexer_layers(c)
+    attn_all = n_full * attn + (c.num_hidden_layers - n_full) * shared_attn
     dense = mlp_params(h, c.intermediate_size)
     moe_total, moe_active = moe_params(c)
     embed = c.vocab_size * h
     n_dense, n_moe = c.first_k_dense_replace, c.num_moe_layers
-    total = c.num_hidden_layers * attn + n_dense * dense + n_moe * moe_total + 2 * embed + h
-    active = c.num_hidden_layers * attn + n_dense * dense + n_moe * moe_active + 2 * embed + h
-    # MTP: enorm, hnorm, eh_proj, shared_head.norm + one MoE layer; shares embedding and head.
+    total = attn_all + n_dense * dense + n_moe * moe_total + 2 * embed + h
+    active = attn_all + n_dense * dense + n_moe * moe_active + 2 * embed + h
+    # MTP: enorm, hnorm, eh_proj, shared_head.norm + one MoE layer with its own indexer; shares
+    # embedding and head.
     mtp = c.num_nextn_predict_layers * (3 * h + 2 * h * h + attn + moe_total)
     mtp_active = c.num_nextn_predict_layers * (3 * h + 2 * h * h + attn + moe_active)
     return {
@@ -75,7 +87,7 @@ def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True) -> floa
 
     Matmuls count 2 FLOPs per multiply-add over the active parameters that are GEMMs (the
     input embedding is a lookup); attention adds QK^T and AV over the keys each query sees
-    (top-k under DSA) and the indexer's scores over all causal keys.
+    (top-k under DSA) and, on the layers that run an indexer, its scores over all causal keys.
     """
     p = count_parameters(c)
     layers = c.num_hidden_layers + c.num_nextn_predict_layers
@@ -85,7 +97,7 @@ def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True) -> floa
     keys = mean_keys_per_query(seq_length, c.index_topk if sparse else None)
     attn = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * keys
     indexer = 2 * c.index_n_heads * c.index_head_dim * mean_keys_per_query(seq_length, None)
-    forward = 2 * gemm_params + layers * (attn + indexer)
+    forward = 2 * gemm_params + layers * attn + (indexer_layers(c) + c.num_nextn_predict_layers) * indexer
     return 3.0 * forward
 
 
@@ -123,34 +135,44 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
     """Parameters one GPU holds: the layers of its pipeline stage (the embedding on the first, final
     norm, output head and MTP layer on the last), its TP shard of each, its EP share of the routed
     experts. `experts` are the routed experts (reduced over expert-DP), `dense` everything else
-    (reduced over DP); `expert_bias` counts the fp32 router-bias buffers (not trained by the optimizer)."""
+    (reduced over DP); `expert_bias` counts the fp32 router-bias buffers (not trained by the optimizer).
+    `adam_side`: the part of `dense` that `--optimizer muon` leaves to Adam (pretrain/muon.py: embeddings,
+    output head, 1-D parameters, the router and the indexer's weights projection); the rest is Muon's."""
     from model.mcore_config import padded_vocab_size
 
     h = c.hidden_size
     attn = attention_params(c, tp, replicated_down_projection) + 2 * h  # + input / pre-MLP norms
+    shared_attn = attention_params(c, tp, replicated_down_projection, with_indexer=False) + 2 * h
     shared = mlp_params(h, c.n_shared_experts * c.moe_intermediate_size) // tp
     moe_dense = c.n_routed_experts * h + shared  # router (replicated) + shared expert
     moe_experts = c.n_routed_experts // ep * mlp_params(h, c.moe_intermediate_size) // etp
-    dense = experts = bias = 0
+    # Adam's side under Muon: layer norms, latent norms, the indexer's key norm and weights projection, the router
+    attn_adam = 2 * h + c.q_lora_rank + c.kv_lora_rank
+    indexer_adam = 2 * c.index_head_dim + h * c.index_n_heads
+    dense = experts = bias = adam = 0
     layers = [i for chunk in stage_layers(c, pp, pp_rank, vpp, layout) for i in chunk]
     for i in layers:
-        dense += attn
+        dense += attn if c.has_indexer(i) else shared_attn
+        adam += attn_adam + (indexer_adam if c.has_indexer(i) else 0)
         if c.is_moe_layer(i):
             dense, experts, bias = dense + moe_dense, experts + moe_experts, bias + c.n_routed_experts
+            adam += c.n_routed_experts * h
         else:
             dense += mlp_params(h, c.intermediate_size) // tp
     vocab = padded_vocab_size(c.vocab_size, tp) * h // tp
     if pp_rank == 0:
-        dense += vocab  # input embedding
+        dense, adam = dense + vocab, adam + vocab  # input embedding
     if pp_rank == pp - 1:
-        dense += vocab + h  # output head, final norm
+        dense, adam = dense + vocab + h, adam + vocab + h  # output head, final norm
         mtp = c.num_nextn_predict_layers
         if mtp and pp > 1:
-            dense += vocab  # megatron builds the input embedding again for the MTP layer (kept in sync)
+            # megatron builds the input embedding again for the MTP layer (kept in sync)
+            dense, adam = dense + vocab, adam + vocab
         # enorm, hnorm, eh_proj (column-parallel), the MoE layer, its final norm
         dense += mtp * (3 * h + 2 * h * h // tp + attn + moe_dense)
+        adam += mtp * (3 * h + attn_adam + indexer_adam + c.n_routed_experts * h)
         experts, bias = experts + mtp * moe_experts, bias + mtp * c.n_routed_experts
-    return {"dense": dense, "experts": experts, "expert_bias": bias, "layers": len(layers)}
+    return {"dense": dense, "experts": experts, "expert_bias": bias, "adam_side": adam, "layers": len(layers)}
 
 
 # Bytes per element each RMSNorm keeps: a fused norm (Transformer Engine, torch's CUDA kernel) keeps its
@@ -163,12 +185,14 @@ RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "sha
 def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: int = 1, tp: int = 1,
                            etp: int = 1, cp: int = 1, moe: bool = True, recompute_granularity: str | None = None,
                            recompute_modules: list[str] | None = None, norm: str = "fused",
-                           dsa_path: str = "blockwise", indexer_loss: bool = True) -> dict:
+                           dsa_path: str = "blockwise", indexer_loss: bool = True, indexer: bool = True) -> dict:
     """Bytes one decoder layer keeps for backward per micro-batch on one GPU, by part (the parts of
     tools/measure_activations.py, which measures them; docs/MEMORY.md explains each term). bf16
     activations, sequence parallel when tp > 1, `seq_length` the tokens this CP rank holds, every
     key of the sequence gathered (seq_length x cp), routed tokens for balanced top-k routing.
-    `norm`: "fused" or "composite" (NORM_BYTES); `dsa_path`: "blockwise" (torch) or "triton"."""
+    `norm`: "fused" or "composite" (NORM_BYTES); `dsa_path`: "blockwise" (torch) or "triton".
+    `indexer` False: an IndexShare "shared" layer, which runs no indexer (no indexer loss) and attends
+    to the top-k indices its full layer already keeps (the same tensor, counted there)."""
     if norm not in NORM_BYTES or dsa_path not in ("blockwise", "triton"):
         raise ValueError(f"norm {norm!r} / dsa_path {dsa_path!r}: choose from {sorted(NORM_BYTES)} / blockwise, triton")
     h, heads = c.hidden_size, c.num_attention_heads / tp
@@ -196,12 +220,15 @@ def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: 
     out["attention"] = (kept_norm_out + tl * (nb * ql + 4 + nb * kl + 4 + 2 * ql) + pos / tp * 4 * 2 * r
                         + pos * 2 * 2 * r + t * 2 * heads * dv)
     # The indexer's key norm (LayerNorm: bf16 input, mean, rstd) runs outside the core attention.
-    core = tl * (2 * di + 8)
+    indexer_loss = indexer_loss and indexer
+    di_kept = di if indexer else 0
+    core = tl * (2 * di + 8) if indexer else 0
     if "core_attn" in mods:  # the checkpoint keeps its inputs: queries, latent rows, the gathered rows
-        out["attention"] += t * 2 * heads * (dn + r) + keys * (2 * (kl + r) + 2 * (kl + r + di))
+        out["attention"] += t * 2 * heads * (dn + r) + keys * (2 * (kl + r) + 2 * (kl + r + di_kept))
     else:
         idx = (8 if dsa_path == "blockwise" or indexer_loss else 0) + (4 if dsa_path == "triton" else 0)
-        core += (pos * 2 * 2 * r  # the indexer query's RoPE cos/sin
+        idx = idx if indexer else 0
+        core += (pos * 2 * 2 * r * indexer  # the indexer query's RoPE cos/sin
                  + t * (2 * heads * (dn + r)  # the query, permuted into a copy for the absorption einsum
                       + 2 * heads * (kl + r)  # absorbed queries [q_nope W_uk | q_pe]
                       + idx * k + 4 * heads  # top-k indices, softmax log-sum-exp
@@ -209,7 +236,7 @@ def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: 
                  + keys * 2 * (kl + r))  # latent rows of every key
         if indexer_loss:  # the KL loss's checkpoint keeps its inputs: indexer queries, weights, keys, positions
             core += t * (2 * hi * di + 4 * hi) + pos * 8 + keys * 2 * di
-        if tp > 1:  # under SP the indexer gathers x and the query latent, which its linears keep
+        if tp > 1 and indexer:  # under SP the indexer gathers x and the query latent, which its linears keep
             core += t * (2 * h + 2 * ql)
     out["core_attention"] = core
     if not moe:
@@ -279,10 +306,12 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
                    dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None,
                    recompute_granularity: str | None = None, recompute_modules: list[str] | None = None,
-                   norm: str = "fused") -> dict:
+                   norm: str = "fused", optimizer: str = "adam") -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
-    (sharded over DP by the distributed optimizer, experts over expert-DP), and the activations of
+    (sharded over DP by the distributed optimizer, experts over expert-DP; `optimizer` "muon": one fp32
+    momentum for Muon's matrices, Adam's two moments for the rest, sharded whole parameter by whole
+    parameter by megatron-core's layer-wise optimizer, about as evenly), and the activations of
     the micro-batches the pipeline keeps in flight on that stage (sequence parallel). `seq_length`
     is the sequence each CP rank holds. Activations per layer: `layer_activation_bytes` (measured by
     tools/measure_activations.py, docs/MEMORY.md) for `recompute_granularity` (or `full_recompute`)
@@ -304,25 +333,31 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     local, partition = local_dense + local_experts, local_dense / shard_dense + local_experts / shard_experts
     grads = {0: 4 * local, 1: 2 * local + 4 * partition, 2: 4 * partition}[zero_stage]
     gib = 2**30
-    # fp32 main params exist only for bf16 weights (fp32 weights are their own main params)
-    optimizer = ((4 if bf16 else 0) + 8) * partition / gib
+    # fp32 main params exist only for bf16 weights (fp32 weights are their own main params); Adam keeps
+    # two fp32 moments per parameter, Muon one (its momentum)
+    if optimizer not in ("adam", "muon"):
+        raise ValueError(f"optimizer {optimizer!r}: choose adam or muon")
+    adam_partition = partition if optimizer == "adam" else p["adam_side"] / shard_dense
+    optimizer = ((4 if bf16 else 0) * partition + 8 * adam_partition + 4 * (partition - adam_partition)) / gib
     tokens = seq_length * micro_batch_size
     granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
     depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
-    moe_flags = [c.is_moe_layer(i) for chunk in stage_layers(c, pp, pp_rank, vpp, layout) for i in chunk]
-    moe_flags += [True] * (depths if pp_rank == pp - 1 else 0)  # each MTP depth runs an MoE layer
+    # (MoE?, own indexer?) of each layer this stage runs; each MTP depth runs an MoE layer with an indexer
+    kinds = [(c.is_moe_layer(i), c.has_indexer(i)) for chunk in stage_layers(c, pp, pp_rank, vpp, layout)
+             for i in chunk]
+    kinds += [(True, True)] * (depths if pp_rank == pp - 1 else 0)
 
-    def layer_bytes(moe: bool, g: str | None) -> float:
+    def layer_bytes(kind: tuple[bool, bool], g: str | None) -> float:
         return sum(layer_activation_bytes(c, seq_length=seq_length, micro_batch_size=micro_batch_size, tp=tp,
-                                          etp=etp, cp=cp, moe=moe, recompute_granularity=g,
+                                          etp=etp, cp=cp, moe=kind[0], indexer=kind[1], recompute_granularity=g,
                                           recompute_modules=recompute_modules, norm=norm,
                                           dsa_path=dsa_path).values())
 
-    per_microbatch = sum(layer_bytes(m, granularity) for m in moe_flags)
+    per_microbatch = sum(layer_bytes(k, granularity) for k in kinds)
     activations = in_flight * per_microbatch
-    if granularity == "full" and moe_flags:  # backward recomputes one layer at a time, whole
-        activations += max(layer_bytes(m, None) for m in set(moe_flags))
+    if granularity == "full" and kinds:  # backward recomputes one layer at a time, whole
+        activations += max(layer_bytes(k, None) for k in set(kinds))
     # the running layer's DSA working set (model/modules/dsa_blockwise.py's blocks, or Triton's buffers)
     activations += dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)["working"]
     if pp_rank == pp - 1:  # fp32 logits of the main and MTP heads, one micro-batch at a time

@@ -93,6 +93,20 @@ def make_forward_step(device: torch.device):
     return forward_step
 
 
+def reset_loss_trackers() -> None:
+    """Empty megatron-core's process-global loss trackers (MTP depths, DSA indexer loss, MoE statistics).
+    They are sized by the first model that writes to them and summed into until a step reads them: a
+    model run earlier in the process (a tool, a test, a previous Trainer) would otherwise leave its
+    values in this run's first step."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
+    DSAIndexerLossLoggingHelper.tracker.clear()
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def take_mtp_loss(num_microbatches: int, suffix: str = "") -> dict[str, float]:
     """The MTP losses of the step that just ran, read from and cleared in megatron-core's tracker,
     reduced over its groups (a collective: every rank of the stage holding the MTP layer calls it):

@@ -41,7 +41,7 @@ from pretrain.recipe import Recipe
 from pretrain.run_state import Progress, layout_of
 from pretrain.signals import StopSignal
 from pretrain import muon
-from pretrain.step import DocumentOptions, make_forward_step, split_microbatches, take_mtp_loss
+from pretrain.step import DocumentOptions, make_forward_step, reset_loss_trackers, split_microbatches, take_mtp_loss
 
 
 def build_engine(chunks, tconfig, cfg: TrainConfig) -> Engine:
@@ -59,6 +59,7 @@ class Trainer:
         if cfg.save:
             checkpointing.check_writable(cfg.save, runtime.device)  # before any work
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
+        reset_loss_trackers()
         self.data = self._build_data()  # first: it checks the manifests, tokenizer and vocabulary
         self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
 

@@ -23,12 +23,10 @@ def one_rank():
 def trainer(argv: list[str]):
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from parallel.runtime import Runtime
     from pretrain.arguments import parse_args
+    from pretrain.step import reset_loss_trackers
     from pretrain.trainer import Trainer
 
     cfg = parse_args(argv)
@@ -42,11 +40,7 @@ def trainer(argv: list[str]):
             made.close()
         parallel_state.destroy_model_parallel()
         destroy_num_microbatches_calculator()
-        # megatron's loss trackers are sized by the run that made them (layers + MTP depths: --mtp-num-layers):
-        # the next run makes its own
-        MTPLossLoggingHelper.tracker.clear()
-        DSAIndexerLossLoggingHelper.tracker.clear()
-        get_moe_layer_wise_logging_tracker().clear()
+        reset_loss_trackers()  # a Trainer empties them when it starts too; not leaving them is tidier
 
 
 def train_here(argv: list[str], prepare=None) -> dict:

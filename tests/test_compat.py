@@ -141,8 +141,10 @@ def test_upstream_shapes_the_patches_rely_on():
     from megatron.core.transformer import multi_token_prediction as mtp
     from megatron.core.transformer.moe import moe_utils
 
-    # megatron_without_te: fp8=False still asks TE's FP8 state
+    # megatron_without_te: fp8=False still asks TE's FP8 state; the recomputed outputs go back through a
+    # C++ extension built at first use
     assert CheckpointWithoutOutput(fp8=False).fp8 is True
+    assert "share_storage = _get_share_storage()" in inspect.getsource(CheckpointWithoutOutput._recompute)
     # megatron_checkpoint: the async writer's queue, the default strategy we override, the per-state copy
     assert hasattr(filesystem_async, "_results_queue")
     assert inspect.signature(dist_checkpointing.save).parameters["async_strategy"].default == "nvrx"
@@ -181,6 +183,44 @@ def test_upstream_shapes_the_patches_rely_on():
     assert "maybe_move_tensor_to_cpu" in vars(token_dispatcher)  # the imported copy megatron_cpu replaces too
     source = inspect.getsource(mc_random)
     assert "def _get_cuda_rng_state" in source and "def _set_cuda_rng_state" in source
+
+
+def test_selective_recompute_on_cpu_builds_nothing_and_matches(monkeypatch):
+    """megatron-core's output-discarding recompute on CPU tensors gives the gradients of no recompute,
+    through a view of the discarded output, without JIT-building its C++ extension (a build that once
+    hung CI on a lock a killed process left behind)."""
+    import megatron.core.tensor_parallel.random as mc_random
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    from parallel.compat import megatron_cpu, patch_megatron
+
+    megatron_cpu.activate()
+    patch_megatron()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the CPU runtime must not JIT-build megatron's share_storage extension")
+
+    monkeypatch.setattr(mc_random, "load_inline", no_build)
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(4, 8), torch.randn(8, 8)
+
+    def grads(recompute: bool):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        layer = lambda a: torch.nn.functional.gelu(a @ w)  # noqa: E731
+        if recompute:
+            ckpt = CheckpointWithoutOutput(fp8=False)
+            h = ckpt.checkpoint(layer, x)
+        else:
+            h = layer(x)
+        loss = (h.view(2, 16)[:, 3:] ** 2).sum()  # pow saves a view of h: backward reads the refilled storage
+        if recompute:
+            ckpt.discard_output_and_register_recompute(loss)
+            assert h.untyped_storage().nbytes() == 0
+        loss.backward()
+        return x.grad, w.grad
+
+    for got, want in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_deepspeed_param_groups_keep_megatrons_weight_decay_rule():

@@ -62,7 +62,11 @@ SHARD_RUN = ["--preset", "tiny", "--vocab-size", "2000", "--train-iters", "2", "
 
 def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path, capsys):
     # The validation set is the training set: its first batch is training step 1's, on unchanged weights.
-    # (In this process: the launch is another test's business.)
+    # (In this process: the launch is another test's business.) A model run earlier in the process left
+    # values in megatron-core's process-global MTP tracker: the Trainer starts from zero anyway.
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker["loss_values"] = torch.full((1,), 4.0)
     m = train_here([*SHARD_RUN, "--data-path", shards, "--valid-data-path", shards, "--eod-mask-loss",
                     "--eval-interval", "1", "--eval-iters", "1"])
     assert m["lm loss validation"][1] == m["lm loss validation"][2]  # the same batches every time

@@ -37,12 +37,14 @@ def test_dsa_caps_keys_per_query():
     assert flops_per_token(c, 131072) < flops_per_token(c, 131072, sparse=False)
 
 
-def test_count_matches_the_built_tiny_model(single_process_group):
-    """The formula must count exactly what megatron-core builds (expert bias is a buffer)."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny-shared"])
+def test_count_matches_the_built_tiny_model(single_process_group, preset):
+    """The formula must count exactly what megatron-core builds (expert bias is a buffer); IndexShare's
+    shared layers build no indexer."""
     from model.builder import build_model
     from model.mcore_config import ModelOptions, to_transformer_config
 
-    cfg = get_preset("tiny")
+    cfg = get_preset(preset)
     chunk = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)[0]
     built = sum(p.numel() for p in chunk.parameters())
     built += sum(b.numel() for n, b in chunk.named_buffers() if n.endswith("expert_bias"))
@@ -74,6 +76,24 @@ def test_memory_per_gpu_under_each_data_parallel_engine():
     # grads: megatron's full fp32 buffer > ZeRO-1's bf16 grads + fp32 partition > ZeRO-2's partition
     assert distopt["grads_gb"] > zero1["grads_gb"] > zero2["grads_gb"] and zero2["grads_gb"] < distopt["grads_gb"] / 4
     assert offload["optimizer_gb"] == 0 and offload["host_optimizer_gb"] == zero2["optimizer_gb"]
+
+
+def test_muon_keeps_one_moment_for_matrices_and_adams_two_for_the_rest():
+    """--optimizer muon: 8 bytes of state (fp32 main + momentum) per parameter Muon steps, 12 (Adam's two
+    moments) for the embeddings, head, norms, routers and indexer head weights it leaves to Adam."""
+    from model.accounting import local_parameters, memory_per_gpu
+
+    c = get_preset("glm5")
+    kw = dict(tp=1, pp=1, ep=1, etp=1, dp=1, seq_length=512, micro_batch_size=1, distributed_optimizer=False)
+    adam, muon = memory_per_gpu(c, optimizer="adam", **kw), memory_per_gpu(c, optimizer="muon", **kw)
+    local = local_parameters(c, tp=1, pp=1, ep=1, etp=1, pp_rank=0)
+    total = local["dense"] + local["experts"]
+    assert 0 < local["adam_side"] < total / 50
+    gib = 1024 ** 3
+    assert adam["optimizer_gb"] == pytest.approx(12 * total / gib)
+    assert muon["optimizer_gb"] == pytest.approx((8 * (total - local["adam_side"]) + 12 * local["adam_side"]) / gib)
+    assert {k: v for k, v in muon.items() if k != "optimizer_gb" and not k.startswith("memory")} == \
+        {k: v for k, v in adam.items() if k != "optimizer_gb" and not k.startswith("memory")}
 
 
 def test_recipe_memory_per_pipeline_stage():
@@ -124,3 +144,20 @@ def test_shared_mtp_depths_add_activations_on_the_last_stage_only():
             assert one[key] == three[key], key
         grew = three["activations_gb_estimate"] - one["activations_gb_estimate"]
         assert (grew > 2 * 4 * 4096 * c.vocab_size / 2 / 2**30) if stage == 5 else grew == 0
+
+
+def test_shared_layers_count_no_indexer_parameters_or_flops():
+    """GLM-5.2's IndexShare: only the full layers (and the MTP layer) hold an indexer and score keys."""
+    from model.accounting import attention_params, indexer_layers
+
+    full, shared = get_preset("glm5"), get_preset("glm5.2")
+    n_shared = shared.num_hidden_layers - indexer_layers(shared)
+    assert 0 < n_shared < shared.num_hidden_layers and indexer_layers(full) == full.num_hidden_layers
+    indexer = attention_params(full) - attention_params(full, with_indexer=False)
+    assert indexer == full.q_lora_rank * 32 * 128 + full.hidden_size * (128 + 32) + 2 * 128
+    saved = count_parameters(full)["params_total_with_mtp"] - count_parameters(shared)["params_total_with_mtp"]
+    assert saved == n_shared * indexer
+    assert count_parameters(shared)["params_total"] == pytest.approx(743.38e9, rel=1e-5)
+    scores = 3 * 2 * 32 * 128 * mean_keys_per_query(4096, None)  # fwd+bwd of one layer's indexer scores
+    gemms = 3 * 2 * indexer
+    assert flops_per_token(full, 4096) - flops_per_token(shared, 4096) == pytest.approx(n_shared * (scores + gemms))

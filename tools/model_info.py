@@ -83,7 +83,7 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
                              offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
                              bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
                              microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-                             layout=layout, mtp_depths=args.mtp_num_layers)
+                             layout=layout, mtp_depths=args.mtp_num_layers, optimizer=args.optimizer)
               for stage in range(pp)]
     for m in stages:
         m["memory_gb_total_estimate"] = sum(
@@ -94,6 +94,7 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
         f"deepspeed zero-{args.zero_stage}" + ("+offload" if args.zero_offload_optimizer else ""))
     return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
             "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq, "dp_engine": engine,
+            "optimizer": args.optimizer,
             "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
             **memory, "stages": stages}
 

@@ -86,11 +86,22 @@ def _measure(model, optimizer, bf16: bool) -> dict:
         weights += sum(p.numel() * p.element_size() for p in ddp.parameters() if id(p) not in in_buffers)
         weights += sum(t.numel() * t.element_size() for name, t in ddp.named_buffers() if name.endswith("expert_bias"))
     # The optimizer's fp32 parameters (its shard under the distributed optimizer): copies of bf16
-    # weights, views of fp32 ones. Adam creates its two moments like them at the first step.
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    main = sum(p.numel() for o in parts for g in o.optimizer.param_groups for p in g["params"])
-    optimizer_bytes = (4 if bf16 else 0) * main + 8 * main
+    # weights, views of fp32 ones. Adam creates its two moments like them at the first step, Muon
+    # (--optimizer muon, its matrices) one momentum.
+    optimizer_bytes = 0
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        main = sum(p.numel() for g in o.optimizer.param_groups for p in g["params"])
+        optimizer_bytes += ((4 if bf16 else 0) + 4 * _moments(o.optimizer)) * main
     return {"weight_gb": weights / GIB, "grad_gb": grads / GIB, "optimizer_gb": optimizer_bytes / GIB}
+
+
+def _moments(torch_optimizer) -> int:
+    """fp32 state tensors per parameter: Muon's momentum, or Adam's two moments."""
+    try:
+        from emerging_optimizers.orthogonalized_optimizers import OrthogonalizedOptimizer
+    except ImportError:  # without the package there is no Muon
+        return 2
+    return 1 if isinstance(torch_optimizer, OrthogonalizedOptimizer) else 2
 
 
 def estimate(cfg, pp_rank: int) -> dict:
@@ -104,7 +115,7 @@ def estimate(cfg, pp_rank: int) -> dict:
         vpp=d.vpp(cfg.model.num_hidden_layers), bf16=cfg.model_options.bf16,
         replicated_down_projection=cfg.model_options.use_te, num_microbatches=cfg.num_microbatches,
         microbatch_group_size=d.microbatch_group_size, layout=d.pipeline_layout,
-        mtp_depths=cfg.model_options.mtp_num_layers)
+        mtp_depths=cfg.model_options.mtp_num_layers, optimizer=cfg.optimizer)
 
 
 def simulate(cfg, rank: int, world_size: int) -> dict:

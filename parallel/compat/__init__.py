@@ -63,7 +63,8 @@ def patch_megatron() -> None:
     """The megatron-core patches every run needs (above); idempotent."""
     from model.transformer_impl import te_available
     from parallel.compat.megatron_mtp import cp_consistent_mtp_counts
-    from parallel.compat.megatron_without_te import repair_te_stand_ins
+    from parallel.compat.megatron_without_te import repair_te_stand_ins, share_storage_without_jit
 
     repair_te_stand_ins(te_present=te_available())
+    share_storage_without_jit()
     cp_consistent_mtp_counts()
