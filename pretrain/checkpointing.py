@@ -185,7 +185,7 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
-    notes = [options.describe()] if options.describe() else []
+    notes = [note] if (note := options.describe()) else []
     upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config))
     if saved.get("weights_only") or options.finetune:
         # Model weights only (tools/import_hf.py, --finetune): optimizer, scheduler, data position and RNG start
