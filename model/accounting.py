@@ -338,7 +338,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     if optimizer not in ("adam", "muon"):
         raise ValueError(f"optimizer {optimizer!r}: choose adam or muon")
     adam_partition = partition if optimizer == "adam" else p["adam_side"] / shard_dense
-    optimizer = ((4 if bf16 else 0) * partition + 8 * adam_partition + 4 * (partition - adam_partition)) / gib
+    optimizer_gb = ((4 if bf16 else 0) * partition + 8 * adam_partition + 4 * (partition - adam_partition)) / gib
     tokens = seq_length * micro_batch_size
     granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
@@ -369,8 +369,8 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
         "params_per_gpu": local,
         "weights_gb": ((2 if bf16 else 4) * local + 4 * p["expert_bias"]) / gib,
         "grads_gb": grads / gib,
-        "optimizer_gb": 0.0 if offload_optimizer else optimizer,
-        **({"host_optimizer_gb": optimizer} if offload_optimizer else {}),
+        "optimizer_gb": 0.0 if offload_optimizer else optimizer_gb,
+        **({"host_optimizer_gb": optimizer_gb} if offload_optimizer else {}),
         "activations_gb_estimate": activations / gib,
         "activation_gb_per_microbatch": per_microbatch / gib,
         "in_flight_microbatches": in_flight,

@@ -22,18 +22,28 @@ TP, PP, EP, WORLD = 2, 4, 8, 64
 RANKS = [0, 21, 42, 63]  # one per pipeline stage (megatron's order puts PP outermost: 16 ranks a stage)
 
 
-@pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
-    config = tmp_path_factory.mktemp("small") / "config.json"
-    SMALL.save_hf_json(config)
+def _simulate(config, ranks: list[int], *extra: str) -> list[dict]:
     flags = ["--world-size", str(WORLD), "--model-config", str(config), "--mock-data",
              "--tensor-model-parallel-size", str(TP), "--sequence-parallel", "--pipeline-model-parallel-size", str(PP),
              "--expert-model-parallel-size", str(EP), "--expert-tensor-parallel-size", "1",
-             "--use-distributed-optimizer", "--bf16", "--global-batch-size", "32", "--ranks", ",".join(map(str, RANKS))]
+             "--use-distributed-optimizer", "--bf16", "--global-batch-size", "32", "--ranks", ",".join(map(str, ranks)),
+             *extra]
     proc = subprocess.run([sys.executable, "tools/simulate_layout.py", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    config = tmp_path_factory.mktemp("small") / "config.json"
+    SMALL.save_hf_json(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def simulated(small_config):
+    return _simulate(small_config, RANKS)
 
 
 def _expected_params(model, pp_stage: int) -> int:
@@ -74,6 +84,18 @@ def test_built_memory_agrees_with_the_accounting(simulated):
     # the distributed optimizer shards over DP: 12 bytes per parameter / DP (dense) or / expert-DP
     dense_dp, expert_dp = WORLD // (TP * PP), WORLD // (PP * EP)
     assert all(r["optimizer_gb"] < 12 * r["params"] / min(dense_dp, expert_dp) / 2**30 for r in simulated)
+
+
+def test_muon_state_of_a_data_parallel_group_sums_to_the_accounting(small_config):
+    """--optimizer muon: megatron-core's layer-wise distributed optimizer gives each data-parallel rank whole
+    parameters (at this size the embedding alone makes one rank's share 1.6x the mean), so the accounting's
+    per-rank figure is the group's mean: the last stage's eight DP ranks (TP rank 0) hold exactly eight times it."""
+    dp_group = [(PP - 1) * WORLD // PP + TP * i for i in range(WORLD // (TP * PP))]
+    ranks = _simulate(small_config, dp_group, "--optimizer", "muon")
+    assert len(ranks) == len(dp_group)
+    built, estimate = sum(r["optimizer_gb"] for r in ranks), sum(r["optimizer_gb_estimate"] for r in ranks)
+    assert built == pytest.approx(estimate, rel=1e-3)
+    assert max(r["optimizer_gb_ratio"] for r in ranks) > 1.2  # whole parameters: not an even cut
 
 
 def test_impossible_full_scale_layout_is_refused_before_any_work(capsys):
