@@ -136,24 +136,30 @@ def test_resume_with_another_optimizer_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, layout", [
-    (2, ["--expert-model-parallel-size", "2"]),
-    (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-    (2, ["--use-distributed-optimizer"]),  # megatron-core's layer-wise optimizer: each rank holds whole matrices' state
-], ids=["ep2-to-1", "ep2xpp2-to-1", "dp2-distributed-optimizer-to-1"])
-def test_muon_state_reshards_to_one_process(tmp_path, nproc, layout):
-    """Saved at another layout, resumed by one process: the momentum buffers of every matrix (each expert's on
-    its rank, each stage's) and Adam's moments are resharded by global name, and the run continues as the
-    one-process run does."""
+@pytest.mark.parametrize("nproc, layout, resume", [
+    (2, ["--expert-model-parallel-size", "2"], None),
+    # to another multi-process layout: EP 2 x PP 2 (4 ranks) -> PP 2 (2 ranks, both experts on each)
+    (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+     (2, ["--pipeline-model-parallel-size", "2"])),
+    (2, ["--use-distributed-optimizer"], None),  # megatron-core's layer-wise optimizer: each rank holds whole matrices' state
+], ids=["ep2-to-1", "ep2xpp2-to-pp2", "dp2-distributed-optimizer-to-1"])
+def test_muon_state_reshards(tmp_path, nproc, layout, resume):
+    """Saved at one layout, resumed at another (one process, or `resume`'s ranks): the momentum buffers of every
+    matrix (each expert's on its rank, each stage's) and Adam's moments are resharded by global name, and the run
+    continues as the one-process run does."""
     from tests.conftest import TINY_RUN
-    from tests.helpers import torchrun
+    from tests.helpers import read_scalars, torchrun
 
     run = [*TINY_RUN, "--optimizer", "muon", "--muon-fp32-matmul-prec", "high", "--train-iters", "5",
            "--lr-decay-iters", "8"]
     full = train_here(run)["lm loss"]
     ck = tmp_path / "ck"
     torchrun(nproc, [*run, *layout, "--save", str(ck), "--exit-interval", "3"])
-    resumed = train_here([*run, "--load", str(ck)])["lm loss"]
+    if resume is None:
+        resumed = train_here([*run, "--load", str(ck)])["lm loss"]
+    else:
+        torchrun(resume[0], [*run, *resume[1], "--load", str(ck), "--tensorboard-dir", str(tmp_path / "tb")])
+        resumed = read_scalars(tmp_path / "tb")["lm loss"]
     assert sorted(resumed) == [4, 5]
     for it in (4, 5):
         assert resumed[it] == pytest.approx(full[it], rel=2e-3), it
