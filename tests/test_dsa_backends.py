@@ -49,8 +49,10 @@ def step(model, upstream):
         DSAIndexerLossLoggingHelper,
     )
 
+    from pretrain.step import reset_loss_trackers
+
     model.config.dsa_indexer_loss_coeff, model.config.dsa_indexer_use_sparse_loss = 1.0, True
-    DSAIndexerLossLoggingHelper.tracker.clear()
+    reset_loss_trackers()  # megatron-core's process-global trackers: this step's values only, none left by others
     DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0 if upstream else float(SEQ), device="cuda"))
     tokens = torch.randint(0, config().vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0)).cuda()
     model.train()

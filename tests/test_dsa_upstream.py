@@ -20,12 +20,14 @@ def step(model, backend, topk, sparse_loss):
         DSAIndexerLossLoggingHelper,
     )
 
+    from pretrain.step import reset_loss_trackers
+
     cfg = model.config
     cfg.dsa_indexer_loss_coeff, cfg.dsa_indexer_use_sparse_loss = 1.0, sparse_loss
     for n, m in model.named_modules():
         if n.endswith("self_attention.core_attention"):
             m.index_topk = topk
-    DSAIndexerLossLoggingHelper.tracker.clear()
+    reset_loss_trackers()  # megatron-core's process-global trackers: this step's values only, none left by others
     DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0 if backend == "none" else float(SEQ)))
     tokens = torch.randint(0, tiny().vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
     model.train()

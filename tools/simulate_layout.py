@@ -97,10 +97,8 @@ def _measure(model, optimizer, bf16: bool) -> dict:
 
 def _moments(torch_optimizer) -> int:
     """fp32 state tensors per parameter: Muon's momentum, or Adam's two moments."""
-    try:
-        from emerging_optimizers.orthogonalized_optimizers import OrthogonalizedOptimizer
-    except ImportError:  # without the package there is no Muon
-        return 2
+    from emerging_optimizers.orthogonalized_optimizers import OrthogonalizedOptimizer  # a dependency (setup.cfg)
+
     return 1 if isinstance(torch_optimizer, OrthogonalizedOptimizer) else 2
 
 
