@@ -16,7 +16,7 @@ from model.config import GLM5Config
 from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
-from pretrain import muon, observability, stages
+from pretrain import bridge_format, muon, observability, stages
 from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
@@ -188,7 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_config(args) -> GLM5Config:
     if args.model_config:
         return GLM5Config.load_hf_json(args.model_config)
+    if args.load and (bridge := bridge_model_config(args.load)) is not None:
+        return bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)
     return get_preset(args.preset)
+
+
+def bridge_model_config(root: str) -> GLM5Config | None:
+    """The model config of the Megatron-Bridge checkpoint at `root` (None when it is not one)."""
+    from pretrain.run_state import CheckpointError, iter_dir, latest_iteration, read_run_state
+
+    try:
+        iteration = latest_iteration(root)
+        if iteration is None or not bridge_format.is_bridge_iteration(iter_dir(root, iteration)):
+            return None
+        return GLM5Config.from_hf_dict(read_run_state(root, iteration)[1]["model_config"])
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:

@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
-from pretrain import extra_state, faults
+from pretrain import bridge_format, extra_state, faults
 from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
@@ -180,17 +180,23 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
     """Load the latest checkpoint under `root` into the parts; returns its run state (as written), with
     "notes": what this load left fresh and why (pretrain/stages.py)."""
     iteration, saved = read_run_state(root)
-    if saved.get("model_config") != model_config:
+    notes = list(saved.get("notes", []))  # a Megatron-Bridge checkpoint's: what is not taken over
+    if bridge_format.is_bridge_state(saved):  # run_config.yaml holds part of the config; MTP may be absent
+        diff, config_notes = bridge_format.config_differences(saved, model_config)
+        notes += config_notes
+    else:
         theirs, ours = saved.get("model_config", {}), model_config
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
-    notes = [note] if (note := options.describe()) else []
+    notes += [note] if (note := options.describe()) else []
     upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config))
     if saved.get("weights_only") or options.finetune:
         # Model weights only (tools/import_hf.py, --finetune): optimizer, scheduler, data position and RNG start
         # fresh, at iteration 0.
-        _load_model(parts.model, extra_state.load(upgrade(model_sharded_state(parts.model)), directory))
+        _load_model(parts.model, extra_state.load(upgrade(model_sharded_state(parts.model)), directory,
+                                                  fresh=bridge_format.fresh_prefixes(saved, model_config)))
         parts.engine.reload_model_params()
         return {**saved, "notes": notes}
     load_optim = not options.no_load_optim

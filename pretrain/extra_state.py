@@ -38,11 +38,16 @@ def _split(request: dict, stored: set) -> tuple[dict, dict]:
         request, lambda v: isinstance(v, ShardedObject) and is_extra_state(v.key) and v.unique_key not in stored)
 
 
-def load(request: dict, directory: str | Path) -> dict:
+def load(request: dict, directory: str | Path, fresh: tuple[str, ...] = ()) -> dict:
     """dist_checkpointing.load of `request`, where an `_extra_state` object that the checkpoint
-    lacks comes back as the module's current one (so `load_state_dict` stays strict)."""
+    lacks comes back as the module's current one (so `load_state_dict` stays strict). So do the
+    tensors whose keys start with one of `fresh` (a part the checkpoint does not hold, which the
+    caller decided starts from this run's initialization: pretrain/bridge_format.py's MTP layer)."""
     stored = load_sharded_metadata(str(directory))
     absent, present = _split(request, set(stored))
+    if fresh:
+        kept, present = extract_matching_values(present, lambda v: hasattr(v, "key") and v.key.startswith(fresh))
+        absent = merge(absent, kept) if absent else kept
     loaded = dist_checkpointing.load(present, str(directory))
     if absent:
         merge(loaded, dict_list_map_inplace(lambda v: v.data, absent))

@@ -1,5 +1,7 @@
 """What a checkpoint records besides its tensors, and how a written checkpoint becomes visible: one
 definition, used by training (pretrain/checkpointing.py) and by the HF import (tools/import_hf.py).
+A Megatron-Bridge checkpoint (run_config.yaml instead of run_state.json) reads as a weights-only one
+(pretrain/bridge_format.py).
 
     SAVE/latest_checkpointed_iteration.txt      the pointer, moved last (atomic replace)
     SAVE/iter_0000100/                          tensors (dist_checkpointing), rank_state/
@@ -15,6 +17,8 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from pretrain import bridge_format
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_STATE = "run_state.json"
@@ -102,7 +106,8 @@ def latest_iteration(root: str | Path) -> int | None:
         iteration = int(text)
     except ValueError:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
-    if not (iter_dir(root, iteration) / RUN_STATE).exists():
+    if not (iter_dir(root, iteration) / RUN_STATE).exists() and not bridge_format.is_bridge_iteration(
+            iter_dir(root, iteration)):
         raise CheckpointError(f"{tracker} points at iteration {iteration}, but {iter_dir(root, iteration)} "
                               "is missing or incomplete")
     return iteration
@@ -115,6 +120,11 @@ def read_run_state(root: str, iteration: int | None = None) -> tuple[int, dict]:
         if iteration is None:
             raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
     path = iter_dir(root, iteration) / RUN_STATE
+    if not path.exists() and bridge_format.is_bridge_iteration(path.parent):
+        try:
+            return iteration, bridge_format.run_state(root, iteration)
+        except bridge_format.BridgeFormatError as e:
+            raise CheckpointError(f"--load {root}: {e}") from None
     if not path.exists():
         raise CheckpointError(f"--load {root}: {path} is missing (incomplete checkpoint)")
     return iteration, json.loads(path.read_text())
