@@ -199,8 +199,11 @@ def bridge_model_config(root: str) -> GLM5Config | None:
 
     try:
         iteration = latest_iteration(root)
-        if iteration is None or not bridge_format.is_bridge_iteration(iter_dir(root, iteration)):
-            return None
+    except CheckpointError:
+        return None  # not a usable checkpoint of either kind: the load reports it
+    if iteration is None or not bridge_format.is_bridge_iteration(iter_dir(root, iteration)):
+        return None
+    try:
         return GLM5Config.from_hf_dict(read_run_state(root, iteration)[1]["model_config"])
     except CheckpointError as e:
         raise ValueError(str(e)) from None

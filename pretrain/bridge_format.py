@@ -17,6 +17,7 @@ read with yaml.safe_load (data only: `_target_` entries are names to compare, ne
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ TRAIN_STATE = "train_state.pt"
 LATEST_TRAIN_STATE = "latest_train_state.pt"
 PROVIDER = "megatron.bridge.models.mla_provider.MLAModelProvider"
 CONTAINER = "megatron.bridge.training.config.ConfigContainer"
+CHECKPOINT = "megatron.bridge.training.config.CheckpointConfig"
 # GLM5Bridge's block spec (megatron-core 0.19.2's DSA spec builder)
 LAYER_SPEC = ("megatron.core.models.gpt.experimental_attention_variant_module_specs."
               "get_transformer_block_with_experimental_attention_variant_spec")
@@ -61,10 +63,11 @@ WRITTEN_AS_GLM5BRIDGE = {
     "moe_router_load_balancing_type": "seq_aux_loss", "moe_router_dtype": "fp32", "hidden_dropout": 0.0,
     "attention_softmax_in_fp32": False, "make_vocab_size_divisible_by": 1280, "mscale": 1.0, "mscale_all_dim": 1.0,
     "cp_comm_type": "allgather", "dsa_indexer_loss_coeff": 0.001, "dsa_indexer_use_sparse_loss": True,
-    # portable choices (GLM5Bridge's own need DeepEP/TE: flex dispatcher, grouped GEMM, fused permute)
-    "moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": False, "moe_permute_fusion": False,
-    "moe_shared_expert_overlap": False,
 }
+# Where GLM5Bridge's choices need DeepEP or Transformer Engine (flex dispatcher, grouped GEMM, fused permute,
+# shared-expert overlap): choices that load anywhere (the same weights and keys either way)
+PORTABLE = {"moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": False, "moe_permute_fusion": False,
+            "moe_shared_expert_overlap": False}
 
 
 class BridgeFormatError(ValueError):
@@ -100,6 +103,9 @@ def model_config(run_config: dict, where: str) -> GLM5Config:
         if not ok:
             raise BridgeFormatError(f"{where}: model.{field}={m.get(field)!r}: {why}")
 
+    missing = [bridge for _, bridge in SAME if bridge not in m]
+    if missing:
+        raise BridgeFormatError(f"{where}: the model section lacks {missing}")
     for field, value in FIXED.items():
         need(field, m.get(field) == value, f"this project builds GLM-5 with {value!r}")
     need("activation_func", _target(m.get("activation_func")) == "torch.nn.functional.silu", "SwiGLU (silu) only")
@@ -119,7 +125,7 @@ def model_config(run_config: dict, where: str) -> GLM5Config:
          "GLM-5's head_dim is its RoPE dim (qk_pos_emb_head_dim)")
     dtype = DTYPES.get(_target(m.get("params_dtype")) or "torch.float32")
     need("params_dtype", dtype is not None, f"one of {sorted(DTYPES)}")
-    fields = {hf: m[bridge] for hf, bridge in SAME if bridge in m}
+    fields = {hf: m[bridge] for hf, bridge in SAME}
     try:
         return GLM5Config(**fields, first_k_dense_replace=dense, n_shared_experts=shared // expert,
                           num_nextn_predict_layers=m.get("mtp_num_layers") or 0, topk_method="noaux_tc",
@@ -138,7 +144,11 @@ KNOWN_FIELDS = frozenset(hf for hf, _ in SAME) | {
 def _train_state(path: Path) -> dict:
     if not path.exists():
         return {}
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise BridgeFormatError(f"{path}: not a readable train state ({reason})") from None
     return {k: v.item() for k, v in state.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
@@ -198,7 +208,8 @@ def model_section(cfg: GLM5Config) -> dict:
     """run_config.yaml's `model` section for our model: what GLM5Bridge's provider would hold for the same HF
     config (tests/test_bridge_interop.py checks it against a run_config.yaml Bridge wrote)."""
     hf = dataclasses.asdict(cfg)
-    section = {"_target_": PROVIDER, **{bridge: hf[name] for name, bridge in SAME}, **FIXED, **WRITTEN_AS_GLM5BRIDGE}
+    section = {"_target_": PROVIDER, **{bridge: hf[name] for name, bridge in SAME}, **FIXED, **WRITTEN_AS_GLM5BRIDGE,
+               **PORTABLE}
     section.update(
         kv_channels=cfg.qk_rope_head_dim,
         moe_layer_freq=[0] * cfg.first_k_dense_replace + [1] * cfg.num_moe_layers,
@@ -215,8 +226,15 @@ def model_section(cfg: GLM5Config) -> dict:
     return dict(sorted(section.items()))
 
 
-def run_config_for(cfg: GLM5Config) -> dict:
-    return {"_target_": CONTAINER, "model": model_section(cfg)}
+def run_config_for(cfg: GLM5Config, layout: dict) -> dict:
+    """The run_config.yaml Bridge's loaders read: the `model` section (load_megatron_model, export_ckpt), the
+    layout it was saved at and the `checkpoint` flags its training load reads (pretrained_checkpoint, load).
+    save_optim/save_rng false: our optimizer and RNG state are not in Bridge's layout, and Bridge skips them."""
+    model = model_section(cfg)
+    model.update(tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1))
+    checkpoint = {"_target_": CHECKPOINT, "ckpt_format": "torch_dist", "fully_parallel_save": True,
+                  "save_optim": False, "save_rng": False}
+    return {"_target_": CONTAINER, "checkpoint": checkpoint, "model": dict(sorted(model.items()))}
 
 
 def train_state_for(iteration: int, consumed_samples: int) -> dict:

@@ -120,11 +120,13 @@ def test_finetune_from_bridge_takes_the_model_config_from_run_config(finetuned):
 
 def test_glm5_config_on_a_bridge_checkpoint_without_mtp_starts_mtp_fresh(capsys):
     """GLM5Bridge leaves MTP out by default; with GLM-5's config (one MTP layer) the layer starts fresh and
-    the load says so (it was a raw KeyError: mtp.layers.0.enorm.weight from model not in state dict)."""
-    loss = train_here([*RUN, "--train-iters", "2", "--model-config", str(HF / "config.json"), "--load", str(NO_MTP),
-                       "--finetune"], prepare=_hf_weights_loaded(LOADED))
+    the load says so (it was a raw KeyError: mtp.layers.0.enorm.weight from model not in state dict).
+    A plain --load (no --finetune) of a Bridge checkpoint is a weights-only load too."""
+    loss = train_here([*RUN, "--train-iters", "2", "--model-config", str(HF / "config.json"), "--load", str(NO_MTP)],
+                      prepare=_hf_weights_loaded(LOADED))
     out = capsys.readouterr().out
     assert "the checkpoint has no MTP layer" in out and "starts from fresh weights" in out, out
+    assert "Megatron-Bridge checkpoint" in out and "from iteration 0" in out, out
     assert all(torch.isfinite(torch.tensor(v)) for v in loss["mtp loss"].values()), loss
 
 
@@ -139,11 +141,62 @@ def test_bridge_config_refusals_name_the_field(tmp_path):
     config.write_text(text.replace("  - 0\n  - 1\n  - 1\n  - 1\n", "  - 1\n  - 0\n  - 1\n  - 1\n"))
     with pytest.raises(CheckpointError, match="model.moe_layer_freq"):
         read_run_state(str(ckpt))
+    config.write_text(text.replace("  dsa_indexer_topk: 12\n", ""))
+    with pytest.raises(CheckpointError, match="lacks \\['dsa_indexer_topk'\\]"):
+        read_run_state(str(ckpt))
     config.write_text("model: !!python/object/apply:os.system ['echo hi']\n")  # data only: never executed
     with pytest.raises(CheckpointError, match="not readable YAML"):
         read_run_state(str(ckpt))
-    # a model config that differs where run_config.yaml speaks is refused by name, as for our checkpoints
     config.write_text(text)
+    (ckpt / "iter_0000000" / bridge_format.TRAIN_STATE).write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="train_state.pt: not a readable train state"):
+        read_run_state(str(ckpt))
+    shutil.copy(NO_MTP / "iter_0000000" / bridge_format.TRAIN_STATE, ckpt / "iter_0000000")
+    # a model config that differs where run_config.yaml speaks is refused by name, as for our checkpoints
     _, saved = read_run_state(str(ckpt))
     ours = {**saved["model_config"], "hidden_size": 128, "eos_token_id": [7]}
     assert bridge_format.config_differences(saved, ours)[0] == ["hidden_size"]
+    # the MTP layer may differ either way, with a note
+    _, with_mtp = read_run_state(str(WITH_MTP))
+    no_mtp = {**with_mtp["model_config"], "num_nextn_predict_layers": 0}
+    assert bridge_format.config_differences(with_mtp, no_mtp) == ([], [
+        "the checkpoint's MTP layer is not used (this run's model config has none)"])
+    assert bridge_format.fresh_prefixes(with_mtp, no_mtp) == ()
+    assert bridge_format.fresh_prefixes(saved, with_mtp["model_config"]) == ("mtp.",)
+
+
+def test_export_bridge_writes_bridge_schema_and_reads_back(finetuned, tmp_path):
+    """Our checkpoint (trained here from the Bridge one) -> Bridge's layout: run_config.yaml's
+    model section holds only fields Bridge's own has, with its values for this model (but the portable MoE
+    choices and the block spec); train_state.pt is Bridge's; and the result reads back here to the same tensors."""
+    from megatron.core import dist_checkpointing
+
+    from tools.export_bridge import export
+
+    ours = finetuned[0]
+    summary = export(str(ours), str(tmp_path / "bridge"))
+    written = tmp_path / "bridge" / f"iter_{summary['iteration']:07d}"
+    assert (tmp_path / "bridge" / "latest_checkpointed_iteration.txt").read_text() == str(summary["iteration"])
+    mine = yaml.safe_load((written / bridge_format.RUN_CONFIG).read_text())
+    theirs = yaml.safe_load((WITH_MTP / "iter_0000000" / bridge_format.RUN_CONFIG).read_text())
+    assert mine["_target_"] == theirs["_target_"]
+    for section in ("checkpoint", "model"):  # what Bridge's loaders read: its names, its types
+        assert mine[section]["_target_"] == theirs[section]["_target_"], section
+        assert set(mine[section]) <= set(theirs[section]), set(mine[section]) - set(theirs[section])
+        for k, v in mine[section].items():
+            assert v is None or theirs[section][k] is None or type(v) is type(theirs[section][k]), (section, k)
+    m, t = mine["model"], theirs["model"]
+    # the fixture's run needed CPU stand-ins for the block spec and the dispatcher (its README)
+    ours_only = {"transformer_layer_spec", "moe_token_dispatcher_type"}
+    differ = {k: (m[k], t[k]) for k in m if k not in ours_only and m[k] != t[k]}
+    assert not differ, differ
+    assert m["transformer_layer_spec"]["_target_"] == bridge_format.LAYER_SPEC
+    train_state = torch.load(written / bridge_format.TRAIN_STATE, weights_only=True)
+    bridge_state = torch.load(WITH_MTP / "iter_0000000" / bridge_format.TRAIN_STATE, weights_only=True)
+    assert {k: v.dtype for k, v in train_state.items()} == {k: v.dtype for k, v in bridge_state.items()}
+    assert (tmp_path / "bridge" / bridge_format.LATEST_TRAIN_STATE).exists()
+    assert not (written / "run_state.json").exists()
+    assert dist_checkpointing.load_common_state_dict(str(written)) is not None  # what Bridge's loader reads first
+    # back here: the Bridge-layout copy exports the same tensors as our checkpoint
+    a, b = _export(ours, tmp_path / "a"), _export(tmp_path / "bridge", tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
