@@ -165,18 +165,24 @@ def test_bridge_config_refusals_name_the_field(tmp_path):
     assert bridge_format.fresh_prefixes(saved, with_mtp["model_config"]) == ("mtp.",)
 
 
-def test_export_bridge_writes_bridge_schema_and_reads_back(finetuned, tmp_path):
+@pytest.fixture(scope="module")
+def bridge_copy(finetuned, tmp_path_factory):
+    """tools/export_bridge.py of the checkpoint trained here: (our root, its Bridge copy, the iteration dir)."""
+    from tools.export_bridge import export
+
+    out = tmp_path_factory.mktemp("bridge_copy") / "bridge"
+    summary = export(str(finetuned[0]), str(out))
+    return finetuned[0], out, Path(summary["checkpoint"])
+
+
+def test_export_bridge_writes_bridge_schema_and_reads_back(bridge_copy, tmp_path):
     """Our checkpoint (trained here from the Bridge one) -> Bridge's layout: run_config.yaml's
     model section holds only fields Bridge's own has, with its values for this model (but the portable MoE
     choices and the block spec); train_state.pt is Bridge's; and the result reads back here to the same tensors."""
     from megatron.core import dist_checkpointing
 
-    from tools.export_bridge import export
-
-    ours = finetuned[0]
-    summary = export(str(ours), str(tmp_path / "bridge"))
-    written = tmp_path / "bridge" / f"iter_{summary['iteration']:07d}"
-    assert (tmp_path / "bridge" / "latest_checkpointed_iteration.txt").read_text() == str(summary["iteration"])
+    ours, bridge, written = bridge_copy
+    assert (bridge / "latest_checkpointed_iteration.txt").read_text() == str(int(written.name[len("iter_"):]))
     mine = yaml.safe_load((written / bridge_format.RUN_CONFIG).read_text())
     theirs = yaml.safe_load((WITH_MTP / "iter_0000000" / bridge_format.RUN_CONFIG).read_text())
     assert mine["_target_"] == theirs["_target_"]
@@ -194,9 +200,66 @@ def test_export_bridge_writes_bridge_schema_and_reads_back(finetuned, tmp_path):
     train_state = torch.load(written / bridge_format.TRAIN_STATE, weights_only=True)
     bridge_state = torch.load(WITH_MTP / "iter_0000000" / bridge_format.TRAIN_STATE, weights_only=True)
     assert {k: v.dtype for k, v in train_state.items()} == {k: v.dtype for k, v in bridge_state.items()}
-    assert (tmp_path / "bridge" / bridge_format.LATEST_TRAIN_STATE).exists()
+    assert (bridge / bridge_format.LATEST_TRAIN_STATE).exists()
     assert not (written / "run_state.json").exists()
     assert dist_checkpointing.load_common_state_dict(str(written)) is not None  # what Bridge's loader reads first
     # back here: the Bridge-layout copy exports the same tensors as our checkpoint
-    a, b = _export(ours, tmp_path / "a"), _export(tmp_path / "bridge", tmp_path / "b")
+    a, b = _export(ours, tmp_path / "a"), _export(bridge, tmp_path / "b")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_megatron_core_model_from_our_run_config_loads_the_copy_as_bridge_does(bridge_copy):
+    """What Bridge's load_megatron_model does with the copy, minus Bridge: megatron-core 0.19.2's stock GLM-5
+    (tests/upstream_glm5.py) configured from run_config.yaml's model section loads every weight from the
+    files as Bridge's weight loader reads them (common state, content metadata, torch_dist, strict), and
+    computes our model's logits (to the ~1e-4 of the latent norms' eps: tests/test_mcore_exchange.py)."""
+    import dataclasses
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from model.builder import build_model
+    from model.config import GLM5Config
+    from model.mcore_config import ModelOptions, to_transformer_config
+    from parallel import runtime as rt
+    from parallel.dims import ParallelDims
+    from pretrain import extra_state
+    from pretrain.checkpointing import SHARDING_METADATA
+    from pretrain.hf_verify import main_logits
+    from pretrain.run_state import iter_dir
+    from tests.helpers import one_rank_gloo_world
+    from tests.upstream_glm5 import build_upstream_model
+
+    ours, _, written = bridge_copy
+    section = yaml.safe_load((written / bridge_format.RUN_CONFIG).read_text())["model"]
+    fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
+    # the callables by the names run_config.yaml gives (resolved here by a table, never imported from the file)
+    assert section["activation_func"]["_target_"] == "torch.nn.functional.silu"
+    assert section["params_dtype"]["_target_"] == "torch.float32"
+    tconfig = MLATransformerConfig(
+        **{k: v for k, v in section.items() if k in fields and not isinstance(v, dict)},
+        activation_func=torch.nn.functional.silu, params_dtype=torch.float32, use_cpu_initialization=True,
+        transformer_impl="local", dsa_kernel_backend="none")  # CPU stand-ins, as Bridge's fixture run needed
+    iteration, saved = read_run_state(str(ours))
+    cfg = GLM5Config.from_hf_dict(saved["model_config"])
+    tokens = torch.randint(0, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    with one_rank_gloo_world():
+        rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
+        try:
+            theirs = build_upstream_model(cfg, tconfig)
+            common = dist_checkpointing.load_common_state_dict(str(written))
+            metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+            loaded = dist_checkpointing.load({"model": theirs.sharded_state_dict(metadata=metadata)}, str(written),
+                                             strict="assume_ok_unexpected")
+            missing, unexpected = theirs.load_state_dict(
+                {k: v for k, v in loaded["model"].items() if "_extra_state" not in k}, strict=False)
+            assert [k for k in missing if "_extra_state" not in k] == [] and unexpected == []
+            (mine,) = build_model(cfg, to_transformer_config(cfg, ModelOptions(dsa_kernel_backend="none")),
+                                  use_te=False)
+            request = {"model": mine.sharded_state_dict(metadata=SHARDING_METADATA)}
+            mine.load_state_dict(extra_state.load(request, iter_dir(ours, iteration))["model"])
+            with torch.no_grad():
+                diff = (main_logits(theirs.eval(), tokens) - main_logits(mine.eval(), tokens)).abs().max()
+        finally:
+            parallel_state.destroy_model_parallel()
+    assert diff < 1e-3, diff
