@@ -6,7 +6,8 @@ Bridge -> here: tools/export_hf.py writes hf/'s tensors bit for bit, tools/verif
 transformers, `--load ... --finetune` trains from the weights (the model config from run_config.yaml,
 or an HF config.json whose MTP layer the checkpoint lacks: fresh, with a note).
 Here -> Bridge: tools/export_bridge.py writes run_config.yaml / train_state.pt in the schema of the
-ones Bridge wrote, and the result reads back here to the same tensors.
+ones Bridge wrote; megatron-core's own GLM-5 configured from that run_config.yaml loads the files as
+Bridge's loader does and computes our logits; and the result reads back here to the same tensors.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def test_export_bridge_writes_bridge_schema_and_reads_back(bridge_copy, tmp_path
     choices and the block spec); train_state.pt is Bridge's; and the result reads back here to the same tensors."""
     from megatron.core import dist_checkpointing
 
+    from tools.export_bridge import export
+
     ours, bridge, written = bridge_copy
     assert (bridge / "latest_checkpointed_iteration.txt").read_text() == str(int(written.name[len("iter_"):]))
     mine = yaml.safe_load((written / bridge_format.RUN_CONFIG).read_text())
@@ -203,6 +206,11 @@ def test_export_bridge_writes_bridge_schema_and_reads_back(bridge_copy, tmp_path
     assert (bridge / bridge_format.LATEST_TRAIN_STATE).exists()
     assert not (written / "run_state.json").exists()
     assert dist_checkpointing.load_common_state_dict(str(written)) is not None  # what Bridge's loader reads first
+    with pytest.raises(FileExistsError, match="--save .* is not empty"):
+        export(str(ours), str(bridge))
+    with pytest.raises(CheckpointError, match="already a Megatron-Bridge checkpoint"):
+        export(str(WITH_MTP), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
     # back here: the Bridge-layout copy exports the same tensors as our checkpoint
     a, b = _export(ours, tmp_path / "a"), _export(bridge, tmp_path / "b")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
