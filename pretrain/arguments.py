@@ -193,6 +193,15 @@ def _model_config(args) -> GLM5Config:
     return get_preset(args.preset)
 
 
+def _is_one_iteration(path: str) -> bool:
+    """An `iter_N` directory (ours or Megatron-Bridge's) rather than the checkpoint root above it."""
+    from pretrain.run_state import RUN_STATE, TRACKER
+
+    p = os.path.join
+    return not os.path.exists(p(path, TRACKER)) and any(
+        os.path.isfile(p(path, f)) for f in (RUN_STATE, bridge_format.RUN_CONFIG, ".metadata"))
+
+
 def bridge_model_config(root: str) -> GLM5Config | None:
     """The model config of the Megatron-Bridge checkpoint at `root` (None when it is not one)."""
     from pretrain.run_state import CheckpointError, iter_dir, latest_iteration, read_run_state
@@ -230,6 +239,9 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         raise ValueError("give exactly one of --mock-data and --data-path")
     _check_document_flags(args)
     _check_evaluation(args)
+    if args.load and _is_one_iteration(args.load):  # e.g. the path Bridge's load_megatron_model takes
+        raise ValueError(f"--load {args.load} is one iteration of a checkpoint: give the directory above it "
+                         "(the one holding latest_checkpointed_iteration.txt)")
     if args.exit_on_missing_checkpoint:
         from pretrain.checkpointing import TRACKER
 

@@ -153,6 +153,11 @@ def test_bridge_config_refusals_name_the_field(tmp_path):
     with pytest.raises(CheckpointError, match="train_state.pt: not a readable train state"):
         read_run_state(str(ckpt))
     shutil.copy(NO_MTP / "iter_0000000" / bridge_format.TRAIN_STATE, ckpt / "iter_0000000")
+    # the iteration directory (the path Bridge's load_megatron_model takes) is not a --load: said before any work
+    from pretrain.arguments import build_parser, config_from_args
+
+    with pytest.raises(ValueError, match="is one iteration of a checkpoint: give the directory above it"):
+        config_from_args(build_parser().parse_args([*RUN, "--load", str(NO_MTP / "iter_0000000")]), 1)
     # a model config that differs where run_config.yaml speaks is refused by name, as for our checkpoints
     _, saved = read_run_state(str(ckpt))
     ours = {**saved["model_config"], "hidden_size": 128, "eos_token_id": [7]}
