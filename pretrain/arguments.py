@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -197,9 +198,9 @@ def _is_one_iteration(path: str) -> bool:
     """An `iter_N` directory (ours or Megatron-Bridge's) rather than the checkpoint root above it."""
     from pretrain.run_state import RUN_STATE, TRACKER
 
-    p = os.path.join
-    return not os.path.exists(p(path, TRACKER)) and any(
-        os.path.isfile(p(path, f)) for f in (RUN_STATE, bridge_format.RUN_CONFIG, ".metadata"))
+    d = Path(path)
+    return not (d / TRACKER).exists() and any((d / f).is_file() for f in (RUN_STATE, bridge_format.RUN_CONFIG,
+                                                                          ".metadata"))
 
 
 def bridge_model_config(root: str) -> GLM5Config | None:

@@ -135,8 +135,11 @@ def model_config(run_config: dict, where: str) -> GLM5Config:
         raise BridgeFormatError(f"{where}: {e}") from None
 
 
-# The fields of our model config that run_config.yaml determines (the rest -- token ids -- it does not hold).
-KNOWN_FIELDS = frozenset(hf for hf, _ in SAME) | {
+# The fields of our model config that run_config.yaml determines and a --model-config must agree with: the
+# architecture. Not the token ids (run_config.yaml does not hold them), nor what a Bridge recipe sets for its
+# run (seq_length, which GLM5Bridge takes from max_position_embeddings; init std; dropout).
+KNOWN_FIELDS = frozenset(hf for hf, _ in SAME) - {"max_position_embeddings", "initializer_range",
+                                                  "attention_dropout"} | {
     "first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers", "topk_method", "hidden_act",
     "rope_interleave", "norm_topk_prob", "indexer_types"}
 

@@ -106,10 +106,9 @@ def latest_iteration(root: str | Path) -> int | None:
         iteration = int(text)
     except ValueError:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
-    if not (iter_dir(root, iteration) / RUN_STATE).exists() and not bridge_format.is_bridge_iteration(
-            iter_dir(root, iteration)):
-        raise CheckpointError(f"{tracker} points at iteration {iteration}, but {iter_dir(root, iteration)} "
-                              "is missing or incomplete")
+    directory = iter_dir(root, iteration)
+    if not (directory / RUN_STATE).exists() and not bridge_format.is_bridge_iteration(directory):
+        raise CheckpointError(f"{tracker} points at iteration {iteration}, but {directory} is missing or incomplete")
     return iteration
 
 
