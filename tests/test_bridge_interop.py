@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from model.presets import get_preset
 from pretrain import bridge_format
 from pretrain.run_state import CheckpointError, latest_iteration, read_run_state
 from tests.inprocess import train_here
@@ -152,6 +153,8 @@ def test_bridge_config_refusals_name_the_field(tmp_path):
     with pytest.raises(CheckpointError, match="train_state.pt: not a readable train state"):
         read_run_state(str(ckpt))
     shutil.copy(NO_MTP / "iter_0000000" / bridge_format.TRAIN_STATE, ckpt / "iter_0000000")
+    with pytest.raises(bridge_format.BridgeFormatError, match="IndexShare"):  # GLM-5.2's shared top-k: no form
+        bridge_format.run_config_for(get_preset("glm5.2"), {})
     # the iteration directory (the path Bridge's load_megatron_model takes) is not a --load: said before any work
     from pretrain.arguments import build_parser, config_from_args
 
@@ -275,3 +278,13 @@ def test_megatron_core_model_from_our_run_config_loads_the_copy_as_bridge_does(b
         finally:
             parallel_state.destroy_model_parallel()
     assert diff < 1e-3, diff
+
+
+@pytest.mark.parametrize("preset", ["glm5", "glm5-proxy", "tiny"])
+def test_run_config_model_section_reads_back_to_the_same_architecture(preset):
+    """GLM-5's own sizes (3 dense layers, 256 experts, ...) through run_config.yaml's model section and back."""
+    cfg = get_preset(preset)
+    section = yaml.safe_load(yaml.safe_dump(bridge_format.run_config_for(cfg, {"tp": 1, "pp": 1})))
+    back = bridge_format.model_config(section, "run_config.yaml").to_hf_dict()
+    ours = cfg.to_hf_dict()
+    assert {k: back[k] for k in bridge_format.KNOWN_FIELDS} == {k: ours[k] for k in bridge_format.KNOWN_FIELDS}
