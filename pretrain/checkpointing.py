@@ -32,7 +32,9 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
+from parallel.compat.torch_checkpoint import read_checkpoints_as_data, refusal_in
 from pretrain import extra_state, faults
+from pretrain.checkpoint_check import check_intact, iteration_to_load
 from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
@@ -177,9 +179,10 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
 
 def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
          options: LoadOptions = LoadOptions()) -> dict:
-    """Load the latest checkpoint under `root` into the parts; returns its run state (as written), with
-    "notes": what this load left fresh and why (pretrain/stages.py)."""
-    iteration, saved = read_run_state(root)
+    """Load the latest checkpoint under `root` (or --ckpt-step's) into the parts; returns its run state (as
+    written), with "notes": what this load left fresh and why (pretrain/stages.py)."""
+    read_checkpoints_as_data()  # nothing in the checkpoint runs (parallel/compat/torch_checkpoint.py)
+    iteration, saved = read_run_state(root, options.ckpt_step)
     if saved.get("model_config") != model_config:
         theirs, ours = saved.get("model_config", {}), model_config
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -280,6 +283,8 @@ def _read_rank_state(path: Path) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"--load: {path} holds more than tensors and plain data, and is not unpickled "
                               f"(it could run code): {reason}") from None
+    except (EOFError, RuntimeError) as e:  # a truncated file: torch's zip reader
+        raise CheckpointError(f"--load: {path} is damaged ({type(e).__name__}: {e})") from None
 
 
 class Checkpointer:
@@ -295,7 +300,15 @@ class Checkpointer:
             self.async_queue = AsyncCallsQueue()
 
     def load(self, root: str, options: LoadOptions = LoadOptions()) -> dict:
-        return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
+        iteration = iteration_to_load(root, options.ckpt_step)
+        check_intact(root, iteration, self.device)  # before any advice about flags
+        try:
+            return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            refused = refusal_in(e)
+            if refused is None:
+                raise
+            raise CheckpointError(f"--load {root}: iteration {iteration}: {refused}") from None
 
     def save(self) -> None:
         if self.async_queue is not None:

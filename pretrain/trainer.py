@@ -28,6 +28,7 @@ from model.initialization import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
+from pretrain.checkpoint_check import iteration_to_load
 from pretrain.checkpointing import CheckpointParts, Checkpointer
 from pretrain.config import TrainConfig
 from pretrain.engine import Engine, MegatronEngine
@@ -110,7 +111,7 @@ class Trainer:
             run_info=dict(model_config=cfg.model.to_hf_dict(), layout=layout_of(cfg.dims), preset=cfg.preset,
                           seq_length=cfg.seq_length),
             device=runtime.device, save_dir=cfg.save, async_save=cfg.async_save)
-        if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
+        if cfg.load and iteration_to_load(cfg.load, cfg.load_options.ckpt_step) is not None:
             loaded = self.checkpointer.load(cfg.load, cfg.load_options)
             if runtime.rank == 0:
                 print(f"loaded checkpoint {cfg.load} at iteration {self.iteration}", flush=True)
