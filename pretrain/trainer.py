@@ -21,6 +21,7 @@ from megatron.core.transformer.experimental_attention_variant.dsa import DSAInde
 
 from data.batch_ramp import step_schedule
 from data.errors import ShardError
+from data.shard_check import check_listed_shards
 from data.loader import build_train_data
 from model.accounting import flops_per_token
 from model.builder import build_model
@@ -62,6 +63,7 @@ class Trainer:
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
         reset_loss_trackers()
         self.data = self._build_data()  # first: it checks the manifests, tokenizer and vocabulary
+        self._check_shards()
         self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
 
         chunks = build_model(cfg.model, self.tconfig, cfg.model_options.use_te)
@@ -145,6 +147,30 @@ class Trainer:
             dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size, eos_token_id=cfg.model.eos_token_id,
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
             rampup_batch_size=cfg.rampup_batch_size, allow_pipe=cfg.data_allow_pipe)
+
+    def _check_shards(self) -> None:
+        """Every listed shard (training and validation) is there with its recorded size: a stat each, over
+        all ranks (data/shard_check.py); --skip-bad-shards logs them instead (the reader skips them)."""
+        cfg = self.cfg
+        if cfg.mock_data:
+            return
+
+        def gather(obj):
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+
+        from data.blend import parse_data_path
+        from data.manifest_io import load_manifest
+
+        valid = [load_manifest(p, allow_pipe=cfg.data_allow_pipe)
+                 for p in (parse_data_path(cfg.valid_data_path)[1] if cfg.valid_data_path else [])]
+        problem = check_listed_shards([*self.data.manifests, *valid], self.runtime.rank, self.runtime.world_size,
+                                      gather)
+        if problem and not cfg.skip_bad_shards:
+            raise ShardError(f"{problem} (--skip-bad-shards skips them as they are reached)")
+        if problem and self.runtime.rank == 0:
+            print(f"warning: {problem}; --skip-bad-shards: they are skipped when reached", flush=True)
 
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
