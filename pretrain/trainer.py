@@ -29,6 +29,7 @@ from model.initialization import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
+from pretrain.arguments import OTHER_RANKS_WAIT_S
 from pretrain.checkpoint_check import iteration_to_load
 from pretrain.checkpointing import CheckpointParts, Checkpointer
 from pretrain.config import TrainConfig
@@ -326,7 +327,7 @@ def _report_startup_error(error: Exception, rank: int, stop: StopSignal) -> None
     """Bad input found at start-up, usually by every rank: one line from rank 0, no traceback. The
     others wait a little first: torchrun stops them (SIGTERM) when rank 0 failed too; if it did not,
     their error is news and is said."""
-    deadline = time.monotonic() + (5.0 if rank else 0.0)
+    deadline = time.monotonic() + (OTHER_RANKS_WAIT_S if rank else 0.0)
     while stop.received is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if rank == 0 or stop.received is None:

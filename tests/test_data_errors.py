@@ -160,6 +160,11 @@ def test_preprocess_names_bad_input(data_tokenizer_dir, tmp_path, capsys):
                                  "--output-dir", str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 1
     assert "bad.jsonl:1: no string field 'text' (--json-key)" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "manifest.json").exists()
+    # the corrected command (another --json-key) into the same directory: the failed run wrote no data
+    assert preprocess_data.main(["--input", str(bad), "--tokenizer", data_tokenizer_dir, "--json-key", "content",
+                                 "--output-dir", str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "o2" / "manifest.json").exists()
     good = tmp_path / "good.txt"
     good.write_text("hello")
     args = ["--input", str(good), "--tokenizer", data_tokenizer_dir, "--output-dir", str(tmp_path / "o3"), "--quiet"]
