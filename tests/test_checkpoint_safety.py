@@ -64,8 +64,9 @@ def craft_metadata(directory: Path, marker: Path) -> None:
     _write_metadata(directory, metadata)
 
 
-def craft_byte_item(directory: Path, marker: Path) -> str:
-    """Replace one stored object (an `_extra_state`) with a payload appended to its file; returns the file."""
+def craft_byte_item(directory: Path, marker: Path, fp8_state: bool = False) -> str:
+    """Replace one stored object (an `_extra_state`) with a payload appended to its file; returns the file.
+    `fp8_state`: the payload is a byte tensor, as Transformer Engine stores its FP8 state (and unpickles it)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     metadata = _read_metadata(directory)
@@ -73,7 +74,8 @@ def craft_byte_item(directory: Path, marker: Path) -> str:
     index = next(i for i in metadata.storage_data if i.fqn == key)
     info = metadata.storage_data[index]
     payload = io.BytesIO()
-    torch.save([_RunsCode(str(marker))], payload)
+    code = _RunsCode(str(marker))
+    torch.save([torch.frombuffer(bytearray(pickle.dumps(code)), dtype=torch.uint8) if fp8_state else code], payload)
     path = directory / info.relative_path
     offset = path.stat().st_size
     with open(path, "ab") as f:
@@ -83,11 +85,13 @@ def craft_byte_item(directory: Path, marker: Path) -> str:
     return info.relative_path
 
 
-@pytest.mark.parametrize("kind", ["metadata", "byte item"])
+@pytest.mark.parametrize("kind", ["metadata", "byte item", "fp8 state"])
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(saved, tmp_path, kind):
     ck, marker = _copy(saved, tmp_path), tmp_path / "code-ran"
     it2 = ck / "iter_0000002"
-    where = ".metadata" if kind == "metadata" else craft_byte_item(it2, marker)
+    where = ".metadata" if kind == "metadata" else craft_byte_item(it2, marker, fp8_state=kind == "fp8 state")
+    if kind == "fp8 state":
+        where = str(it2)  # a tensor for torch; Transformer Engine would pickle.loads it
     if kind == "metadata":
         craft_metadata(it2, marker)
     with pytest.raises(CheckpointError, match="refused") as refused:
