@@ -29,12 +29,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from parallel.compat.torch_checkpoint import read_checkpoints_as_data, refusal_in
 from pretrain import extra_state, faults
-from pretrain.checkpoint_check import check_intact, iteration_to_load
+from pretrain.checkpoint_check import advice, check_intact, iteration_to_load
 from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
@@ -287,6 +288,13 @@ def _read_rank_state(path: Path) -> dict:
         raise CheckpointError(f"--load: {path} is damaged ({type(e).__name__}: {e})") from None
 
 
+def _first_failure(error) -> str:
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    first = failures[0] if failures else error
+    text = str(first).strip().splitlines()
+    return f"{type(first).__name__}: {text[0] if text else ''}"
+
+
 class Checkpointer:
     """The trainer's saves and loads: the parts, the run's facts, and --async-save's queue."""
 
@@ -306,9 +314,12 @@ class Checkpointer:
             return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
         except BaseException as e:  # torch's CheckpointException is a BaseException
             refused = refusal_in(e)
-            if refused is None:
-                raise
-            raise CheckpointError(f"--load {root}: iteration {iteration}: {refused}") from None
+            if refused is not None:
+                raise CheckpointError(f"--load {root}: iteration {iteration}: {refused}") from None
+            if isinstance(e, CheckpointException):  # bytes damaged in place (the sizes were right)
+                raise CheckpointError(f"--load {root}: iteration {iteration} could not be read: "
+                                      f"{_first_failure(e)}; {advice(root, iteration)}") from None
+            raise
 
     def save(self) -> None:
         if self.async_queue is not None:

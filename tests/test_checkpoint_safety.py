@@ -149,6 +149,11 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(saved, tmp_pat
     assert "newest intact iteration is 1" in msg and "--ckpt-step 1" in msg
     with trainer([*RUN, "--load", str(ck), "--ckpt-step", "1"]) as t:
         assert t.iteration == 1
+    whole = (saved / "iter_0000002" / shard.name).read_bytes()  # damaged in place: the sizes are right
+    shard.write_bytes(whole[:64] + bytes(len(whole) - 128) + whole[-64:])
+    with pytest.raises(CheckpointError, match="iteration 2 could not be read: .*--ckpt-step 1"):
+        with trainer([*RUN, "--load", str(ck)]):
+            pass
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"{shard.name} is missing"):
         with trainer([*RUN, "--load", str(ck)]):

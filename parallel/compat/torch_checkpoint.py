@@ -84,10 +84,12 @@ def load_data(value, where: str):
     try:
         return torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        raise CheckpointDataRefused(f"{where} holds more than tensors and plain data: refused (unpickling it "
-                                    f"could run code): {reason.strip()}") from None
+        asked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if asked:
+            raise CheckpointDataRefused(f"{where} holds more than tensors and plain data: refused (unpickling it "
+                                        f"could run code): {asked}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise pickle.UnpicklingError(f"{where} is not readable data (damaged?): {first}") from None
 
 
 def _load_bytes(self, read_item, value) -> None:
