@@ -23,8 +23,10 @@ from pretrain.recipe import RecipeConfig, TokenSchedule
 
 
 # Every rank finds the same start-up error: rank 0 says it, the others wait this long first, so that
-# torchrun's teardown (it ends the other ranks when one exits) never ends rank 0 before it has spoken.
-OTHER_RANKS_WAIT_S = 5.0
+# torchrun's teardown (it ends the other ranks when one exits) never ends rank 0 before it has spoken. Long
+# enough for a rank 0 that is seconds behind (a loaded node, a slow import) and slow to exit; it delays only
+# an error that rank 0 did not have.
+OTHER_RANKS_WAIT_S = 30.0
 
 
 def exit_with_error(prog: str, message: str) -> None:
