@@ -165,6 +165,15 @@ def test_preprocess_names_bad_input(data_tokenizer_dir, tmp_path, capsys):
                                  "--output-dir", str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "o2" / "manifest.json").exists()
+    capsys.readouterr()
+    # --resume removes an unfinished run's files, never an input that lives there with such a name
+    named_like_a_shard = tmp_path / "o4" / "shard_input.txt"
+    named_like_a_shard.parent.mkdir()
+    named_like_a_shard.write_text("my data")
+    args = ["--input", str(named_like_a_shard), "--tokenizer", data_tokenizer_dir, "--output-dir",
+            str(tmp_path / "o4"), "--quiet", "--workers", "1", "--resume"]
+    assert preprocess_data.main(args) == 1  # the writer refuses the name; the input stays
+    assert "shard_input.txt" in capsys.readouterr().err and named_like_a_shard.read_text() == "my data"
     good = tmp_path / "good.txt"
     good.write_text("hello")
     args = ["--input", str(good), "--tokenizer", data_tokenizer_dir, "--output-dir", str(tmp_path / "o3"), "--quiet"]

@@ -197,3 +197,11 @@ def test_merge_refuses_a_shard_listed_twice(tmp_path, capsys):
         obj["shards"][1]["path"] = obj["shards"][0]["path"]
         Path(second).write_text(json.dumps(obj))
         load_manifest(second)
+
+
+def test_merge_never_overwrites_a_part_it_merges(tmp_path, capsys):
+    parts = [write_part(tmp_path, i, 2, first_doc=30 * i) for i in range(2)]
+    before = Path(parts[0]).read_bytes()
+    assert merge(*parts, "--output", parts[0]) == 1
+    assert f"--output {parts[0]} is one of the part manifests" in capsys.readouterr().err
+    assert Path(parts[0]).read_bytes() == before

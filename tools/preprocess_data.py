@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> dict:
         _log(f"{summary['output']} is complete: nothing to do")
         return {**summary, "skipped": True, "shards": len(done.shards), "docs": done.total_docs,
                 "tokens": done.total_tokens}
-    leftovers = _own_files(out, prefix, task)
+    inputs = {os.path.abspath(f) for f in files}  # never removed, whatever their names
+    leftovers = [n for n in _own_files(out, prefix, task) if os.path.abspath(os.path.join(out, n)) not in inputs]
     if leftovers and not args.resume:
         raise FileExistsError(f"{out} already holds a dataset ({leftovers[0]}, from a run that did not finish?); "
                               "use an empty directory, or --resume to redo it")
