@@ -240,6 +240,10 @@ class PretrainingLoader:
     def eod_id(self) -> int:
         return self.plan.manifests[0].eod_id
 
+    @property
+    def manifests(self) -> list[Manifest]:
+        return self.plan.manifests
+
     def __iter__(self):
         return self
 

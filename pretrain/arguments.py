@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,9 +23,31 @@ from pretrain.config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
 
 
+# Every rank finds the same start-up error: rank 0 says it, the others wait this long first, so that
+# torchrun's teardown (it ends the other ranks when one exits) never ends rank 0 before it has spoken. Long
+# enough for a rank 0 that is seconds behind (a loaded node, a slow import) and slow to exit; it delays only
+# an error that rank 0 did not have.
+OTHER_RANKS_WAIT_S = 30.0
+
+
+def exit_with_error(prog: str, message: str) -> None:
+    """One line `PROG: error: MESSAGE` from rank 0, exit status 2. Another rank waits first (torchrun
+    ends it when rank 0 exits); if it is still running, its error was its own and it says it."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(f"{prog}: error: {message}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's (unknown flags, bad values): the same one line, once
+        exit_with_error(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a GLM-5 model on megatron-core.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="Pretrain a GLM-5 model on megatron-core.", allow_abbrev=False,  # as Megatron-LM
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)}")
     g.add_argument("--model-config", default=None, help="an HF config.json (overrides --preset)")
@@ -224,10 +247,8 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfi
     args = parser.parse_args(argv)
     try:
         return config_from_args(args, world_size)
-    except ValueError as e:  # one line, from rank 0 only (every rank finds the same error)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except ValueError as e:
+        exit_with_error(parser.prog, str(e))
 
 
 def config_from_args(args, world_size: int) -> TrainConfig:
@@ -235,10 +256,20 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.vocab_size is not None:
         cfg = dataclasses.replace(cfg, vocab_size=padded_vocab_size(
             args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size))
+    if args.seq_length is not None and args.seq_length <= 0:
+        raise ValueError(f"--seq-length {args.seq_length} must be positive (leave it out for the preset's "
+                         f"{DEFAULT_SEQ_LENGTH.get(args.preset, 4096)})")
+    if args.train_iters < 1:
+        raise ValueError(f"--train-iters {args.train_iters} must be at least 1")
     seq_length = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --mock-data and --data-path")
     _check_document_flags(args)
+    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer} is not a directory (a Hugging Face tokenizer directory)")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:  # Megatron-LM's rule
+        raise ValueError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: "
+                         "add --use-distributed-optimizer, or drop it")
     _check_evaluation(args)
     if args.load and _is_one_iteration(args.load):  # e.g. the path Bridge's load_megatron_model takes
         raise ValueError(f"--load {args.load} is one iteration of a checkpoint: give the directory above it "

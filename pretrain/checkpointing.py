@@ -29,10 +29,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
+from parallel.compat.torch_checkpoint import read_checkpoints_as_data, refusal_in
 from pretrain import bridge_format, extra_state, faults
+from pretrain.checkpoint_check import advice, check_intact, iteration_to_load
 from pretrain.checkpoint_upgrade import upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
@@ -177,9 +180,10 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
 
 def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
          options: LoadOptions = LoadOptions()) -> dict:
-    """Load the latest checkpoint under `root` into the parts; returns its run state (as written), with
-    "notes": what this load left fresh and why (pretrain/stages.py)."""
-    iteration, saved = read_run_state(root)
+    """Load the latest checkpoint under `root` (or --ckpt-step's) into the parts; returns its run state (as
+    written), with "notes": what this load left fresh and why (pretrain/stages.py)."""
+    read_checkpoints_as_data()  # nothing in the checkpoint runs (parallel/compat/torch_checkpoint.py)
+    iteration, saved = read_run_state(root, options.ckpt_step)
     notes = list(saved.get("notes", []))  # a Megatron-Bridge checkpoint's: what is not taken over
     if bridge_format.is_bridge_state(saved):  # run_config.yaml holds part of the config; MTP may be absent
         diff, config_notes = bridge_format.config_differences(saved, model_config)
@@ -286,6 +290,15 @@ def _read_rank_state(path: Path) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"--load: {path} holds more than tensors and plain data, and is not unpickled "
                               f"(it could run code): {reason}") from None
+    except (EOFError, RuntimeError) as e:  # a truncated file: torch's zip reader
+        raise CheckpointError(f"--load: {path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def _first_failure(error) -> str:
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    first = failures[0] if failures else error
+    text = str(first).strip().splitlines()
+    return f"{type(first).__name__}: {text[0] if text else ''}"
 
 
 class Checkpointer:
@@ -301,7 +314,18 @@ class Checkpointer:
             self.async_queue = AsyncCallsQueue()
 
     def load(self, root: str, options: LoadOptions = LoadOptions()) -> dict:
-        return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
+        iteration = iteration_to_load(root, options.ckpt_step)
+        check_intact(root, iteration, self.device)  # before any advice about flags
+        try:
+            return load(root, self.parts, self.run_info["model_config"], self.run_info["layout"], options)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            refused = refusal_in(e)
+            if refused is not None:
+                raise CheckpointError(f"--load {root}: iteration {iteration}: {refused}") from None
+            if isinstance(e, CheckpointException):  # bytes damaged in place (the sizes were right)
+                raise CheckpointError(f"--load {root}: iteration {iteration} could not be read: "
+                                      f"{_first_failure(e)}; {advice(root, iteration)}") from None
+            raise
 
     def save(self) -> None:
         if self.async_queue is not None:

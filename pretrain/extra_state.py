@@ -49,6 +49,38 @@ def load(request: dict, directory: str | Path, fresh: tuple[str, ...] = ()) -> d
         kept, present = extract_matching_values(present, lambda v: hasattr(v, "key") and v.key.startswith(fresh))
         absent = merge(absent, kept) if absent else kept
     loaded = dist_checkpointing.load(present, str(directory))
+    _check_fp8_states(loaded, directory)
     if absent:
         merge(loaded, dict_list_map_inplace(lambda v: v.data, absent))
     return loaded
+
+
+def _check_fp8_states(tree, directory) -> None:
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and is_extra_state(key):
+            _fp8_state_is_data(value, f"{directory} ({key})")
+        else:
+            _check_fp8_states(value, directory)
+
+
+def _fp8_state_is_data(value, where: str) -> None:
+    """Transformer Engine's `set_extra_state` unpickles a byte tensor with `pickle.loads` (TE 2.x): a loaded
+    one must unpickle with megatron-core's allowlist for FP8 extra state (SafeUnpickler), else it is refused
+    here, before TE sees it. Other values pass unchanged."""
+    import io
+    import pickle
+
+    import torch
+    from megatron.core.safe_globals import SafeUnpickler
+
+    from parallel.compat.torch_checkpoint import CheckpointDataRefused
+
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel() and value.dim() == 1:
+        try:
+            SafeUnpickler(io.BytesIO(value.detach().cpu().numpy().tobytes())).load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointDataRefused(f"{where}: an FP8 extra state holds more than FP8 metadata: refused "
+                                        f"(unpickling it could run code): {e}") from None
+        except Exception:
+            pass  # not a pickle: TE's own unpickling fails on it too, before anything runs

@@ -28,10 +28,12 @@ class LoadOptions:
     finetune: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    ckpt_step: int | None = None  # this iteration instead of the tracker's
 
     @classmethod
     def from_args(cls, args) -> "LoadOptions":
-        return cls(finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng)
+        return cls(finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+                   ckpt_step=args.ckpt_step)
 
     def describe(self) -> str | None:
         """The log line after loading, or None when the whole run state was loaded."""
@@ -49,12 +51,17 @@ def add_arguments(p) -> None:
     g.add_argument("--no-load-optim", action="store_true",
                    help="do not load the optimizer state and LR/WD schedule (the schedule restarts)")
     g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG state")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration of --load instead of the latest (e.g. the one before a damaged one)")
 
 
 def check_arguments(args) -> None:
     """Before any work: each flag needs --load, and none may contradict another."""
     given = [flag for flag, on in (("--finetune", args.finetune), ("--no-load-optim", args.no_load_optim),
-                                   ("--no-load-rng", args.no_load_rng)) if on]
+                                   ("--no-load-rng", args.no_load_rng),
+                                   (f"--ckpt-step {args.ckpt_step}", args.ckpt_step is not None)) if on]
+    if args.ckpt_step is not None and args.ckpt_step < 0:
+        raise ValueError(f"--ckpt-step {args.ckpt_step} must be an iteration number (>= 0)")
     if given and not args.load:
         raise ValueError(f"{given[0]} changes what --load takes from a checkpoint: give --load DIR")
     if (args.finetune or args.no_load_optim) and args.use_checkpoint_opt_param_scheduler:

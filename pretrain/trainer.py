@@ -21,6 +21,7 @@ from megatron.core.transformer.experimental_attention_variant.dsa import DSAInde
 
 from data.batch_ramp import step_schedule
 from data.errors import ShardError
+from data.shard_check import check_listed_shards
 from data.loader import build_train_data
 from model.accounting import flops_per_token
 from model.builder import build_model
@@ -28,6 +29,8 @@ from model.initialization import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
 from pretrain import checkpointing, faults
+from pretrain.arguments import OTHER_RANKS_WAIT_S
+from pretrain.checkpoint_check import iteration_to_load
 from pretrain.checkpointing import CheckpointParts, Checkpointer
 from pretrain.config import TrainConfig
 from pretrain.engine import Engine, MegatronEngine
@@ -61,6 +64,7 @@ class Trainer:
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, cfg.distributed_timeout_s)
         reset_loss_trackers()
         self.data = self._build_data()  # first: it checks the manifests, tokenizer and vocabulary
+        self._check_shards()
         self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
 
         chunks = build_model(cfg.model, self.tconfig, cfg.model_options.use_te)
@@ -110,7 +114,7 @@ class Trainer:
             run_info=dict(model_config=cfg.model.to_hf_dict(), layout=layout_of(cfg.dims), preset=cfg.preset,
                           seq_length=cfg.seq_length),
             device=runtime.device, save_dir=cfg.save, async_save=cfg.async_save)
-        if cfg.load and checkpointing.latest_iteration(cfg.load) is not None:
+        if cfg.load and iteration_to_load(cfg.load, cfg.load_options.ckpt_step) is not None:
             loaded = self.checkpointer.load(cfg.load, cfg.load_options)
             if runtime.rank == 0:
                 print(f"loaded checkpoint {cfg.load} at iteration {self.iteration}", flush=True)
@@ -144,6 +148,30 @@ class Trainer:
             dp_size=cfg.dims.dp, seed=cfg.seed, vocab_size=cfg.model.vocab_size, eos_token_id=cfg.model.eos_token_id,
             tokenizer_dir=cfg.tokenizer, num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
             rampup_batch_size=cfg.rampup_batch_size, allow_pipe=cfg.data_allow_pipe)
+
+    def _check_shards(self) -> None:
+        """Every listed shard (training and validation) is there with its recorded size: a stat each, over
+        all ranks (data/shard_check.py); --skip-bad-shards logs them instead (the reader skips them)."""
+        cfg = self.cfg
+        if cfg.mock_data:
+            return
+
+        def gather(obj):
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+
+        from data.blend import parse_data_path
+        from data.manifest_io import load_manifest
+
+        valid = [load_manifest(p, allow_pipe=cfg.data_allow_pipe)
+                 for p in (parse_data_path(cfg.valid_data_path)[1] if cfg.valid_data_path else [])]
+        problem = check_listed_shards([*self.data.manifests, *valid], self.runtime.rank, self.runtime.world_size,
+                                      gather)
+        if problem and not cfg.skip_bad_shards:
+            raise ShardError(f"{problem} (--skip-bad-shards skips them as they are reached)")
+        if problem and self.runtime.rank == 0:
+            print(f"warning: {problem}; --skip-bad-shards: they are skipped when reached", flush=True)
 
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -299,7 +327,7 @@ def _report_startup_error(error: Exception, rank: int, stop: StopSignal) -> None
     """Bad input found at start-up, usually by every rank: one line from rank 0, no traceback. The
     others wait a little first: torchrun stops them (SIGTERM) when rank 0 failed too; if it did not,
     their error is news and is said."""
-    deadline = time.monotonic() + (5.0 if rank else 0.0)
+    deadline = time.monotonic() + (OTHER_RANKS_WAIT_S if rank else 0.0)
     while stop.received is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if rank == 0 or stop.received is None:

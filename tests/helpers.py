@@ -52,10 +52,10 @@ def child_env() -> dict:
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 600, check: bool = True,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "pretrain.py"), *args]
+           script or str(ROOT / "launch" / "pretrain.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -183,6 +183,21 @@ def test_upstream_shapes_the_patches_rely_on():
     assert "maybe_move_tensor_to_cpu" in vars(token_dispatcher)  # the imported copy megatron_cpu replaces too
     source = inspect.getsource(mc_random)
     assert "def _get_cuda_rng_state" in source and "def _set_cuda_rng_state" in source
+    # torch_checkpoint: the metadata is unpickled by filesystem.py's `pickle.load`; stored objects by
+    # load_bytes, whose body (weights_only=False, then set_element or state_dict) our replacement repeats
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    from parallel.compat import torch_checkpoint
+
+    assert "pickle.load(metadata_file)" in inspect.getsource(filesystem.FileSystemReader.read_metadata)
+    load_bytes = torch_checkpoint._ORIGINAL_LOAD_BYTES or default_planner.DefaultLoadPlanner.load_bytes
+    body = inspect.getsource(load_bytes)
+    assert body.count("torch.load(") == 2 and body.count("weights_only=False") == 2
+    assert "set_element(" in body and "self.mappings[read_item.dest_index.fqn]" in body
+    assert "self.state_dict[read_item.dest_index.fqn] = " in body and "self.flatten_state_dict" in body
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+
+    assert "load_bytes" not in vars(MCoreLoadPlanner)  # megatron-core inherits torch's
 
 
 def test_selective_recompute_on_cpu_builds_nothing_and_matches(monkeypatch):

@@ -160,6 +160,20 @@ def test_preprocess_names_bad_input(data_tokenizer_dir, tmp_path, capsys):
                                  "--output-dir", str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 1
     assert "bad.jsonl:1: no string field 'text' (--json-key)" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "manifest.json").exists()
+    # the corrected command (another --json-key) into the same directory: the failed run wrote no data
+    assert preprocess_data.main(["--input", str(bad), "--tokenizer", data_tokenizer_dir, "--json-key", "content",
+                                 "--output-dir", str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "o2" / "manifest.json").exists()
+    capsys.readouterr()
+    # --resume removes an unfinished run's files, never an input that lives there with such a name
+    named_like_a_shard = tmp_path / "o4" / "shard_input.txt"
+    named_like_a_shard.parent.mkdir()
+    named_like_a_shard.write_text("my data")
+    args = ["--input", str(named_like_a_shard), "--tokenizer", data_tokenizer_dir, "--output-dir",
+            str(tmp_path / "o4"), "--quiet", "--workers", "1", "--resume"]
+    assert preprocess_data.main(args) == 1  # the writer refuses the name; the input stays
+    assert "shard_input.txt" in capsys.readouterr().err and named_like_a_shard.read_text() == "my data"
     good = tmp_path / "good.txt"
     good.write_text("hello")
     args = ["--input", str(good), "--tokenizer", data_tokenizer_dir, "--output-dir", str(tmp_path / "o3"), "--quiet"]
@@ -167,3 +181,37 @@ def test_preprocess_names_bad_input(data_tokenizer_dir, tmp_path, capsys):
     capsys.readouterr()
     assert preprocess_data.main(args) == 1
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_startup_checks_every_listed_shard_before_iteration_1(data_synthetic, capsys):
+    """Training and validation shards: each must exist with its recorded size before the first step; the
+    error names the first few; --skip-bad-shards logs them instead (the reader skips them when reached)."""
+    from tests.helpers import one_rank_gloo_world
+    from tests.inprocess import refused, trainer
+
+    train, _ = data_synthetic("train", num_docs=300)
+    valid, _ = data_synthetic("valid", num_docs=200, seed=1)
+    os.remove(shard_file(train, 3))
+    os.truncate(shard_file(valid, 0), 3000)
+    run = ["--preset", "tiny", "--vocab-size", "2000", "--global-batch-size", "8", "--seq-length", "32",
+           "--train-iters", "1", "--data-path", train, "--valid-data-path", valid, "--eval-interval", "1",
+           "--eval-iters", "2"]
+    with refused(ShardError, match="2 of the") as error:
+        with trainer(run):
+            pass
+    msg = str(error.value)
+    assert f"{shard_file(train, 3)} is missing" in msg and f"{shard_file(valid, 0)} has 3000 bytes" in msg
+    with one_rank_gloo_world(), trainer([*run, "--skip-bad-shards"]):
+        pass
+    assert "--skip-bad-shards: they are skipped when reached" in capsys.readouterr().out
+
+
+def test_the_shard_check_is_spread_over_ranks(dataset):
+    from data.shard_check import local_problems
+
+    manifest = load_manifest(dataset)
+    for i in range(len(manifest.shards)):
+        os.remove(shard_file(dataset, i))
+    shares = [local_problems([manifest, manifest], rank, 4) for rank in range(4)]
+    assert sum(count for count, _ in shares) == 2 * len(manifest.shards)
+    assert max(count for count, _ in shares) - min(count for count, _ in shares) <= 1

@@ -72,6 +72,16 @@ def test_fp8_recipe_trains_like_bf16(recipe, te_bf16, tmp_path, fp8_tiny_config)
     assert lm[ITERS] == pytest.approx(ref[ITERS], rel=0.02), f"{recipe}: {lm[ITERS]} vs bf16 {ref[ITERS]}"
 
 
+def test_an_fp8_checkpoint_resumes_its_fp8_state_passing_the_allowlist(tmp_path, fp8_tiny_config):
+    """TE's FP8 extra state is a pickled byte tensor; a load unpickles it first with megatron-core's allowlist
+    (pretrain/extra_state.py) and refuses anything else: a real FP8 run's state must pass."""
+    common = [*_tiny_train(fp8_tiny_config), *TE, "--fp8-recipe", "delayed", "--train-iters", "3"]  # last wins
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path, "first", [*common, "--save", str(ckpt), "--save-interval", "2", "--exit-interval", "2"])
+    stdout, resumed = _run(tmp_path, "resumed", [*common, "--load", str(ckpt)])
+    assert "loaded checkpoint" in stdout and sorted(resumed["lm loss"]) == [3]
+
+
 def test_muon_with_the_layer_wise_distributed_optimizer_trains_in_bf16_with_te(tmp_path, fp8_tiny_config):
     """`--optimizer muon --use-distributed-optimizer` under bf16 and TE: megatron-core's layer-wise optimizer wraps
     its optimizers itself there (the CPU suite proves the fp32 path per weight)."""

@@ -84,6 +84,14 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
     (["--moe-flex-dispatcher-backend", "hybridep"], "needs --moe-token-dispatcher-type flex"),
     (["--moe-token-dispatcher-type", "allgather", "--moe-shared-expert-overlap"],
      "--moe-shared-expert-overlap works with --moe-token-dispatcher-type alltoall or flex"),
+    # bad input of issue 37's pass: each refused by name, never silently changed
+    (["--seq-len", "64"], "unrecognized arguments: --seq-len 64"),  # no abbreviations, as Megatron-LM
+    (["--seq-length", "0"], "--seq-length 0 must be positive"),
+    (["--train-iters", "0"], "--train-iters 0 must be at least 1"),
+    (["--optimizer", "muon", "--overlap-param-gather"], "--overlap-param-gather .* add --use-distributed-optimizer"),
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok is not a directory"),
+    (["--load", "ck", "--ckpt-step", "-1"], "--ckpt-step -1 must be an iteration number"),
+    (["--ckpt-step", "3"], "--ckpt-step 3 changes what --load takes"),
 ])
 def test_megatron_core_019_flags_refused_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -115,8 +123,20 @@ def test_arguments_refuse_before_work(capsys):
     assert "--mock-data" in capsys.readouterr().err
 
 
-def test_torchrun_with_impossible_layout_fails_fast():
+def test_torchrun_with_impossible_layout_fails_fast_and_says_so_once(tmp_path):
+    """Every rank finds the flag error; rank 1 first here: it must not exit before rank 0 has said it
+    (torchrun ends rank 0 as soon as rank 1 exits). Rank 0 is made slower by a wrapper that sleeps
+    before the entry point runs."""
+    from tests.helpers import ROOT
+
+    slow = tmp_path / "slow_rank0.py"
+    slow.write_text("import os, runpy, sys, time\n"
+                    "if os.environ['RANK'] == '0':\n    time.sleep(2)\n"
+                    f"sys.argv[0] = {str(ROOT / 'launch' / 'pretrain.py')!r}\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     proc = torchrun(2, ["--preset", "tiny", "--mock-data", "--tensor-model-parallel-size", "3"], timeout=120,
-                    check=False)
+                    check=False, script=str(slow))
     assert proc.returncode != 0
-    assert "world size 2 is not divisible by --tensor-model-parallel-size 3" in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "world size 2 is not divisible by --tensor-model-parallel-size 3" in errors[0]

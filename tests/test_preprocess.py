@@ -17,7 +17,7 @@ from data.errors import ManifestError
 from data.manifest_io import load_manifest
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from data.writer import ShardWriter
-from tools import merge_manifests, preprocess_data
+from tools import inspect_shards, merge_manifests, preprocess_data
 
 F = 0.1
 
@@ -61,6 +61,13 @@ def test_valid_fraction_disjoint_and_complete(held_out, line_corpus, data_tokeni
     got_train, got_valid = documents(held_out / "manifest.json"), documents(held_out / "valid-manifest.json")
     assert sorted(got_train + got_valid) == expected  # every document once, in one split or the other
     assert not set(got_train) & set(got_valid)  # a line that occurs twice is held out both times or never
+
+
+def test_inspect_verify_agrees_with_the_writers_outputs(held_out, capsys):
+    """--valid-fraction's two manifests side by side: each verifies, and neither calls the other's shards unlisted."""
+    for name in ("manifest.json", "valid-manifest.json"):
+        assert inspect_shards.main([str(held_out / name), "--verify"]) == 0
+        assert json.loads(capsys.readouterr().out)["unlisted_files"] == [], name
 
 
 def test_valid_split_independent_of_workers_and_tasks(held_out, line_corpus, data_tokenizer_dir, tmp_path):
@@ -190,3 +197,11 @@ def test_merge_refuses_a_shard_listed_twice(tmp_path, capsys):
         obj["shards"][1]["path"] = obj["shards"][0]["path"]
         Path(second).write_text(json.dumps(obj))
         load_manifest(second)
+
+
+def test_merge_never_overwrites_a_part_it_merges(tmp_path, capsys):
+    parts = [write_part(tmp_path, i, 2, first_doc=30 * i) for i in range(2)]
+    before = Path(parts[0]).read_bytes()
+    assert merge(*parts, "--output", parts[0]) == 1
+    assert f"--output {parts[0]} is one of the part manifests" in capsys.readouterr().err
+    assert Path(parts[0]).read_bytes() == before

@@ -41,8 +41,11 @@ from tqdm import tqdm  # noqa: E402
 
 from model import fp8_blocks, hf_mapping  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
+from parallel.compat.torch_checkpoint import CheckpointDataRefused, read_checkpoints_as_data, refusal_in  # noqa: E402
+from pretrain.checkpoint_check import advice, damage  # noqa: E402
 from pretrain.checkpointing import CheckpointError, iter_dir, read_run_state  # noqa: E402
 from pretrain.hf_verify import VerificationError, verify_export  # noqa: E402
+from pretrain.output_guard import check_output  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: unquantized ones in bf16
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
@@ -59,6 +62,7 @@ class CheckpointTensors:
     the stored chunks that overlap the request are read."""
 
     def __init__(self, directory: Path):
+        read_checkpoints_as_data()  # the metadata is unpickled: data only (parallel/compat/torch_checkpoint.py)
         self.reader = FileSystemReader(str(directory))
         self.metadata = self.reader.read_metadata()  # read once (it indexes every chunk)
         self.reader.set_up_storage_reader(self.metadata, True)
@@ -258,9 +262,15 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
     """Export and return a summary; raises CheckpointError/FileExistsError/ValueError on bad input."""
     iteration, state = read_run_state(load, iteration)
     directory = iter_dir(load, iteration)
-    if not (directory / ".metadata").exists():
-        raise CheckpointError(f"--load {load}: {directory} has no dist_checkpointing metadata (incomplete checkpoint)")
+    try:
+        found = damage(directory)
+    except CheckpointDataRefused as e:
+        raise CheckpointError(f"--load {load}: iteration {iteration}: {e}") from None
+    if found:
+        raise CheckpointError(f"--load {load}: iteration {iteration} is damaged: {found}; "
+                              f"{advice(load, iteration).replace('--ckpt-step', '--iteration')}")
     out = Path(output)
+    check_output("--output", out, {"--load": load, "--tokenizer": tokenizer})  # whatever --force says
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--output {out} exists and is not empty; pass --force to replace it")
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
@@ -293,7 +303,13 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
                    "total_bytes": total, "tensors": len(weight_map), "tokenizer_files": [f.name for f in tok_files],
                    "export_seconds": round(time.perf_counter() - start, 2)}
         if verify:
-            summary["verify"] = verify_export(load, iteration, str(partial), dtype)
+            try:
+                summary["verify"] = verify_export(load, iteration, str(partial), dtype)
+            except BaseException as e:  # torch's CheckpointException is a BaseException
+                if (refused := refusal_in(e)) is None:
+                    raise
+                raise CheckpointError(f"--load {load}: iteration {iteration}: {refused}") from None
+        check_output("--output", out, {"--load": load, "--tokenizer": tokenizer})  # still, before replacing
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(partial, out)
@@ -314,7 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None, help="an HF tokenizer directory to copy into the output")
     p.add_argument("--verify", action="store_true",
                    help="compare logits of our model and the export loaded by transformers (CPU, small models)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output (never one holding a checkpoint, nor --load or --tokenizer)")
     args = p.parse_args(argv)
     try:
         summary = export(args.load, args.output, iteration=args.iteration, dtype=args.dtype,

@@ -32,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model import fp8_blocks, hf_mapping  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
+from pretrain.output_guard import check_output  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
 
@@ -161,6 +162,7 @@ def import_hf(args) -> Path:
     from pretrain import checkpointing as ck
     from pretrain.run_state import Progress, layout_of
 
+    check_output("--save", args.save, {"--hf": args.hf})  # never the input, nor a checkpoint, whatever --force says
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())
     cfg = GLM5Config.from_hf_dict(hf_config)
     hf = HfTensors(args.hf)
@@ -191,19 +193,23 @@ def import_hf(args) -> Path:
     return ck.save(str(save), parts, run_info, runtime.device)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--save", required=True, help="checkpoint root to create")
     p.add_argument("--bf16", action="store_true", help="store bf16 weights (default fp32, as training keeps them)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --save (never one holding a checkpoint, nor the --hf input)")
     g = p.add_argument_group("layout while importing (the checkpoint loads at any layout)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from parallel import runtime as rt
 
     try:

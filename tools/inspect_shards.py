@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.errors import ManifestError  # noqa: E402
 from data.locations import is_remote  # noqa: E402
 from data.manifest_io import load_manifest  # noqa: E402
+from data.schema import MANIFEST_NAME  # noqa: E402
 from data.verify import verify_shard  # noqa: E402
 
 
@@ -40,13 +41,29 @@ def summarize(manifest) -> dict:
 
 
 def unlisted_files(manifest) -> list[str]:
-    """Tar files next to a local manifest that it does not list (a manifest from another run?)."""
+    """Tar files next to a local manifest that no manifest there lists (a manifest from another run?): the
+    writer's own outputs beside it (valid-manifest.json of --valid-fraction, a split run's part manifests)
+    list theirs."""
     if is_remote(manifest.location):
         return []
     directory = os.path.dirname(manifest.location) or "."
-    listed = {os.path.normpath(manifest.shard_url(i)) for i in range(len(manifest.shards))}
+    listed = set()
+    for m in [manifest, *_sibling_manifests(directory, manifest.location)]:
+        listed |= {os.path.normpath(m.shard_url(i)) for i in range(len(m.shards))}
     return sorted(name for name in os.listdir(directory)
                   if name.endswith(".tar") and os.path.normpath(os.path.join(directory, name)) not in listed)
+
+
+def _sibling_manifests(directory: str, own: str) -> list:
+    found = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.endswith(MANIFEST_NAME) and os.path.normpath(path) != os.path.normpath(own):
+            try:
+                found.append(load_manifest(path))
+            except ManifestError:
+                pass  # not a manifest of ours: its files stay unlisted
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

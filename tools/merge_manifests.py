@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                       VALID_NAME)))
         else:
             jobs.append((args.inputs, args.output))
+        for paths, out in jobs:  # never overwrite a part it merges
+            if os.path.abspath(out) in {os.path.abspath(path) for path in paths}:
+                raise ManifestError(f"--output {out} is one of the part manifests it merges: choose another file")
         merged = [merge(paths, out) for paths, out in jobs]
         for m in merged:
             errors = verify(m, args.workers) if args.verify else []

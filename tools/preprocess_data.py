@@ -158,9 +158,21 @@ def check_run_settings(output_dir: str, settings: dict) -> None:
     with open(path) as f:
         recorded = json.load(f)
     diff = settings_difference(recorded, settings)
+    if diff and not _holds_output(output_dir):  # a run that failed before writing any data: try again anew
+        _log(f"{path}: replacing the settings of a run that wrote nothing ({diff})")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(tmp, path)
+        diff = None
     if diff:
         raise ValueError(f"{output_dir} holds a run with other settings ({path}): {diff}; use another "
                          "--output-dir, or delete that run")
+
+
+def _holds_output(output_dir: str) -> bool:
+    """Any file besides the settings (and temporary files): shards or manifests of a run."""
+    return any(n != SETTINGS_NAME and not n.endswith(".tmp") for n in os.listdir(output_dir))
 
 
 def _own_files(output_dir: str, prefix: str, task: tuple[int, int] | None) -> list[str]:
@@ -225,7 +237,8 @@ def run(args: argparse.Namespace) -> dict:
         _log(f"{summary['output']} is complete: nothing to do")
         return {**summary, "skipped": True, "shards": len(done.shards), "docs": done.total_docs,
                 "tokens": done.total_tokens}
-    leftovers = _own_files(out, prefix, task)
+    inputs = {os.path.abspath(f) for f in files}  # never removed, whatever their names
+    leftovers = [n for n in _own_files(out, prefix, task) if os.path.abspath(os.path.join(out, n)) not in inputs]
     if leftovers and not args.resume:
         raise FileExistsError(f"{out} already holds a dataset ({leftovers[0]}, from a run that did not finish?); "
                               "use an empty directory, or --resume to redo it")

@@ -16,6 +16,12 @@ patches every run needs, GPU or CPU:
     the rank's pre-roll token count, and `roll_tensor` as it calls it returns a count that makes each MTP
     depth's per-token weight the context-parallel group's, not the rank's.
 
+torch_checkpoint.py -- torch 2.13's distributed-checkpoint reader (`FileSystemReader.read_metadata`'s
+`pickle.load` of `.metadata`, `DefaultLoadPlanner.load_bytes`'s `torch.load(weights_only=False)` of each
+stored object), which megatron-core, the export and the tools read through: both admit checkpoint data only
+(allowlists), so a checkpoint cannot run code; by `patch_megatron()` and by every reader of checkpoints
+(pretrain/checkpointing.py, pretrain/checkpoint_check.py, tools/export_hf.py).
+
 megatron_muon.py -- with --optimizer muon (pretrain/optim.py): one more entry in megatron-core's
 emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side; with
 --use-distributed-optimizer, megatron-core's layer-wise distributed optimizer run in fp32 (upstream wraps only
@@ -64,7 +70,9 @@ def patch_megatron() -> None:
     from model.transformer_impl import te_available
     from parallel.compat.megatron_mtp import cp_consistent_mtp_counts
     from parallel.compat.megatron_without_te import repair_te_stand_ins, share_storage_without_jit
+    from parallel.compat.torch_checkpoint import read_checkpoints_as_data
 
+    read_checkpoints_as_data()
     repair_te_stand_ins(te_present=te_available())
     share_storage_without_jit()
     cp_consistent_mtp_counts()
