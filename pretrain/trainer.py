@@ -70,7 +70,7 @@ class Trainer:
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
             cfg.model.num_experts_per_tok, runtime.device)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length, mtp_depths=self.tconfig.mtp_num_layers or 0)
         self.observer = Observer(cfg, runtime, self.moe_stats, self.flops_per_token)
         self.observer.timing.attach(self.tconfig)  # before the engine: its DDP and optimizer time themselves
         self.engine = build_engine(chunks, self.tconfig, cfg)

@@ -55,7 +55,8 @@ def reference_loss(hidden, weight, loss_mask, starts, factor):
     return total, 1 - value
 
 
-def test_e2e_tv_value_and_gradient_equal_plain_torch():
+def test_e2e_tv_value_and_gradient_equal_plain_torch(monkeypatch):
+    monkeypatch.setattr(mtp_objective, "ROWS", 5)  # the fp32 work in blocks of rows, the last one short
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, process_mtp_loss
 
     g = torch.Generator().manual_seed(0)
@@ -87,15 +88,16 @@ def test_e2e_tv_value_and_gradient_equal_plain_torch():
     assert h1.grad[:S].abs().sum() == 0  # p carries no gradient: the main rows get none from the MTP loss
 
 
-def test_vocab_parallel_overlap_backward_is_the_analytic_one():
+def test_vocab_parallel_overlap_backward_is_the_analytic_one(monkeypatch):
     """The custom backward equals autograd through softmax and min (no group: one shard)."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(5, 2, 30, generator=g, dtype=torch.float64, requires_grad=True)
-    p = torch.softmax(torch.randn(5, 2, 30, generator=g, dtype=torch.float64), -1)
-    weight = torch.rand(5, 2, generator=g, dtype=torch.float64)
-    (mtp_objective.overlap(logits, p) * weight).sum().backward()
+    logits = torch.randn(7, 2, 30, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(7, 2, 30, generator=g, dtype=torch.float64)
+    weight = torch.rand(7, 2, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(mtp_objective, "ROWS", 3)  # blocks of rows, the last one short
+    (mtp_objective.overlap(logits, target) * weight).sum().backward()
     ref = logits.detach().clone().requires_grad_()
-    (torch.minimum(torch.softmax(ref, -1), p).sum(-1) * weight).sum().backward()
+    (torch.minimum(torch.softmax(ref, -1), torch.softmax(target, -1)).sum(-1) * weight).sum().backward()
     torch.testing.assert_close(logits.grad, ref.grad)
 
 
@@ -163,3 +165,26 @@ def test_glm52_mtp_trains_on_real_text(text_shards):
     assert length[last] > length[first], length
     assert all(scalars[f"mtp_{d}_acceptance_alpha"][last] > 0 for d in range(1, 8))
     assert scalars["lm loss"][last] < scalars["lm loss"][first]
+
+
+def test_glm52_recipe_counts_its_depths():
+    """The GLM-5.2 recipe's last stage: 7 MTP depths' layers, head FLOPs and loss memory, e2e_tv's below
+    cross-entropy's at the same depths (model/accounting.py's measured bytes per vocabulary entry)."""
+    import argparse
+
+    from model.accounting import flops_per_token, mtp_loss_bytes
+    from model.presets import get_preset
+    from tools.model_info import recipe_info
+
+    recipe = "launch/recipes/glm5.2-bridge-416xh100.args"
+    tv = recipe_info(recipe, argparse.ArgumentParser())
+    ce = recipe_info(recipe, argparse.ArgumentParser(), ["--mtp-loss-type", "ce"])
+    one = recipe_info(recipe, argparse.ArgumentParser(), ["--mtp-num-layers", "1", "--mtp-loss-type", "ce"])
+    assert (tv["mtp_depths"], tv["mtp_loss_type"]) == (7, "e2e_tv")
+    last = lambda info: info["stages"][-1]["activations_gb_estimate"]  # noqa: E731
+    assert last(one) < last(tv) < last(ce)
+    # e2e_tv saves 3 bytes per entry and depth where cross-entropy saves 4: 7 depths x 4096 x 154880 entries
+    assert last(ce) - last(tv) == pytest.approx(7 * 1 * 4096 * 154880 / 2**30 - 1 * 4096 * 154880 / 2**30, rel=1e-6)
+    assert mtp_loss_bytes("e2e_tv", 7) < mtp_loss_bytes("ce", 7)
+    c = get_preset("glm5.2")
+    assert tv["flops_per_token"] == flops_per_token(c, 4096, mtp_depths=7) > flops_per_token(c, 4096, mtp_depths=1)

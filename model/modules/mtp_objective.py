@@ -29,7 +29,8 @@ vocab_parallel_cross_entropy), then alpha = the all-reduced sum of each shard's 
 backward is analytic, d alpha / d l_u = q_u (1[q_u < p_u] - sum_v 1[q_v < p_v] q_v), one more all-reduce
 of [s, b]. No full-vocabulary gather. Saved for the backward per depth: the draft's logits (the dtype the
 head gives), the indicator q < p (1 byte) and two [s, b] floats; megatron's cross-entropy saves its fp32
-softmax. The main head runs once more under no_grad for p (GPTModel computes its logits after the MTP loss).
+softmax. The main head runs once more under no_grad for p (GPTModel computes its logits after the MTP loss);
+its logits are kept in the head's dtype and rolled, each depth's fp32 p made only while its alpha is computed.
 
 Acceptance is logged for any loss type (cross-entropy runs reuse the logits megatron-core computes, with
 no gradient): `mtp_i_acceptance_alpha` (the mean alpha_i over valid rows) and
@@ -73,45 +74,61 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+ROWS = 256  # sequence rows per block: the fp32 working tensors are [ROWS, b, V/TP], not [s, b, V/TP]
+
+
+def _row_blocks(n: int):
+    return (slice(r, min(r + ROWS, n)) for r in range(0, n, ROWS))
+
+
 def _softmax_parts(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, sum of exp(l - max)) over the whole vocabulary of logits sharded over `group`: [s, b] each."""
-    peak = _all_reduce(_wide(logits.detach()).amax(-1), group, dist.ReduceOp.MAX)
-    total = _all_reduce((_wide(logits) - peak.unsqueeze(-1)).exp().sum(-1), group)
-    return peak, total
+    """(max, sum of exp(l - max)) over the whole vocabulary of logits [s, b, V/TP] sharded over `group`."""
+    logits = logits.detach()
+    peak = _all_reduce(torch.cat([_wide(logits[r]).amax(-1) for r in _row_blocks(len(logits))]), group,
+                       dist.ReduceOp.MAX)
+    total = torch.cat([(_wide(logits[r]) - peak[r].unsqueeze(-1)).exp_().sum(-1) for r in _row_blocks(len(logits))])
+    return peak, _all_reduce(total, group)
 
 
-@torch.no_grad()
-def vocab_parallel_softmax(logits: torch.Tensor, group) -> torch.Tensor:
-    """fp32 (or wider) probabilities of this rank's vocabulary shard, normalised over the whole vocabulary."""
-    peak, total = _softmax_parts(logits, group)
+def _probabilities(logits: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return (_wide(logits) - peak.unsqueeze(-1)).exp_().div_(total.unsqueeze(-1))
 
 
 class _VocabParallelOverlap(torch.autograd.Function):
-    """alpha = sum_v min(p(v), softmax(logits)(v)) over a vocabulary sharded over `group`; p has no gradient."""
+    """alpha = sum_v min(p(v), q(v)), q = softmax(logits), p = softmax(target) with no gradient, over a
+    vocabulary sharded over `group`; `target` comes with its softmax's max and sum (_softmax_parts)."""
 
     @staticmethod
-    def forward(ctx, logits, p, group):
+    def forward(ctx, logits, target, target_peak, target_total, group):
         peak, total = _softmax_parts(logits, group)
-        q = (_wide(logits) - peak.unsqueeze(-1)).exp_().div_(total.unsqueeze(-1))
-        below = q < p
-        alpha = _all_reduce(torch.minimum(q, p).sum(-1), group)
-        ctx.save_for_backward(logits, peak, total, below)
-        ctx.group = group
-        return alpha
+        below = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+        sums = torch.empty(2, *logits.shape[:-1], dtype=peak.dtype, device=logits.device)
+        for r in _row_blocks(len(logits)):
+            q = _probabilities(logits[r], peak[r], total[r])
+            p = _probabilities(target[r], target_peak[r], target_total[r])
+            torch.lt(q, p, out=below[r])
+            sums[1, r] = (q * below[r]).sum(-1)  # sum_v 1[q<p] q: the backward's
+            sums[0, r] = torch.minimum(q, p, out=q).sum(-1)
+        _all_reduce(sums, group)
+        ctx.save_for_backward(logits, peak, total, below, sums[1])
+        return sums[0]
 
     @staticmethod
     def backward(ctx, grad_alpha):
-        logits, peak, total, below = ctx.saved_tensors
-        q = (_wide(logits) - peak.unsqueeze(-1)).exp_().div_(total.unsqueeze(-1))
-        under = _all_reduce((q * below).sum(-1), ctx.group)  # sum_v 1[q<p] q over the whole vocabulary
-        grad = q.mul_(below.to(q.dtype).sub_(under.unsqueeze(-1))).mul_(grad_alpha.unsqueeze(-1))
-        return grad.to(logits.dtype), None, None
+        logits, peak, total, below, under = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for r in _row_blocks(len(logits)):
+            q = _probabilities(logits[r], peak[r], total[r])
+            q.mul_(below[r].to(q.dtype).sub_(under[r].unsqueeze(-1))).mul_(grad_alpha[r].unsqueeze(-1))
+            grad[r] = q
+        return grad, None, None, None, None
 
 
-def overlap(logits: torch.Tensor, p: torch.Tensor, group=None) -> torch.Tensor:
-    """[s, b, V/TP] draft logits, [s, b, V/TP] target probabilities -> alpha [s, b]."""
-    return _VocabParallelOverlap.apply(logits, p.detach(), group)
+def overlap(logits: torch.Tensor, target: torch.Tensor, group=None, target_parts=None) -> torch.Tensor:
+    """[s, b, V/TP] draft logits, [s, b, V/TP] target logits (detached) -> alpha [s, b]."""
+    target = target.detach()
+    peak, total = target_parts if target_parts is not None else _softmax_parts(target, group)
+    return _VocabParallelOverlap.apply(logits, target, peak, total, group)
 
 
 class AcceptanceChain:
@@ -119,7 +136,10 @@ class AcceptanceChain:
     (alpha_j, prod_{i<=j} alpha_i, m_j) as [b, s] (module docstring), and adds them to the log's tracker."""
 
     def __init__(self, main_logits, loss_mask, roll, vocab_group, depths: int, track: bool):
-        self.p = vocab_parallel_softmax(main_logits, vocab_group)
+        # the target is kept as the main head's logits (bf16 under --bf16) and their softmax's [s, b] max and
+        # sum, rolled along; p and q exist in fp32 one block of rows at a time
+        self.main = main_logits.detach()
+        self.peak, self.total = _softmax_parts(self.main, vocab_group)
         self.roll, self.group, self.depths, self.track = roll, vocab_group, depths, track
         self.mask = loss_mask.float()
         self.starts = _DOCUMENT_STARTS.get()
@@ -127,13 +147,16 @@ class AcceptanceChain:
         self.valid, self.chain, self.depth = None, None, 0
 
     def step(self, logits: torch.Tensor):
-        self.p = self.roll(self.p, dims=0)
+        self.main = self.roll(self.main, dims=0)
+        self.peak, self.total = self.roll(self.peak, dims=0), self.roll(self.total, dims=0)
         self.mask = self.roll(self.mask, dims=-1)
         valid = self.mask if self.valid is None else self.valid * self.mask
         if self.starts is not None:
             self.rolled_starts = self.roll(self.rolled_starts, dims=-1)
             valid = valid * (self.rolled_starts == self.starts).to(valid.dtype)
-        alpha = overlap(logits, self.p, self.group).t()  # [s, b] -> [b, s], the loss mask's
+        # rows rolled in past the sequence's end hold zeros (p = 1 there): masked by `valid`
+        parts = (self.peak, self.total.clamp(min=torch.finfo(self.total.dtype).tiny))
+        alpha = overlap(logits, self.main, self.group, parts).t()  # [s, b] -> [b, s], the loss mask's
         self.chain = alpha if self.chain is None else self.chain * alpha
         self.valid = valid
         if self.track:
