@@ -311,11 +311,11 @@ def mtp_loss_bytes(loss_type: str, depths: int, bf16: bool = True) -> float:
     """Peak bytes per token and vocabulary entry (of this TP rank's shard) the MTP loss holds, measured by
     tools/bench_mtp_objective.py (docs/MODEL.md, "GLM-5.2's MTP objective"): cross-entropy keeps each depth's
     fp32 softmax (4), e2e_tv each depth's logits (2 in bf16) and the indicator q < p (1); on top, while the
-    loss runs, the acceptance's target logits, their rolled copy and the working tensors (9 and 10)."""
+    loss runs, the acceptance's target logits, their rolled copy and the working tensors (6 and 7)."""
     if loss_type == "ce":
-        return 4 * depths + 9
+        return 4 * depths + 6
     if loss_type == "e2e_tv":
-        return ((2 if bf16 else 4) + 1) * depths + 10
+        return ((2 if bf16 else 4) + 1) * depths + 7
     raise ValueError(f"mtp_loss_type {loss_type!r}: choose ce or e2e_tv")
 
 

@@ -36,12 +36,14 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_case(loss_type: str, depths: int, seq: int, batch: int, vocab: int, hidden_size: int) -> dict:
+def run_case(loss_type: str, depths: int, seq: int, batch: int, vocab: int, hidden_size: int, rows: int) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, process_mtp_loss
 
     from model.modules import mtp_objective
     from tests.helpers import one_rank_gloo_world
+
+    mtp_objective.ROWS = rows
 
     def compute_language_model_loss(labels, logits):  # LanguageModule's, without its model object
         return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t().contiguous()
@@ -86,7 +88,7 @@ def run_case(loss_type: str, depths: int, seq: int, batch: int, vocab: int, hidd
         finally:
             parallel_state.destroy_model_parallel()
     return {"loss_type": loss_type, "depths": depths, "seq_length": seq, "micro_batch_size": batch,
-            "vocab_per_rank": vocab, "saved_for_backward_gib": sum(kept.values()) / 2**30,
+            "vocab_per_rank": vocab, "rows_per_block": rows, "saved_for_backward_gib": sum(kept.values()) / 2**30,
             "peak_rss_growth_gib": (_rss_bytes() - base) / 2**30, "forward_s": forward,
             "forward_backward_s": total}
 
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--vocab-size", type=int, default=154880, help="the vocabulary one TP rank holds")
     p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--rows", type=int, default=None,
+                   help="rows per fp32 block (model/modules/mtp_objective.py ROWS); default: the same share of the "
+                        "sequence as ROWS of 4096, the length the figures are for")
     p.add_argument("--depths", type=int, nargs="+", default=[3, 7])
     p.add_argument("--loss-types", nargs="+", default=["ce-untapped", "ce", "e2e_tv"],
                    choices=["ce-untapped", "ce", "e2e_tv"])
@@ -105,15 +110,19 @@ def main(argv=None) -> int:
     if args.case:
         torch.set_num_threads(1)
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.seq_length, args.micro_batch_size,
-                                  args.vocab_size, args.hidden_size)))
+                                  args.vocab_size, args.hidden_size, args.rows)))
         return 0
+    from model.modules.mtp_objective import ROWS
+
+    rows = args.rows or max(1, ROWS * args.seq_length // 4096)
     for depths in args.depths:
         for loss_type in args.loss_types:
             # a fresh process per case: its peak resident memory is this case's alone
             proc = subprocess.run([sys.executable, __file__, "--case", loss_type, str(depths),
                                    "--seq-length", str(args.seq_length), "--micro-batch-size",
                                    str(args.micro_batch_size), "--vocab-size", str(args.vocab_size),
-                                   "--hidden-size", str(args.hidden_size)], capture_output=True, text=True)
+                                   "--hidden-size", str(args.hidden_size), "--rows", str(rows)],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return proc.returncode
