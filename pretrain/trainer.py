@@ -187,6 +187,10 @@ class Trainer:
         scalars.update(recipe_scalars)
         scalars["batch-size"] = float(global_batch_size)
         scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        # --mtp-detach-heads: megatron-core clips the MTP layer's gradients by their own norm, kept out of grad-norm
+        mtp_norm = getattr(self.optimizer, "grad_norms_by_group", {}).get("mtp") if not skip else None
+        if mtp_norm is not None:
+            scalars["grad-norm/mtp"] = float(mtp_norm)
         if cfg.observability.log_num_zeros_in_grad:
             scalars["num-zeros"] = float(num_zeros) if num_zeros is not None else float("nan")
         scalars["skipped-iterations"] = 1.0 if skip else 0.0
