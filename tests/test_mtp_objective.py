@@ -18,6 +18,7 @@ import torch
 
 from model.modules import mtp_objective
 from tests import grad_check
+from tests.test_mtp_shared import ACCEPTANCE, MTP3
 
 S, B, H, V, DEPTHS = 12, 2, 8, 40, 3
 
@@ -37,12 +38,12 @@ def reference_loss(hidden, weight, loss_mask, starts, factor):
     rows = hidden.chunk(1 + DEPTHS)
     p = torch.softmax(rows[0] @ weight.t(), -1).detach()  # [s, b, V]
     total, value = 0, 0
-    chain = torch.ones(S, B, dtype=hidden.dtype)
-    valid = torch.ones(S, B, dtype=hidden.dtype)
+    chain = torch.ones(S, B, dtype=hidden.dtype, device=hidden.device)
+    valid = torch.ones(S, B, dtype=hidden.dtype, device=hidden.device)
     for j in range(1, DEPTHS + 1):
         q = torch.softmax(rows[j] @ weight.t(), -1)
-        alpha = torch.zeros(S, B, dtype=hidden.dtype)
-        step_valid = torch.zeros(S, B, dtype=hidden.dtype)
+        alpha = torch.zeros(S, B, dtype=hidden.dtype, device=hidden.device)
+        step_valid = torch.zeros(S, B, dtype=hidden.dtype, device=hidden.device)
         for t in range(S - j):
             alpha[t] = torch.minimum(p[t + j], q[t]).sum(-1)
             step_valid[t] = loss_mask[:, t + j] * (starts[:, t + j] == starts[:, t])
@@ -55,25 +56,28 @@ def reference_loss(hidden, weight, loss_mask, starts, factor):
     return total, 1 - value
 
 
-def test_e2e_tv_value_and_gradient_equal_plain_torch(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_e2e_tv_value_and_gradient_equal_plain_torch(device, monkeypatch):
     monkeypatch.setattr(mtp_objective, "ROWS", 5)  # the fp32 work in blocks of rows, the last one short
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, process_mtp_loss
 
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn((1 + DEPTHS) * S, B, H, generator=g, dtype=torch.float64) * 2
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
-    loss_mask = torch.ones(B, S, dtype=torch.float64)
+    hidden = (torch.randn((1 + DEPTHS) * S, B, H, generator=g, dtype=torch.float64) * 2).to(device)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(device)
+    loss_mask = torch.ones(B, S, dtype=torch.float64, device=device)
     loss_mask[0, 5] = 0  # a masked label cuts the chains through it
-    starts = torch.zeros(B, S, dtype=torch.int64)
+    starts = torch.zeros(B, S, dtype=torch.int64, device=device)
     starts[1, 7:] = 7  # a second document in row 1
     config = SimpleNamespace(mtp_num_layers=DEPTHS, mtp_loss_type="e2e_tv", mtp_detach_heads=False,
                              mtp_loss_scaling_factor=0.3, calculate_per_token_loss=True)
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
     with mtp_objective.documents(starts):
         out = mtp_objective.process_mtp_loss(
-            process_mtp_loss, hidden_states=h1, labels=torch.zeros(B, S, dtype=torch.int64), loss_mask=loss_mask,
+            process_mtp_loss, hidden_states=h1, labels=torch.zeros(B, S, dtype=torch.int64, device=device),
+            loss_mask=loss_mask,
             output_layer=Head(w1), output_weight=None, runtime_gather_output=None, is_training=False,
             compute_language_model_loss=None, config=config)
     assert out.shape == (S, B, H)
@@ -101,9 +105,6 @@ def test_vocab_parallel_overlap_backward_is_the_analytic_one(monkeypatch):
     torch.testing.assert_close(logits.grad, ref.grad)
 
 
-MTP3 = ["--mtp-num-layers", "3", "--mtp-use-repeated-layer"]
-ACCEPTANCE = ("mtp_1_acceptance_alpha", "mtp_2_acceptance_alpha", "mtp_3_acceptance_alpha",
-              "mtp_expected_acceptance_length")
 
 
 @pytest.fixture(scope="module")
