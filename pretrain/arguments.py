@@ -14,6 +14,7 @@ from data.batch_ramp import check_rampup_batch_size
 from model import transformer_impl
 from model.config import GLM5Config
 from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
+from model.modules.mtp_objective import MTP_LOSS_TYPES
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
 from pretrain import muon, observability, stages
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mtp-use-repeated-layer", action="store_true",
                    help="one MTP layer's parameters applied at every --mtp-num-layers depth (the checkpoint and "
                         "the HF export hold one layer)")
-    g.add_argument("--mtp-loss-type", choices=("ce", "e2e_tv"), default="ce",
+    g.add_argument("--mtp-loss-type", choices=MTP_LOSS_TYPES, default="ce",
                    help="MTP depths' objective: per-depth cross-entropy, or GLM-5.2's end-to-end total-variation "
                         "loss on the draft chain's acceptance (Bebop, arXiv 2606.12370; docs/MODEL.md)")
     g.add_argument("--mtp-detach-heads", action="store_true",

@@ -13,7 +13,8 @@ import torch
 
 # (tag, label in the log line, format): Megatron-LM's labels where it prints the value
 LOG_LINE = (("lm loss", "lm loss", ".6E"), ("mtp loss", "mtp loss", ".6E"),
-            ("mtp_expected_acceptance_length", "mtp acceptance length", ".3f"), ("learning-rate", "learning-rate", ".6E"),
+            ("mtp_expected_acceptance_length", "mtp acceptance length", ".3f"),
+            ("learning-rate", "learning-rate", ".6E"),
             ("grad-norm", "grad-norm", ".3f"), ("num-zeros", "num zeros", ".1f"), ("params-norm", "params norm", ".3f"),
             ("throughput/tokens-per-sec", "throughput/tokens-per-sec", ".3f"),
             ("throughput/tflops-per-gpu", "throughput/tflops-per-gpu", ".3f"),
