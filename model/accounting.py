@@ -82,30 +82,38 @@ def mean_keys_per_query(seq_length: int, topk: int | None) -> float:
     return (topk * (topk + 1) / 2 + (s - topk) * topk) / s
 
 
-def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True) -> float:
+def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True, mtp_depths: int | None = None) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward), MTP included.
 
     Matmuls count 2 FLOPs per multiply-add over the active parameters that are GEMMs (the
     input embedding is a lookup); attention adds QK^T and AV over the keys each query sees
     (top-k under DSA) and, on the layers that run an indexer, its scores over all causal keys.
+    `mtp_depths` (--mtp-num-layers; default one per MTP layer): each depth runs an MTP layer and the
+    output head, shared or not (--mtp-use-repeated-layer); with MTP on, the main head also runs once more,
+    forward only, for the draft's target p (model/modules/mtp_objective.py: acceptance log, e2e_tv).
     """
     p = count_parameters(c)
-    layers = c.num_hidden_layers + c.num_nextn_predict_layers
-    gemm_params = p["params_active_with_mtp"] - p["params_embedding"]
-    # the MTP layer runs the output head a second time
-    gemm_params += c.num_nextn_predict_layers * p["params_embedding"]
+    depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    mtp_layer_active = p["params_active_with_mtp"] - p["params_active"]
+    per_layer = mtp_layer_active / c.num_nextn_predict_layers if c.num_nextn_predict_layers else 0
+    layers = c.num_hidden_layers + depths
+    gemm_params = p["params_active"] - p["params_embedding"] + depths * per_layer
+    # each MTP depth runs the output head again
+    gemm_params += depths * p["params_embedding"]
     keys = mean_keys_per_query(seq_length, c.index_topk if sparse else None)
     attn = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * keys
     indexer = 2 * c.index_n_heads * c.index_head_dim * mean_keys_per_query(seq_length, None)
-    forward = 2 * gemm_params + layers * attn + (indexer_layers(c) + c.num_nextn_predict_layers) * indexer
-    return 3.0 * forward
+    forward = 2 * gemm_params + layers * attn + (indexer_layers(c) + depths) * indexer
+    target_head = 2 * p["params_embedding"] if depths else 0  # forward only, under no_grad
+    return 3.0 * forward + target_head
 
 
-def model_info(c: GLM5Config, seq_length: int) -> dict:
+def model_info(c: GLM5Config, seq_length: int, mtp_depths: int | None = None) -> dict:
     p = count_parameters(c)
     info = dict(p)
     info["seq_length"] = seq_length
-    info["flops_per_token"] = flops_per_token(c, seq_length)
+    info["mtp_depths"] = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    info["flops_per_token"] = flops_per_token(c, seq_length, mtp_depths=mtp_depths)
     info["weights_bytes_bf16"] = 2 * p["params_total_with_mtp"]
     return info
 
@@ -299,6 +307,18 @@ def in_flight_microbatches(pp: int, pp_rank: int, vpp: int | None = None, num_mi
     return min(n, num_microbatches) if num_microbatches else n
 
 
+def mtp_loss_bytes(loss_type: str, depths: int, bf16: bool = True) -> float:
+    """Peak bytes per token and vocabulary entry (of this TP rank's shard) the MTP loss holds, measured by
+    tools/bench_mtp_objective.py (docs/MODEL.md, "GLM-5.2's MTP objective"): cross-entropy keeps each depth's
+    fp32 softmax (4), e2e_tv each depth's logits (2 in bf16) and the indicator q < p (1); on top, while the
+    loss runs, the acceptance's target logits, their rolled copy and the working tensors (6 and 7)."""
+    if loss_type == "ce":
+        return 4 * depths + 6
+    if loss_type == "e2e_tv":
+        return ((2 if bf16 else 4) + 1) * depths + 7
+    raise ValueError(f"mtp_loss_type {loss_type!r}: choose ce or e2e_tv")
+
+
 def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: int, seq_length: int,
                    micro_batch_size: int, distributed_optimizer: bool, full_recompute: bool = False,
                    zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
@@ -306,7 +326,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
                    dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None,
                    recompute_granularity: str | None = None, recompute_modules: list[str] | None = None,
-                   norm: str = "fused", optimizer: str = "adam") -> dict:
+                   norm: str = "fused", optimizer: str = "adam", mtp_loss_type: str = "ce") -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
     (sharded over DP by the distributed optimizer, experts over expert-DP; `optimizer` "muon": one fp32
@@ -324,7 +344,9 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     partition of the grads (reduction buckets ignored); `offload_optimizer` moves main params and
     moments to host memory (reported as host_optimizer_gb). `mtp_depths` (--mtp-num-layers, default one per MTP
     layer): with --mtp-use-repeated-layer the one MTP layer runs at each depth, so the last stage keeps each
-    depth's activations and logits (its parameters stay one layer's)."""
+    depth's activations and logits (its parameters stay one layer's). `mtp_loss_type` (--mtp-loss-type): the
+    bytes per token and vocabulary entry the MTP loss holds at its peak (MTP_LOSS_BYTES, measured by
+    tools/bench_mtp_objective.py, docs/MODEL.md)."""
     p = local_parameters(c, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=pp_rank, vpp=vpp,
                          replicated_down_projection=replicated_down_projection, layout=layout)
     local_dense, local_experts = p["dense"], p["experts"]
@@ -360,10 +382,11 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
         activations += max(layer_bytes(k, None) for k in set(kinds))
     # the running layer's DSA working set (model/modules/dsa_blockwise.py's blocks, or Triton's buffers)
     activations += dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)["working"]
-    if pp_rank == pp - 1:  # fp32 logits of the main and MTP heads, one micro-batch at a time
+    if pp_rank == pp - 1:  # the main head's fp32 logits and the MTP loss's, one micro-batch at a time
         from model.mcore_config import padded_vocab_size
 
-        activations += (1 + depths) * 4 * tokens * padded_vocab_size(c.vocab_size, tp) / tp
+        per_entry = 4 + (mtp_loss_bytes(mtp_loss_type, depths, bf16) if depths else 0)
+        activations += per_entry * tokens * padded_vocab_size(c.vocab_size, tp) / tp
     return {
         "pp_stage": pp_rank,
         "params_per_gpu": local,

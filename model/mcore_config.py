@@ -44,6 +44,8 @@ class ModelOptions:
     # --mtp-use-repeated-layer: one set of MTP parameters applied at every depth (GLM-5: 3 depths, shared)
     mtp_num_layers: int | None = None
     mtp_use_repeated_layer: bool = False
+    mtp_loss_type: str = "ce"  # --mtp-loss-type: ce | e2e_tv (model/modules/mtp_objective.py)
+    mtp_detach_heads: bool = False  # megatron-core's: MTP gradients stop at the MTP layer
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # sequence-wise auxiliary loss (DeepSeek-V3: 1e-4)
     moe_expert_capacity_factor: float | None = None  # None: dropless (GLM-5, DeepSeek-V3)
@@ -223,6 +225,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         mtp_num_layers=mtp_depths(c, o) or None,
         mtp_use_repeated_layer=o.mtp_use_repeated_layer,
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
+        mtp_detach_heads=o.mtp_detach_heads,
         # loss normalized by the global token count (layout-independent losses)
         calculate_per_token_loss=True,
         # model/initialization.py re-initializes every weight layout-invariantly afterwards; megatron's own
@@ -247,6 +250,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     kwargs["dsa_kernel_backend"] = dsa_backend if dsa_backend in UPSTREAM_DSA_BACKENDS else "none"
     tconfig = MLATransformerConfig(**kwargs)
     tconfig.dsa_kernel_backend = dsa_backend
+    # megatron-core 0.19.2 has no such field; model/modules/mtp_objective.py reads it
+    tconfig.mtp_loss_type = o.mtp_loss_type
     # per decoder layer (0-based) "full"/"shared": model/specs.py builds our attention from it
     tconfig.glm_indexer_types = tuple(c.layer_indexer_types)
     return tconfig

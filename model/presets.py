@@ -7,7 +7,9 @@
   0, 1, 2, 6, 10, ..., 74 full and the rest shared (21 indexers instead of 78). Inferred from
   Megatron-Bridge's GLM-5.2 recipes (freq 4, offset 3, sharing groups {0}, {1}, {2-5}, ..., {74-77}
   in its pipeline layout); the rest of GLM-5.2's config.json (its RoPE theta, context length) is
-  not verified here and kept as GLM-5's (docs/MODEL.md, "IndexShare").
+  not verified here and kept as GLM-5's (docs/MODEL.md, "IndexShare"). Its MTP training (7 recurrent depths
+  of its one MTP layer, the end-to-end TV objective) is run flags, not architecture: the recipe
+  launch/recipes/glm5.2-bridge-416xh100.args sets them (docs/MODEL.md, "GLM-5.2's MTP objective").
 - `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
 - `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
   experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.

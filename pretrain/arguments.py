@@ -16,6 +16,7 @@ from data.batch_ramp import check_rampup_batch_size
 from model import transformer_impl
 from model.config import GLM5Config
 from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
+from model.modules.mtp_objective import MTP_LOSS_TYPES
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
 from parallel.dims import ParallelDims
 from pretrain import bridge_format, muon, observability, stages
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mtp-use-repeated-layer", action="store_true",
                    help="one MTP layer's parameters applied at every --mtp-num-layers depth (the checkpoint and "
                         "the HF export hold one layer)")
+    g.add_argument("--mtp-loss-type", choices=MTP_LOSS_TYPES, default="ce",
+                   help="MTP depths' objective: per-depth cross-entropy, or GLM-5.2's end-to-end total-variation "
+                        "loss on the draft chain's acceptance (Bebop, arXiv 2606.12370; docs/MODEL.md)")
+    g.add_argument("--mtp-detach-heads", action="store_true",
+                   help="no MTP gradient reaches the main model: the MTP layer's input, the embedding and the "
+                        "output head are detached for it (megatron-core's mtp_detach_heads; GLM-5.2 with e2e_tv)")
     g.add_argument("--moe-router-bias-update-rate", default="1e-3",
                    help="expert-bias update speed gamma, or a schedule: '1e-3,28T:0'")
     g.add_argument("--dsa-warmup-iters", type=int, default=0,
@@ -340,6 +347,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss, dsa_kernel_backend=args.dsa_kernel_backend,
         mtp_loss_scaling_factor=mtp_schedule(0),
         mtp_num_layers=args.mtp_num_layers, mtp_use_repeated_layer=args.mtp_use_repeated_layer,
+        mtp_loss_type=args.mtp_loss_type, mtp_detach_heads=args.mtp_detach_heads,
         moe_router_bias_update_rate=bias_schedule(0),
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         moe_grouped_gemm=args.moe_grouped_gemm, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
@@ -400,8 +408,11 @@ def _check_mtp(args, cfg: GLM5Config) -> None:
     """--mtp-num-layers / --mtp-use-repeated-layer against the model's MTP layers (what its checkpoint holds)."""
     held = cfg.num_nextn_predict_layers
     n = args.mtp_num_layers
-    if args.mtp_use_repeated_layer and not held:
-        raise ValueError("--mtp-use-repeated-layer: this model has no MTP layer (num_nextn_predict_layers 0)")
+    for flag, on in (("--mtp-use-repeated-layer", args.mtp_use_repeated_layer),
+                     ("--mtp-loss-type e2e_tv", args.mtp_loss_type == "e2e_tv"),
+                     ("--mtp-detach-heads", args.mtp_detach_heads)):
+        if on and not held:
+            raise ValueError(f"{flag}: this model has no MTP layer (num_nextn_predict_layers 0)")
     if n is None:
         return
     if n < 1:

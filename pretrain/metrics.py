@@ -12,11 +12,22 @@ import sys
 import torch
 
 # (tag, label in the log line, format): Megatron-LM's labels where it prints the value
-LOG_LINE = (("lm loss", "lm loss", ".6E"), ("mtp loss", "mtp loss", ".6E"), ("learning-rate", "learning-rate", ".6E"),
+LOG_LINE = (("lm loss", "lm loss", ".6E"), ("mtp loss", "mtp loss", ".6E"),
+            ("mtp_expected_acceptance_length", "mtp acceptance length", ".3f"),
+            ("learning-rate", "learning-rate", ".6E"),
             ("grad-norm", "grad-norm", ".3f"), ("num-zeros", "num zeros", ".1f"), ("params-norm", "params norm", ".3f"),
             ("throughput/tokens-per-sec", "throughput/tokens-per-sec", ".3f"),
             ("throughput/tflops-per-gpu", "throughput/tflops-per-gpu", ".3f"),
             ("moe/load-imbalance", "moe/load-imbalance", ".3f"), ("skipped-iterations", "skipped-iterations", ".3f"))
+
+
+def acceptance_part(scalars: dict[str, float], suffix: str = "") -> list[str]:
+    """Each MTP depth's mean acceptance alpha_i in one log-line part, depth 1 first."""
+    alphas, depth = [], 1
+    while f"mtp_{depth}_acceptance_alpha{suffix}" in scalars:
+        alphas.append(f"{scalars[f'mtp_{depth}_acceptance_alpha{suffix}']:.3f}")
+        depth += 1
+    return [f"mtp acceptance alpha: {'/'.join(alphas)}"] if alphas else []
 
 
 def memory_gb() -> dict:
@@ -75,6 +86,7 @@ class Metrics:
         if logged:
             parts = [f" iteration {iteration:8d}/{train_iters:8d}", *line]
             parts += [f"{label}: {scalars[name]:{fmt}}" for name, label, fmt in LOG_LINE if name in scalars]
+            parts += acceptance_part(scalars)
             print(" | ".join(parts), flush=True, file=sys.stdout)
             self.text(timers_text)
 
@@ -105,6 +117,9 @@ class Metrics:
                  f"lm loss PPL: {scalars['lm loss validation ppl']:.6E}"]
         if "mtp loss validation" in scalars:
             parts.append(f"mtp loss value: {scalars['mtp loss validation']:.6E}")
+        if "mtp_expected_acceptance_length validation" in scalars:
+            parts.append(f"mtp acceptance length: {scalars['mtp_expected_acceptance_length validation']:.3f}")
+            parts += acceptance_part(scalars, " validation")
         print(" | ".join(parts), flush=True, file=sys.stdout)
 
     def close(self) -> None:

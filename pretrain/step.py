@@ -21,6 +21,7 @@ from functools import partial
 import torch
 
 from model.modules.cp_attention import split_for_context_parallel
+from model.modules import mtp_objective
 from model.modules.documents import document_layout
 
 
@@ -86,8 +87,9 @@ def make_forward_step(device: torch.device):
         # packed documents: their starts and positions, as model/modules/documents.py describes
         documents = (torch.stack([batch["document_starts"], batch["position_ids"]])
                      if "document_starts" in batch else None)
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=documents,
-                       labels=batch["labels"], loss_mask=batch["loss_mask"])
+        with mtp_objective.documents(batch.get("document_starts")):  # MTP chains stay in their document
+            output = model(batch["input_ids"], batch["position_ids"], attention_mask=documents,
+                           labels=batch["labels"], loss_mask=batch["loss_mask"])
         return output, partial(loss_func, batch["loss_mask"])
 
     return forward_step
@@ -103,6 +105,7 @@ def reset_loss_trackers() -> None:
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.tracker.clear()
+    mtp_objective.clear_tracker()
     DSAIndexerLossLoggingHelper.tracker.clear()
     get_moe_layer_wise_logging_tracker().clear()
 
@@ -112,7 +115,9 @@ def take_mtp_loss(num_microbatches: int, suffix: str = "") -> dict[str, float]:
     reduced over its groups (a collective: every rank of the stage holding the MTP layer calls it):
     `mtp loss` (the mean over MTP depths, per micro-batch) and, with more than one depth, each depth's
     under Megatron-LM's tag (`mtp_1 loss`, `mtp_2 loss`, ...: MTPLossLoggingHelper.track_mtp_metrics).
-    `suffix` follows each name (" validation")."""
+    `suffix` follows each name (" validation"). With them the draft's acceptance, for any --mtp-loss-type:
+    `mtp_i_acceptance_alpha` per depth and `mtp_expected_acceptance_length` (model/modules/mtp_objective.py)."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.reduce_metrics_in_tracker()
@@ -121,4 +126,6 @@ def take_mtp_loss(num_microbatches: int, suffix: str = "") -> dict[str, float]:
     out = {f"mtp loss{suffix}": float(per_depth.mean())}
     if per_depth.numel() > 1:
         out.update({f"mtp_{i + 1} loss{suffix}": float(v) for i, v in enumerate(per_depth)})
+    out.update(mtp_objective.take_acceptance(parallel_state.get_data_parallel_group(with_context_parallel=True),
+                                             suffix))
     return out

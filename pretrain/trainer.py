@@ -74,7 +74,7 @@ class Trainer:
         self.moe_stats = LoadImbalanceTracker(
             chunks, cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts,
             cfg.model.num_experts_per_tok, runtime.device)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.seq_length, mtp_depths=self.tconfig.mtp_num_layers or 0)
         self.observer = Observer(cfg, runtime, self.moe_stats, self.flops_per_token)
         self.observer.timing.attach(self.tconfig)  # before the engine: its DDP and optimizer time themselves
         self.engine = build_engine(chunks, self.tconfig, cfg)
@@ -215,6 +215,10 @@ class Trainer:
         scalars.update(recipe_scalars)
         scalars["batch-size"] = float(global_batch_size)
         scalars["grad-norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        # --mtp-detach-heads: megatron-core clips the MTP layer's gradients by their own norm, kept out of grad-norm
+        mtp_norm = getattr(self.optimizer, "grad_norms_by_group", {}).get("mtp") if not skip else None
+        if mtp_norm is not None:
+            scalars["grad-norm/mtp"] = float(mtp_norm)
         if cfg.observability.log_num_zeros_in_grad:
             scalars["num-zeros"] = float(num_zeros) if num_zeros is not None else float("nan")
         scalars["skipped-iterations"] = 1.0 if skip else 0.0

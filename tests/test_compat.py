@@ -156,6 +156,20 @@ def test_upstream_shapes_the_patches_rely_on():
     from megatron.core.models.gpt import gpt_model
 
     assert "process_mtp_loss" in vars(gpt_model) and "cp_group=self.pg_collection.cp" in inspect.getsource(gpt_model)
+    # --mtp-loss-type (model/modules/mtp_objective.py): HybridModel calls it by its imported name too; the
+    # cross-entropy tap relies on one compute_language_model_loss call per depth, after that depth's label
+    # roll; e2e_tv on the scale per depth and the autoscaler; mtp_loss_type is ours (upstream has none yet)
+    from megatron.core.models.hybrid import hybrid_model
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    assert "process_mtp_loss" in vars(hybrid_model)
+    loop = inspect.getsource(mtp.process_mtp_loss)
+    assert loop.count("compute_language_model_loss(") == 1 and loop.index("mtp_labels, _ = roll_tensor(") < \
+        loop.index("compute_language_model_loss(mtp_labels, mtp_logits)")
+    assert "config.mtp_loss_scaling_factor / config.mtp_num_layers" in loop and "MTPLossAutoScaler.apply" in loop
+    assert hasattr(mtp, "_mtp_logits_are_vocab_sharded")
+    fields = TransformerConfig.__dataclass_fields__
+    assert "mtp_detach_heads" in fields and "mtp_loss_type" not in fields
     # megatron_muon: the registry entry we copy, the hook we override, the orthogonalizer we call per head
     from megatron.core.optimizer import emerging_optimizers as eo
 

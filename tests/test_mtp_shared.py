@@ -2,7 +2,10 @@
 three depths. One set of parameters is built (the checkpoint and the HF export hold one layer), each depth's
 loss is logged under Megatron-LM's tag (`mtp_1 loss`, ...) with `mtp loss` their mean, and the layouts that
 move the MTP layer's work (pipeline: MTP on the last stage; context parallelism: every depth's token count,
-parallel/compat/megatron_mtp.py) match one process per weight (tests/grad_check.py)."""
+parallel/compat/megatron_mtp.py) match one process per weight (tests/grad_check.py). GLM-5.2's objective
+(`--mtp-loss-type e2e_tv`, model/modules/mtp_objective.py) on packed documents matches one process per weight
+in one layout that moves all of its work: the vocabulary sharded over TP 2 (+ SP), CP 2 (every depth's p,
+mask and document starts rolled across the chunks), PP 2 (MTP on the last stage) and EP 2."""
 
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from tests.helpers import ROOT, child_env, torchrun
 
 MTP3 = ["--mtp-num-layers", "3", "--mtp-use-repeated-layer"]
 DEPTH_TAGS = ("mtp_1 loss", "mtp_2 loss", "mtp_3 loss")
-TAGS = (*grad_check.TAGS, *DEPTH_TAGS, *(f"{t} validation" for t in DEPTH_TAGS))
+ACCEPTANCE = ("mtp_1_acceptance_alpha", "mtp_2_acceptance_alpha", "mtp_3_acceptance_alpha",
+              "mtp_expected_acceptance_length")  # cross-entropy runs log the draft's acceptance too
+TAGS = (*grad_check.TAGS, *DEPTH_TAGS, *ACCEPTANCE, *(f"{t} validation" for t in (*DEPTH_TAGS, *ACCEPTANCE)))
 
 LAYOUTS = {
     # MTP (all three depths) on the last pipeline stage, beside the loss
@@ -70,6 +75,25 @@ def test_layout_matches_single_process(name, mtp3_reference, tmp_path):
     got, got_grads = grad_check.train(tmp_path, nproc, [*grad_check.RUN, *extra])
     grad_check.assert_same_scalars(name, want, got, tags=TAGS)
     grad_check.assert_same_gradients(name, want_grads, got_grads)
+
+
+E2E = [*MTP3, "--mtp-loss-type", "e2e_tv"]
+E2E_LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+              "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+              "--expert-tensor-parallel-size", "1"]
+
+
+@pytest.mark.slow
+def test_e2e_tv_on_packed_documents_matches_single_process(tmp_path):
+    """TP 2 + SP x CP 2 x PP 2 x EP 2 (8 ranks) against one process, documents crossing the CP chunks."""
+    from tests.test_packed_documents import packed_run_args
+
+    run = [*packed_run_args(tmp_path), *E2E]
+    want, (want_grads,) = grad_check.train(tmp_path / "one", 1, run)
+    assert want["mtp loss"][1] < 1  # e2e_tv's value, not cross-entropy's
+    got, got_grads = grad_check.train(tmp_path / "eight", 8, [*run, *E2E_LAYOUT])
+    grad_check.assert_same_scalars("e2e-tv-tp2-cp2-pp2-ep2", want, got, tags=TAGS)
+    grad_check.assert_same_gradients("e2e-tv-tp2-cp2-pp2-ep2", want_grads, got_grads)
 
 
 @pytest.mark.slow

@@ -269,12 +269,22 @@ PACKED_LAYOUTS = {
 def packed_run(tmp_path_factory):
     """grad_check.RUN on short documents (5-40 tokens: several per 128-token sequence, crossing CP
     chunks), with per-document attention and positions; its one-process (scalars, gradients)."""
+    from tests import grad_check
+
+    d = tmp_path_factory.mktemp("packed")
+    run = packed_run_args(d)
+    scalars, (grads,) = grad_check.train(d / "one", 1, run)
+    return run, (scalars, grads)
+
+
+def packed_run_args(d: Path) -> list[str]:
+    """grad_check.RUN on short documents written to `d` (5-40 tokens: several per 128-token sequence,
+    crossing CP chunks), with per-document attention and positions, EOD's label masked."""
     import numpy as np
 
     from data.writer import ShardWriter
     from tests import grad_check
 
-    d = tmp_path_factory.mktemp("packed")
     rng = np.random.default_rng(0)
     with ShardWriter(str(d / "docs"), tokenizer={"name": "synthetic", "sha256": "0" * 64, "vocab_size": 512},
                      eod_id=EOD, dtype="uint32", shard_size=16 << 10, chunk_tokens=1024) as writer:
@@ -282,10 +292,8 @@ def packed_run(tmp_path_factory):
             writer.add_document(np.append(rng.integers(1, 512, size=int(rng.integers(4, 40))), EOD))
     manifest = str(d / "docs" / "manifest.json")
     run = [a for a in grad_check.RUN if a != "--mock-data"]
-    run += ["--data-path", manifest, "--valid-data-path", manifest, "--eod-mask-loss",
-            "--reset-attention-mask", "--reset-position-ids"]
-    scalars, (grads,) = grad_check.train(d / "one", 1, run)
-    return run, (scalars, grads)
+    return run + ["--data-path", manifest, "--valid-data-path", manifest, "--eod-mask-loss",
+                  "--reset-attention-mask", "--reset-position-ids"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accounting import memory_per_gpu, model_info  # noqa: E402
+from model.accounting import flops_per_token, memory_per_gpu, model_info  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
@@ -24,6 +24,8 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="glm5", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--model-config", default=None, help="an HF config.json instead of a preset")
     p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--mtp-num-layers", type=int, default=None,
+                   help="MTP depths (GLM-5.2: 7 with --mtp-use-repeated-layer); default one per MTP layer")
     p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line; "
                    "training flags after it override the file's (e.g. --dp-engine deepspeed --zero-stage 2)")
     args, overrides = p.parse_known_args(argv)
@@ -37,7 +39,7 @@ def main(argv=None) -> None:
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
-    info = {"preset": None if args.model_config else args.preset, **model_info(cfg, seq)}
+    info = {"preset": None if args.model_config else args.preset, **model_info(cfg, seq, args.mtp_num_layers)}
     print(json.dumps(info))
 
 
@@ -83,7 +85,8 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
                              offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
                              bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
                              microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-                             layout=layout, mtp_depths=args.mtp_num_layers, optimizer=args.optimizer)
+                             layout=layout, mtp_depths=args.mtp_num_layers, optimizer=args.optimizer,
+                             mtp_loss_type=args.mtp_loss_type)
               for stage in range(pp)]
     for m in stages:
         m["memory_gb_total_estimate"] = sum(
@@ -94,7 +97,9 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
         f"deepspeed zero-{args.zero_stage}" + ("+offload" if args.zero_offload_optimizer else ""))
     return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
             "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq, "dp_engine": engine,
-            "optimizer": args.optimizer,
+            "optimizer": args.optimizer, "mtp_depths": args.mtp_num_layers or cfg.num_nextn_predict_layers,
+            "mtp_loss_type": args.mtp_loss_type,
+            "flops_per_token": flops_per_token(cfg, seq, mtp_depths=args.mtp_num_layers),
             "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
             **memory, "stages": stages}
 

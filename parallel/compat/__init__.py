@@ -14,7 +14,9 @@ patches every run needs, GPU or CPU:
     (selective recompute) asks TE's FP8 state: told "FP8 off";
   - megatron_mtp.py: `multi_token_prediction.process_mtp_loss` (and gpt_model's imported name) records
     the rank's pre-roll token count, and `roll_tensor` as it calls it returns a count that makes each MTP
-    depth's per-token weight the context-parallel group's, not the rank's.
+    depth's per-token weight the context-parallel group's, not the rank's; and the name gpt_model and
+    hybrid_model call becomes model/modules/mtp_objective.py's dispatch by --mtp-loss-type (cross-entropy:
+    upstream's, its logits tapped for the acceptance log; e2e_tv: GLM-5.2's objective).
 
 torch_checkpoint.py -- torch 2.13's distributed-checkpoint reader (`FileSystemReader.read_metadata`'s
 `pickle.load` of `.metadata`, `DefaultLoadPlanner.load_bytes`'s `torch.load(weights_only=False)` of each
@@ -68,11 +70,11 @@ megatron_checkpoint.py -- megatron-core 0.19.2's checkpointing (pretrain/checkpo
 def patch_megatron() -> None:
     """The megatron-core patches every run needs (above); idempotent."""
     from model.transformer_impl import te_available
-    from parallel.compat.megatron_mtp import cp_consistent_mtp_counts
+    from parallel.compat.megatron_mtp import mtp_loss_types
     from parallel.compat.megatron_without_te import repair_te_stand_ins, share_storage_without_jit
     from parallel.compat.torch_checkpoint import read_checkpoints_as_data
 
     read_checkpoints_as_data()
     repair_te_stand_ins(te_present=te_available())
     share_storage_without_jit()
-    cp_consistent_mtp_counts()
+    mtp_loss_types()

@@ -71,3 +71,33 @@ def cp_consistent_mtp_counts() -> None:
     mtp.process_mtp_loss = process_recording_original_counts
     gpt_model.process_mtp_loss = process_recording_original_counts
     _PATCHED = True
+
+
+_OBJECTIVE_PATCHED = False
+
+
+def mtp_loss_types() -> None:
+    """`--mtp-loss-type` and the acceptance log (model/modules/mtp_objective.py): megatron-core 0.19.2's
+    `process_mtp_loss`, where `gpt_model` and `hybrid_model` imported it, becomes a wrapper that runs
+    upstream's (the CP-consistent one above) for cross-entropy, tapping the logits it computes, and the
+    end-to-end TV objective for `e2e_tv`. The module's own name stays the CP wrapper."""
+    global _OBJECTIVE_PATCHED
+    if _OBJECTIVE_PATCHED:
+        return
+    cp_consistent_mtp_counts()
+    from megatron.core.models.gpt import gpt_model
+    from megatron.core.models.hybrid import hybrid_model
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    from model.modules import mtp_objective
+
+    upstream = mtp.process_mtp_loss
+
+    @functools.wraps(upstream)
+    def process_mtp_loss_by_type(*args, **kwargs):
+        bound = inspect.signature(upstream).bind(*args, **kwargs).arguments
+        return mtp_objective.process_mtp_loss(upstream, **bound)
+
+    gpt_model.process_mtp_loss = process_mtp_loss_by_type
+    hybrid_model.process_mtp_loss = process_mtp_loss_by_type
+    _OBJECTIVE_PATCHED = True
