@@ -213,8 +213,16 @@ def test_export_bridge_writes_bridge_schema_and_reads_back(bridge_copy, tmp_path
     assert (bridge / bridge_format.LATEST_TRAIN_STATE).exists()
     assert not (written / "run_state.json").exists()
     assert dist_checkpointing.load_common_state_dict(str(written)) is not None  # what Bridge's loader reads first
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("a user's file")
     with pytest.raises(FileExistsError, match="--save .* is not empty"):
-        export(str(ours), str(bridge))
+        export(str(ours), str(busy))
+    # whatever --force says: never its input (nor a parent of it), nor a directory holding a checkpoint
+    for target in (ours, ours.parent, bridge):
+        with pytest.raises(ValueError, match="--save .* (is or contains --load|holds a checkpoint)"):
+            export(str(ours), str(target), force=True)
+    assert (ours / "latest_checkpointed_iteration.txt").exists() and (written / bridge_format.RUN_CONFIG).exists()
     with pytest.raises(CheckpointError, match="already a Megatron-Bridge checkpoint"):
         export(str(WITH_MTP), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()

@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 
 from model.config import GLM5Config  # noqa: E402
 from pretrain import bridge_format  # noqa: E402
+from pretrain.output_guard import check_output  # noqa: E402
 from pretrain.run_state import RUN_STATE, TRACKER, CheckpointError, iter_dir, read_run_state  # noqa: E402
 
 OURS_ONLY = {RUN_STATE, "rank_state"}  # per-rank RNG/data state and our run state: Bridge reads neither
@@ -54,6 +55,8 @@ def export(load: str, save: str, iteration: int | None = None, force: bool = Fal
     # refuses what Bridge's config cannot say, before anything is written
     run_config = bridge_format.run_config_for(cfg, state.get("layout", {}))
     out = Path(save)
+    # never the input, nor a directory holding a checkpoint, whatever --force says (pretrain/output_guard.py)
+    check_output("--save", out, {"--load": load})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--save {out} exists and is not empty; pass --force to replace it")
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -69,6 +72,7 @@ def export(load: str, save: str, iteration: int | None = None, force: bool = Fal
         torch.save(train_state, partial / bridge_format.LATEST_TRAIN_STATE)
         (partial / TRACKER).write_text(str(iteration))
         if out.exists():
+            check_output("--save", out, {"--load": load})  # again: nothing may have appeared meanwhile
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(partial, out)
     finally:
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--load", required=True, help="our checkpoint root (the --save of training)")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--save", required=True, help="the Megatron-Bridge checkpoint directory to create")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --save (never --load itself, nor a directory holding a checkpoint)")
     args = p.parse_args(argv)
     try:
         summary = export(args.load, args.save, args.iteration, args.force)
