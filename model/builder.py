@@ -44,3 +44,27 @@ def build_model(cfg: GLM5Config, tconfig, use_te: bool) -> list[GPTModel]:
     if vpp is None:
         return [build_model_chunk(cfg, tconfig, use_te)]
     return [build_model_chunk(cfg, tconfig, use_te, vp_stage=i) for i in range(vpp)]
+
+
+def build_hybrid_chunk(cfg: GLM5Config, tconfig, use_te: bool, stages: list[list[int]] | None = None,
+                       vp_stage: int | None = None):
+    """This rank's chunk on megatron-core's HybridModel; `tconfig` from model/mcore_config.py
+    to_hybrid_config, `stages`: the GLM layers of each pipeline segment (model/layer_pattern.py)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from model import layer_pattern
+    from model.specs import hybrid_stack_spec
+
+    return HybridModel(
+        config=tconfig,
+        hybrid_stack_spec=hybrid_stack_spec(tconfig, get_backend(use_te)),
+        vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        hybrid_layer_pattern=layer_pattern.derive(cfg, tconfig.mtp_num_layers or 0, stages),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",  # MLA builds its own RoPE; HybridModel adds no table for it
+        rotary_base=int(cfg.rope_theta),
+        vp_stage=vp_stage,
+    )

@@ -263,3 +263,22 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     """Megatron pads the vocabulary so each TP shard of the embedding and head is equal."""
     multiple = divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+def to_hybrid_config(tconfig: MLATransformerConfig, c: GLM5Config):
+    """`tconfig` (to_transformer_config's) for HybridModel, whose layers are hybrid layers
+    (model/layer_pattern.py): twice the GLM layers. megatron-core sizes the indexer-loss and MoE
+    trackers by `num_layers` and counts IndexShare's topk_freq/skip_topk_offset in hybrid layers.
+    `glm_num_layers` keeps the GLM count for what is per GLM layer (the init's output scaling)."""
+    import copy
+
+    from model.layer_pattern import hybrid_topk_schedule
+
+    h = copy.copy(tconfig)
+    h.glm_num_layers = c.num_hidden_layers
+    h.num_layers = 2 * c.num_hidden_layers
+    # per hybrid layer: the `E` halves (no spec reads it here; kept consistent with num_layers)
+    h.moe_layer_freq = [m for i in range(c.num_hidden_layers) for m in (0, int(c.is_moe_layer(i)))]
+    h.dsa_indexer_topk_freq, h.dsa_indexer_skip_topk_offset = hybrid_topk_schedule(
+        tconfig.dsa_indexer_topk_freq or 1, tconfig.dsa_indexer_skip_topk_offset or 0)
+    return h
