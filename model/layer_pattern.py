@@ -63,13 +63,41 @@ def check(pattern: str, cfg: GLM5Config, mtp_depths: int, pp: int, flag: str = "
     if len(segments) % pp:
         raise ValueError(f"{where}: {len(segments)} pipeline segment(s) ('|') for --pipeline-model-parallel-size "
                          f"{pp}: a multiple of it is needed (mark every stage)")
+    return segment_layers(pattern, where)
+
+
+def segment_layers(pattern: str, where: str = "--hybrid-layer-pattern") -> list[list[int]]:
+    """The GLM layers (0-based) of each '|' segment of a GLM-5 pattern, or a ValueError where a '|'
+    falls between a GLM layer's attention and its MLP."""
     stages, start = [], 0
-    for segment in segments:
-        if start % 2 or len(segment) % 2:
+    for segment in (parse_hybrid_pattern(pattern).main_pattern or "").split(PIPE):
+        if len(segment) % 2:
             raise ValueError(f"{where}: a '|' cuts GLM layer {(start + len(segment)) // 2} between its attention "
                              "and its MLP, which this project does not place yet")
         stages.append(list(range(start // 2, (start + len(segment)) // 2)))
         start += len(segment)
-    if any(not s for s in stages):
-        raise ValueError(f"{where}: an empty pipeline segment")
     return stages
+
+
+def virtual_stages(pattern: str, pp: int) -> int | None:
+    """The virtual pipeline stages per rank the pattern's segments make (None: not interleaved)."""
+    segments = (parse_hybrid_pattern(pattern).main_pattern or "").count(PIPE) + 1
+    return segments // pp if segments > pp else None
+
+
+def pipeline_stages(num_layers: int, pp: int, vpp: int | None, layout: str | None) -> list[list[int]] | None:
+    """The GLM layers (0-based) of each pipeline segment in model order (virtual stage-major, as
+    megatron-core assigns them): from --pipeline-model-parallel-layout ("Et|tt|tmL", its 't's) or an
+    even split over PP x VPP; None for one stage."""
+    if layout is not None:
+        from megatron.core.transformer.enums import LayerType
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        chunks = PipelineParallelLayerLayout(layout, pp).layout
+        counts = [chunks[p][v].count(LayerType.decoder) for v in range(len(chunks[0])) for p in range(pp)]
+    elif pp * (vpp or 1) > 1:
+        counts = [num_layers // (pp * (vpp or 1))] * (pp * (vpp or 1))
+    else:
+        return None
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    return [list(range(a, a + n)) for a, n in zip(starts, counts)]

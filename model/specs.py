@@ -24,10 +24,8 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSub
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlock,
     MultiTokenPredictionBlockSubmodules,
-    get_mtp_layer_spec_for_backend,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from model import index_share as share
@@ -176,25 +174,6 @@ def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_off
     )
 
 
-def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlockSubmodules:
-    """The specs of the decoder layers `layer_ids` (0-based, this pipeline stage's)."""
-    grouped = bool(tconfig.moe_grouped_gemm)
-    specs = [layer_spec(backend, tconfig, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped, layer_id=i)
-             for i in layer_ids]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm(rms_norm=True))
-
-
-def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | None:
-    if not tconfig.mtp_num_layers:
-        return None
-    moe_layer = layer_spec(backend, tconfig, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
-                           layer_number_offset=tconfig.num_layers)
-    mtp_layer = get_mtp_layer_spec_for_backend(mtp_model_layer_spec=moe_layer, backend=backend)
-    # --mtp-use-repeated-layer: one layer (one set of parameters) applied at every depth
-    built = 1 if tconfig.mtp_use_repeated_layer else tconfig.mtp_num_layers
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * built)
-
-
 # --- HybridModel (model/layer_pattern.py): one spec per hybrid layer type --------------------------------
 def _hybrid_submodules(backend, tconfig, mtp: bool):
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
@@ -211,8 +190,11 @@ def _hybrid_submodules(backend, tconfig, mtp: bool):
         attention = attention_spec(backend, tconfig, index_share_by_layer=by_layer)
 
     def mlp_layer(moe: bool) -> ModuleSpec:
-        return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm, mlp=mlp_spec(backend, moe, grouped), mlp_bda=get_bias_dropout_add))
+        # HybridStack marks only its attention layers `is_mtp_layer`: the MTP layer's MoE needs it too, or its
+        # router files its aux loss as decoder layer 2's, unscaled for a repeated MTP layer (router.py)
+        return ModuleSpec(module=TransformerLayer, params={"is_mtp_layer": True} if mtp else {},
+                          submodules=TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=mlp_spec(backend, moe, grouped),
+                                                                mlp_bda=get_bias_dropout_add))
 
     return HybridStackSubmodules(
         dsa_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(

@@ -95,12 +95,12 @@ def test_ramp_is_ignored_without_a_step_schedule():
 
 
 def test_mtp_layer_numbering_and_checkpoint_names():
-    """0.19.2 numbers the MTP layer's inner layer 1 (`is_mtp_layer`) and names it `mtp_model_layer` in
-    the module tree, `transformer_layer` in checkpoints: our MoE statistics and indexer-loss tracker
-    count it after the decoder, and model/hf_mapping converts the names both ways."""
+    """0.19.2's HybridModel numbers GLM layer i's two hybrid layers 2i + 1 and 2i + 2, the MTP layer's inner
+    layers 1 and 2 (`is_mtp_layer`), and keeps the MTP inner stack's name `mtp_model_layer` in checkpoints:
+    our MoE statistics and indexer-loss tracker count the MTP layer after the decoder's GLM layers, and the
+    sharded keys are the module names (model/hf_mapping.py's logical names)."""
     from megatron.core import parallel_state
 
-    from model import hf_mapping
     from model.builder import build_model
     from model.mcore_config import ModelOptions, to_transformer_config
     from model.modules.dsa import GLMSparseAttention
@@ -116,16 +116,15 @@ def test_mtp_layer_numbering_and_checkpoint_names():
         rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
         try:
             (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
-            inner = chunk.mtp.layers[0].mtp_model_layer
-            assert inner.is_mtp_layer and inner.layer_number == 1
+            inner = chunk.mtp.layers[0].mtp_model_layer.layers
+            assert [(m.is_mtp_layer, m.layer_number) for m in inner] == [(True, 1), (True, 2)]
             assert [i for i, _ in routers([chunk])] == [1, 2, 3, 4]
             numbers = [m.layer_number for m in chunk.modules() if isinstance(m, GLMSparseAttention)]
-            assert numbers == [1, 2, 3, 4, 5]
+            assert numbers == [1, 3, 5, 7, 2 * cfg.num_hidden_layers + 1]
             sharded = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
             for name, _ in chunk.named_parameters():
                 if name.startswith("mtp.") and ".experts." not in name:
-                    assert sharded[name].key == hf_mapping.checkpoint_name(name)
-                    assert hf_mapping.module_name(sharded[name].key) == name
+                    assert sharded[name].key == name
         finally:
             parallel_state.destroy_model_parallel()
 
@@ -152,10 +151,13 @@ def test_upstream_shapes_the_patches_rely_on():
     # megatron_mtp: process_mtp_loss takes its counts from the module's roll_tensor
     assert "roll_tensor(" in inspect.getsource(mtp.process_mtp_loss)
     assert "original_num_tokens / num_tokens_safe" in inspect.getsource(mtp.process_mtp_loss)
-    # ... which models/gpt/gpt_model.py calls by its imported name (wrapped there too), cp_group by keyword
+    # ... which models/hybrid/hybrid_model.py (ours) and models/gpt/gpt_model.py call by their imported
+    # names (wrapped there too), cp_group by keyword
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.models.hybrid import hybrid_model
 
-    assert "process_mtp_loss" in vars(gpt_model) and "cp_group=self.pg_collection.cp" in inspect.getsource(gpt_model)
+    for module in (hybrid_model, gpt_model):
+        assert "process_mtp_loss" in vars(module) and "cp_group=self.pg_collection.cp" in inspect.getsource(module)
     # megatron_muon: the registry entry we copy, the hook we override, the orthogonalizer we call per head
     from megatron.core.optimizer import emerging_optimizers as eo
 

@@ -32,7 +32,8 @@ def _step(model, tokens, device="cpu"):
 @pytest.mark.parametrize("preset, options, use_te", [
     ("tiny", dict(dsa_indexer_loss_coeff=0.5), False),  # ours (blockwise), the indexer loss on
     ("tiny-shared", dict(dsa_kernel_backend="none"), False),  # megatron-core's DSA, IndexShare by topk_freq/offset
-    ("tiny-shared", dict(mtp_num_layers=3, mtp_use_repeated_layer=True), False),  # IndexShare, 3 shared depths
+    # IndexShare, 3 shared depths, the aux loss (a repeated MTP layer's is scaled by 1/3 where marked is_mtp_layer)
+    ("tiny-shared", dict(mtp_num_layers=3, mtp_use_repeated_layer=True, moe_aux_loss_coeff=1e-2), False),
     pytest.param("tiny-shared", dict(dsa_kernel_backend="none", mtp_num_layers=3, mtp_use_repeated_layer=True,
                                      dsa_indexer_loss_coeff=0.5), True, marks=pytest.mark.gpu),  # the TE spec
 ])
@@ -40,23 +41,27 @@ def test_hybrid_build_equals_gpt_build_per_weight(preset, options, use_te):
     from megatron.core import parallel_state
 
     from model import key_layout
-    from model.builder import build_hybrid_chunk, build_model
-    from model.mcore_config import ModelOptions, to_hybrid_config, to_transformer_config
+    from model.builder import build_model
+    from model.mcore_config import ModelOptions, to_transformer_config
     from model.presets import get_preset
     from parallel import runtime as rt
     from parallel.dims import ParallelDims
+    from tests.gpt_reference import build_gpt_model, gpt_config
 
     if use_te and not torch.cuda.is_available():
         pytest.skip("Transformer Engine's spec needs a GPU")
     device = "cuda" if use_te else "cpu"
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     cfg = get_preset(preset)
+    aux_scale = MoEAuxLossAutoScaler.main_loss_backward_scale  # process-global: the aux loss's backward sets it
     tokens = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     with one_rank_gloo_world():
         rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
         try:
             tconfig = to_transformer_config(cfg, ModelOptions(use_te=use_te, **options))
-            (gpt,) = build_model(cfg, tconfig, use_te=use_te)
-            hybrid = build_hybrid_chunk(cfg, to_hybrid_config(tconfig, cfg), use_te=use_te)
+            gpt = build_gpt_model(cfg, gpt_config(tconfig, cfg), use_te=use_te)
+            (hybrid,) = build_model(cfg, tconfig, use_te=use_te)
             gpt, hybrid = gpt.to(device), hybrid.to(device)
             with torch.no_grad():
                 for name, p in gpt.named_parameters():  # non-trivial norms too
@@ -68,6 +73,7 @@ def test_hybrid_build_equals_gpt_build_per_weight(preset, options, use_te):
             want, got = _step(gpt, tokens, device), _step(hybrid, tokens, device)
         finally:
             parallel_state.destroy_model_parallel()
+            MoEAuxLossAutoScaler.main_loss_backward_scale = aux_scale
     assert torch.equal(want[0], got[0])
     if want[1] is not None:
         assert torch.equal(want[1], got[1]), (want[1], got[1])  # MTP loss per depth
