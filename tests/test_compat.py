@@ -36,6 +36,20 @@ def test_megatron_core_016_checkpoint_gives_the_same_logits():
     assert torch.allclose(got, want["logits"], rtol=0, atol=1e-5), (got - want["logits"]).abs().max()
 
 
+def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
+    """The 0.16.1 checkpoint is in GPTModel's key layout (model/key_layout.py): tools/export_hf.py reads it by
+    its keys, and transformers' model of the export computes the fixture's logits."""
+    from pretrain.hf_verify import load_hf
+    from tools import export_hf
+
+    want = torch.load(FIXTURE / "logits.pt")
+    export_hf.export(str(FIXTURE / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = hf(input_ids=want["tokens"]).logits.float()
+    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-4), (got - want["logits"]).abs().max()
+
+
 def test_megatron_core_016_checkpoint_resumes_training():
     """Optimizer state, data position and RNG of the 0.16.1 checkpoint: the resumed step 3 computes the
     0.16.1 run's losses (its forward only reads what was loaded); step 4 follows 0.19.2's MTP weighting
