@@ -53,7 +53,8 @@ def _expected_params(model, pp_stage: int) -> int:
     for name, p in model.named_parameters():
         layer = re.match(r"decoder\.layers\.(\d+)\.", name)
         if layer:
-            on_stage = int(layer.group(1)) // layers_per_stage == pp_stage
+            # HybridModel's layers: two per GLM layer (model/layer_pattern.py)
+            on_stage = int(layer.group(1)) // 2 // layers_per_stage == pp_stage
         elif name.startswith("embedding."):  # the first stage's input, and the MTP layer's on the last
             on_stage = pp_stage in (0, PP - 1)
         else:  # output head, final norm, MTP layer
