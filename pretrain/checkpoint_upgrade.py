@@ -31,22 +31,31 @@ def stored_key_layout(directory) -> str | None:
     return key_layout.layout_of(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
 
 
-def upgrade_request(request: dict, checkpoint_format: int | None, dims: hf_mapping.Dims,
-                    stored_layout: str | None = None) -> dict:
-    """`request` (a sharded state dict to load) with the tensors a checkpoint of `checkpoint_format`
-    stores in an older layout converted on load, and its keys renamed to the checkpoint's key layout
-    `stored_layout` (stored_key_layout) where the request's differs: GPTModel's into a HybridModel,
-    or HybridModel's into a GPTModel (in place; returned for convenience)."""
-    ours = key_layout.layout_of(v.key for v in nested_values(request) if isinstance(v, ShardedBase))
-    if stored_layout is not None and ours is not None and ours != stored_layout:
-        rename = key_layout.to_gpt if stored_layout == key_layout.GPT else key_layout.to_hybrid
+def rename_keys(sharded_state_dict: dict, layout: str) -> dict:
+    """`sharded_state_dict`'s keys in key_layout `layout` (GPT or HYBRID), where its own differ (in place;
+    returned): to load a checkpoint of the other layout, or to save one in it (e.g. GPTModel's keys
+    for Megatron-Bridge)."""
+    ours = key_layout.layout_of(v.key for v in nested_values(sharded_state_dict) if isinstance(v, ShardedBase))
+    if ours is not None and ours != layout:
+        rename = key_layout.to_gpt if layout == key_layout.GPT else key_layout.to_hybrid
 
         def renamed(v):
             if isinstance(v, ShardedBase):
                 v.key = rename(v.key)
             return v
 
-        dict_list_map_inplace(renamed, request)
+        dict_list_map_inplace(renamed, sharded_state_dict)
+    return sharded_state_dict
+
+
+def upgrade_request(request: dict, checkpoint_format: int | None, dims: hf_mapping.Dims,
+                    stored_layout: str | None = None) -> dict:
+    """`request` (a sharded state dict to load) with the tensors a checkpoint of `checkpoint_format`
+    stores in an older layout converted on load, and its keys renamed to the checkpoint's key layout
+    `stored_layout` (stored_key_layout) where the request's differs: GPTModel's into a HybridModel,
+    or HybridModel's into a GPTModel (in place; returned for convenience)."""
+    if stored_layout is not None:
+        rename_keys(request, stored_layout)
 
     def wrap(v):
         if not isinstance(v, ShardedTensor):
