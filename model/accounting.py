@@ -112,12 +112,15 @@ def model_info(c: GLM5Config, seq_length: int) -> dict:
 
 def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
                  layout: str | None = None) -> list[list[int]]:
-    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those --pipeline-model-parallel-layout
-    gives it, else megatron's even split (chunk v of stage r holds the (v * pp + r)-th run of
-    num_layers / (pp * vpp) layers)."""
-    from model.layer_pattern import pipeline_stages
+    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those `layout` gives it (a
+    --pipeline-model-parallel-layout, or a --hybrid-layer-pattern: its 'D's name it), else megatron's even
+    split (chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
+    from model.layer_pattern import ATTENTION, pipeline_stages, segment_layers
 
-    stages = pipeline_stages(c.num_hidden_layers, pp, vpp, layout) or [list(range(c.num_hidden_layers))]
+    if layout is not None and ATTENTION in layout:
+        stages = segment_layers(layout)
+    else:
+        stages = pipeline_stages(c.num_hidden_layers, pp, vpp, layout) or [list(range(c.num_hidden_layers))]
     return [stages[v * pp + pp_rank] for v in range(len(stages) // pp)]
 
 
