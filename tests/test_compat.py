@@ -108,7 +108,7 @@ def test_ramp_is_ignored_without_a_step_schedule():
         nmc.destroy_num_microbatches_calculator()
 
 
-def test_mtp_layer_numbering_and_checkpoint_names():
+def test_mtp_layer_numbering_and_checkpoint_names(caplog):
     """0.19.2's HybridModel numbers GLM layer i's two hybrid layers 2i + 1 and 2i + 2, the MTP layer's inner
     layers 1 and 2 (`is_mtp_layer`), and keeps the MTP inner stack's name `mtp_model_layer` in checkpoints:
     our MoE statistics and indexer-loss tracker count the MTP layer after the decoder's GLM layers, and the
@@ -129,7 +129,9 @@ def test_mtp_layer_numbering_and_checkpoint_names():
     with one_rank_gloo_world():
         rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
         try:
-            (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
+            with caplog.at_level("WARNING"):
+                (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
+            assert type(chunk).__name__ == "HybridModel" and "IS DEPRECATED" not in caplog.text, caplog.text
             inner = chunk.mtp.layers[0].mtp_model_layer.layers
             assert [(m.is_mtp_layer, m.layer_number) for m in inner] == [(True, 1), (True, 2)]
             assert [i for i, _ in routers([chunk])] == [1, 2, 3, 4]
