@@ -12,6 +12,7 @@ from tests.helpers import one_rank_gloo_world
 
 def _step(model, tokens, device="cpu"):
     from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from pretrain.step import reset_loss_trackers
@@ -25,12 +26,15 @@ def _step(model, tokens, device="cpu"):
     loss.sum().backward()
     mtp = MTPLossLoggingHelper.tracker.get("values")
     indexer = DSAIndexerLossLoggingHelper.tracker.get("values")
+    aux = get_moe_metrics_tracker().metrics.get("seq_load_balancing_loss")
     return (loss.detach(), None if mtp is None else mtp.clone(), None if indexer is None else indexer.sum(),
-            {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+            None if aux is None else aux.values.clone())
 
 
 @pytest.mark.parametrize("preset, options, use_te", [
-    ("tiny", dict(dsa_indexer_loss_coeff=0.5), False),  # ours (blockwise), the indexer loss on
+    # ours (blockwise), the indexer loss on, the aux loss (one MTP depth: its router's slot is the tracker's last)
+    ("tiny", dict(dsa_indexer_loss_coeff=0.5, moe_aux_loss_coeff=1e-2), False),
     ("tiny-shared", dict(dsa_kernel_backend="none"), False),  # megatron-core's DSA, IndexShare by topk_freq/offset
     # IndexShare, 3 shared depths, the aux loss (a repeated MTP layer's is scaled by 1/3 where marked is_mtp_layer)
     ("tiny-shared", dict(mtp_num_layers=3, mtp_use_repeated_layer=True, moe_aux_loss_coeff=1e-2), False),
@@ -79,6 +83,10 @@ def test_hybrid_build_equals_gpt_build_per_weight(preset, options, use_te):
         assert torch.equal(want[1], got[1]), (want[1], got[1])  # MTP loss per depth
     if options.get("dsa_indexer_loss_coeff"):
         assert want[2] > 0 and torch.equal(want[2], got[2])
+    if options.get("moe_aux_loss_coeff"):  # per MoE layer, GLM layer i at hybrid 2i + 1, the MTP layer's last
+        n = cfg.num_hidden_layers
+        moe = [i for i in range(n) if cfg.is_moe_layer(i)]
+        assert torch.equal(want[4][moe], got[4][[2 * i + 1 for i in moe]]) and torch.equal(want[4][n:], got[4][2 * n:])
     grads = {key_layout.to_hybrid(n): g for n, g in want[3].items()}
     assert set(grads) == set(got[3])
     unequal = [n for n in grads if not torch.equal(grads[n], got[3][n])]

@@ -5,7 +5,9 @@
 - `GLMMTPLayer`: HybridModel hands the MTP block its decoder's layer specs (`hybrid_submodules`); the MTP
   layer's attention must differ from a decoder layer's -- its indexer-loss and IndexShare numbers come
   after the decoder's (megatron-core numbers the MTP inner layers 1, 2 like decoder layers 1, 2) -- so
-  the MTP layer takes the specs given to it instead.
+  the MTP layer takes the specs given to it instead. Its MoE router files the aux loss at `num_layers` +
+  its number (megatron-core's tracker holds num_layers + MTP depths slots): the number is the MTP layer's
+  (depth 1: 1), as GPTModel's MTP layer has it, not the inner stack's 2, one past the tracker.
 """
 
 from __future__ import annotations
@@ -25,3 +27,6 @@ class GLMHybridStack(HybridStack):
 class GLMMTPLayer(MultiTokenPredictionLayer):
     def __init__(self, *args, mtp_submodules=None, hybrid_submodules=None, **kwargs):
         super().__init__(*args, hybrid_submodules=mtp_submodules, **kwargs)
+        for layer in self.mtp_model_layer.layers:
+            if hasattr(layer.mlp, "set_layer_number"):  # the MoE layer
+                layer.mlp.set_layer_number(self.layer_number)
