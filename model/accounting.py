@@ -118,18 +118,26 @@ def model_info(c: GLM5Config, seq_length: int, mtp_depths: int | None = None) ->
     return info
 
 
-def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
-                 layout: str | None = None) -> list[list[int]]:
-    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those `layout` gives it (a
-    --pipeline-model-parallel-layout, or a --hybrid-layer-pattern: its 'D's name it), else megatron's even
-    split (chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
-    from model.layer_pattern import ATTENTION, pipeline_stages, segment_layers
+def stage_halves(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
+                 layout: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(GLM layers whose attention, GLM layers whose MLP or MoE) each model chunk of pipeline stage `pp_rank`
+    holds: those `layout` gives it (a --pipeline-model-parallel-layout, whole GLM layers; or a
+    --hybrid-layer-pattern, whose '|' may cut a GLM layer between its halves), else megatron's even split
+    (chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
+    from model.layer_pattern import ATTENTION, pipeline_stages, segment_halves
 
     if layout is not None and ATTENTION in layout:
-        stages = segment_layers(layout)
+        stages = segment_halves(layout)
     else:
-        stages = pipeline_stages(c.num_hidden_layers, pp, vpp, layout) or [list(range(c.num_hidden_layers))]
+        whole = pipeline_stages(c.num_hidden_layers, pp, vpp, layout) or [list(range(c.num_hidden_layers))]
+        stages = [(layers, layers) for layers in whole]
     return [stages[v * pp + pp_rank] for v in range(len(stages) // pp)]
+
+
+def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
+                 layout: str | None = None) -> list[list[int]]:
+    """The GLM layers whose attention each model chunk of stage `pp_rank` holds (stage_halves)."""
+    return [attention for attention, _ in stage_halves(c, pp, pp_rank, vpp, layout)]
 
 
 def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_rank: int, vpp: int | None = None,
@@ -152,10 +160,12 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
     attn_adam = 2 * h + c.q_lora_rank + c.kv_lora_rank
     indexer_adam = 2 * c.index_head_dim + h * c.index_n_heads
     dense = experts = bias = adam = 0
-    layers = [i for chunk in stage_layers(c, pp, pp_rank, vpp, layout) for i in chunk]
-    for i in layers:
-        dense += attn if c.has_indexer(i) else shared_attn
-        adam += attn_adam + (indexer_adam if c.has_indexer(i) else 0)
+    halves = stage_halves(c, pp, pp_rank, vpp, layout)
+    for i in (i for attention, _ in halves for i in attention):  # + its input norm
+        dense += (attn if c.has_indexer(i) else shared_attn) - h
+        adam += attn_adam - h + (indexer_adam if c.has_indexer(i) else 0)
+    for i in (i for _, mlps in halves for i in mlps):  # + its pre-MLP norm
+        dense, adam = dense + h, adam + h
         if c.is_moe_layer(i):
             dense, experts, bias = dense + moe_dense, experts + moe_experts, bias + c.n_routed_experts
             adam += c.n_routed_experts * h
@@ -174,8 +184,14 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
         dense += mtp * (3 * h + 2 * h * h // tp + attn + moe_dense)
         adam += mtp * (3 * h + attn_adam + indexer_adam + c.n_routed_experts * h)
         experts, bias = experts + mtp * moe_experts, bias + mtp * c.n_routed_experts
-    return {"dense": dense, "experts": experts, "expert_bias": bias, "adam_side": adam, "layers": len(layers)}
+    return {"dense": dense, "experts": experts, "expert_bias": bias, "adam_side": adam,
+            "layers": len({i for attention, mlps in halves for i in attention + mlps})}
 
+
+# layer_activation_bytes' parts of each half of a GLM layer (two hybrid layers, model/layer_pattern.py); its
+# "layer" part (a checkpoint's inputs) is split evenly between them
+ATTENTION_HALF = ("input_layernorm", "attention", "core_attention")
+MLP_HALF = ("pre_mlp_layernorm", "mlp", "shared_experts", "router", "experts")
 
 # Bytes per element each RMSNorm keeps: a fused norm (Transformer Engine, torch's CUDA kernel) keeps its
 # bf16 input; torch's CPU RMSNorm is composite and keeps fp32 copies of the input and the normalized
@@ -242,8 +258,8 @@ def layer_activation_bytes(c: GLM5Config, *, seq_length: int, micro_batch_size: 
             core += t * (2 * h + 2 * ql)
     out["core_attention"] = core
     if not moe:
-        if "mlp" in mods:
-            out["layer"] = out.get("layer", 0) + kept_norm_out
+        if "mlp" in mods:  # the checkpoint keeps its input: the pre-MLP norm's output
+            out["mlp"] = kept_norm_out
         else:  # fc1's input, fc1's output (gate | up), silu(gate), the up half copied by megatron's
             # `x_linear + glu_linear_offset`, and fc2's input (the product)
             out["mlp"] = kept_norm_out + t * 10 * c.intermediate_size / tp
@@ -359,21 +375,31 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
     depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
-    # (MoE?, own indexer?) of each layer this stage runs; each MTP depth runs an MoE layer with an indexer
-    kinds = [(c.is_moe_layer(i), c.has_indexer(i)) for chunk in stage_layers(c, pp, pp_rank, vpp, layout)
-             for i in chunk]
-    kinds += [(True, True)] * (depths if pp_rank == pp - 1 else 0)
+    # ((MoE?, own indexer?), half) of each half of a GLM layer this stage runs, by GLM layer (a '|' of
+    # --hybrid-layer-pattern may leave a stage one half of a layer); each MTP depth runs an MoE layer with an indexer
+    halves = {}
+    for v, (attention, mlps) in enumerate(stage_halves(c, pp, pp_rank, vpp, layout)):
+        for i in attention:
+            halves.setdefault((v, i), []).append(((c.is_moe_layer(i), c.has_indexer(i)), ATTENTION_HALF))
+        for i in mlps:
+            halves.setdefault((v, i), []).append(((c.is_moe_layer(i), c.has_indexer(i)), MLP_HALF))
+    for depth in range(depths if pp_rank == pp - 1 else 0):
+        halves[("mtp", depth)] = [((True, True), ATTENTION_HALF), ((True, True), MLP_HALF)]
+    layers = [tuple(parts) for parts in halves.values()]
 
-    def layer_bytes(kind: tuple[bool, bool], g: str | None) -> float:
-        return sum(layer_activation_bytes(c, seq_length=seq_length, micro_batch_size=micro_batch_size, tp=tp,
-                                          etp=etp, cp=cp, moe=kind[0], indexer=kind[1], recompute_granularity=g,
-                                          recompute_modules=recompute_modules, norm=norm,
-                                          dsa_path=dsa_path).values())
+    def layer_bytes(parts: tuple, g: str | None) -> float:
+        total = 0.0
+        for (moe, indexer), half in parts:
+            out = layer_activation_bytes(c, seq_length=seq_length, micro_batch_size=micro_batch_size, tp=tp,
+                                         etp=etp, cp=cp, moe=moe, indexer=indexer, recompute_granularity=g,
+                                         recompute_modules=recompute_modules, norm=norm, dsa_path=dsa_path)
+            total += sum(v for k, v in out.items() if k in half) + out.get("layer", 0) / 2
+        return total
 
-    per_microbatch = sum(layer_bytes(k, granularity) for k in kinds)
+    per_microbatch = sum(layer_bytes(parts, granularity) for parts in layers)
     activations = in_flight * per_microbatch
-    if granularity == "full" and kinds:  # backward recomputes one layer at a time, whole
-        activations += max(layer_bytes(k, None) for k in set(kinds))
+    if granularity == "full" and layers:  # backward recomputes one layer at a time, whole
+        activations += max(layer_bytes(parts, None) for parts in set(layers))
     # the running layer's DSA working set (model/modules/dsa_blockwise.py's blocks, or Triton's buffers)
     activations += dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)["working"]
     if pp_rank == pp - 1:  # the main head's fp32 logits and the MTP loss's, one micro-batch at a time

@@ -45,7 +45,7 @@ def hybrid_topk_schedule(freq: int, offset: int) -> tuple[int, int]:
 def check(pattern: str, cfg: GLM5Config, mtp_depths: int, pp: int, flag: str = "--hybrid-layer-pattern") -> list[list[int]]:
     """The GLM layers of each pipeline segment of `pattern`, or a ValueError naming `flag` when the
     pattern is not this config's (layers, dense/MoE split, MTP depths) or its segments do not fit
-    --pipeline-model-parallel-size `pp`, or cut a GLM layer between its attention and its MLP."""
+    --pipeline-model-parallel-size `pp`. A '|' may cut a GLM layer between its attention and its MLP."""
     where = f"{flag} {pattern!r}"
     try:
         parsed = parse_hybrid_pattern(pattern)
@@ -63,20 +63,25 @@ def check(pattern: str, cfg: GLM5Config, mtp_depths: int, pp: int, flag: str = "
     if len(segments) % pp:
         raise ValueError(f"{where}: {len(segments)} pipeline segment(s) ('|') for --pipeline-model-parallel-size "
                          f"{pp}: a multiple of it is needed (mark every stage)")
-    return segment_layers(pattern, where)
+    return segment_layers(pattern)
 
 
-def segment_layers(pattern: str, where: str = "--hybrid-layer-pattern") -> list[list[int]]:
-    """The GLM layers (0-based) of each '|' segment of a GLM-5 pattern, or a ValueError where a '|'
-    falls between a GLM layer's attention and its MLP."""
+def segment_halves(pattern: str) -> list[tuple[list[int], list[int]]]:
+    """(GLM layers whose attention, GLM layers whose MLP or MoE) each '|' segment of a GLM-5 pattern holds,
+    0-based. A '|' may cut a GLM layer between its attention and its MLP: the segment after it starts on
+    that layer's MLP/MoE half (HybridModel sends the hidden states between the two as between any layers)."""
     stages, start = [], 0
     for segment in (parse_hybrid_pattern(pattern).main_pattern or "").split(PIPE):
-        if len(segment) % 2:
-            raise ValueError(f"{where}: a '|' cuts GLM layer {(start + len(segment)) // 2} between its attention "
-                             "and its MLP, which this project does not place yet")
-        stages.append(list(range(start // 2, (start + len(segment)) // 2)))
+        numbers = range(start, start + len(segment))  # 0-based hybrid layers: GLM layer i is 2i and 2i + 1
+        stages.append(([h // 2 for h in numbers if h % 2 == 0], [h // 2 for h in numbers if h % 2 == 1]))
         start += len(segment)
     return stages
+
+
+def segment_layers(pattern: str) -> list[list[int]]:
+    """The GLM layers (0-based) whose attention each '|' segment holds: where their DSA top-k is computed
+    and read (IndexShare), and where each GLM layer's pipeline stage is counted from."""
+    return [attention for attention, _ in segment_halves(pattern)]
 
 
 def virtual_stages(pattern: str, pp: int) -> int | None:

@@ -136,13 +136,15 @@ def test_pattern_from_the_config_and_its_checks():
     assert layer_pattern.derive(tiny, 3) == "D-DEDEDE/DE/DE/DE"
     assert layer_pattern.derive(tiny, 1, [[0, 1], [2], [3]]) == "D-DE|DE|DE/DE"
     assert layer_pattern.check("D-DE|DEDE/DE", tiny, 1, pp=2) == [[0, 1], [2, 3]]
+    # a '|' may cut a GLM layer between its attention and its MoE: its stage is its attention's
+    assert layer_pattern.check("D-D|EDEDE/DE", tiny, 1, pp=2) == [[0, 1], [2, 3]]
+    assert layer_pattern.segment_halves("D-D|EDEDE/DE") == [([0, 1], [0]), ([2, 3], [1, 2, 3])]
     for pattern, pp, depths, error in [
         ("D-DEDE/DE", 1, 1, "the config's 4 layers"),  # a layer short
         ("DEDEDEDE/DE", 1, 1, "1 dense first"),  # the dense layer as MoE
         ("D-DEDEDE/DE/DE/DE", 1, 1, "1 MTP depth"),  # three depths built, one trained: refused
         ("D-DEDEDE/D-", 1, 1, "1 MTP depth"),
         ("D-DEDEDE/DE", 2, 1, "1 pipeline segment"),
-        ("D-D|EDEDE/DE", 2, 1, "cuts GLM layer 1 between"),
         ("D-DE|DE|DE/DE", 2, 1, "3 pipeline segment"),
         ("D-DEDEDX/DE", 1, 1, "not a valid layer symbol"),
     ]:

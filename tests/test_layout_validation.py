@@ -82,8 +82,10 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
     # Megatron-LM's --hybrid-layer-pattern, checked against the config (model/layer_pattern.py)
     (["--hybrid-layer-pattern", "D-DEDEDE/DE/DE/DE"], "3 MTP depth|1 MTP depth"),  # 3 built, 1 trained
     (["--hybrid-layer-pattern", "DEDEDEDE/DE"], "1 dense first"),
-    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-D|EDEDE/DE"],
-     "cuts GLM layer 1 between its attention and its MLP"),
+    # a '|' between a GLM layer's attention and its MoE is a stage boundary like any: a shared layer's attention
+    # (3) must stay with its full layer's (2), wherever the MoE halves go (tiny-shared)
+    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DED|EDE/DE"],
+     r"--hybrid-layer-pattern 'D-DED\|EDE/DE' puts layer 3 in another pipeline stage than layer 2"),
     (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DEDEDE/DE"],
      "1 pipeline segment.* --pipeline-model-parallel-size 2"),
     (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DE|DEDE/DE",

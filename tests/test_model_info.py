@@ -130,6 +130,24 @@ def test_stage_layers_follow_the_pipeline_layout():
     assert stage_layers(tiny, 2, 1, 2, "Ett|t||tmL") == [[2], [3]]
 
 
+def test_a_stage_holds_half_a_glm_layer_in_the_memory_plan():
+    """--hybrid-layer-pattern may cut a GLM layer between its attention and its MoE: each stage counts the half
+    it holds (parameters, activations), and the stages of a cut pattern hold what those of a whole one do."""
+    from model.accounting import memory_per_gpu, stage_halves
+
+    tiny = get_preset("tiny")
+    cut, whole = "D-DEDED|E/DE", "D-DEDE|DE/DE"
+    assert stage_halves(tiny, 2, 0, None, cut) == [([0, 1, 2, 3], [0, 1, 2])]
+    assert stage_halves(tiny, 2, 1, None, cut) == [([], [3])]
+    kw = dict(tp=2, pp=2, ep=2, etp=1, dp=1, seq_length=128, micro_batch_size=1, distributed_optimizer=False)
+    for g in (None, "full"):
+        plans = {p: [memory_per_gpu(tiny, pp_rank=r, layout=p, recompute_granularity=g, **kw) for r in range(2)]
+                 for p in (cut, whole)}
+        for key in ("params_per_gpu", "activation_gb_per_microbatch"):
+            assert sum(m[key] for m in plans[cut]) == pytest.approx(sum(m[key] for m in plans[whole]), rel=1e-12), key
+            assert plans[cut][1][key] < plans[whole][1][key], key  # layer 3's attention moved to the first stage
+
+
 def test_shared_mtp_depths_add_activations_on_the_last_stage_only():
     """--mtp-num-layers 3 --mtp-use-repeated-layer: the one MTP layer runs three times on the last stage (three
     depths' activations and logits), its parameters, gradients and optimizer state stay one layer's."""

@@ -20,9 +20,10 @@ from tests.helpers import ROOT
 SMALL = get_preset("tiny").replace(n_routed_experts=16, num_hidden_layers=8)
 TP, PP, EP, WORLD = 2, 4, 8, 64
 RANKS = [0, 21, 42, 63]  # one per pipeline stage (megatron's order puts PP outermost: 16 ranks a stage)
-# uneven stages from --hybrid-layer-pattern (each GLM layer 'D' + '-'/'E'): layers 0 | 1-3 | 4-5 | 6-7 + MTP
-STAGES = [[0], [1, 2, 3], [4, 5], [6, 7]]
-PATTERN = "D-|DEDEDE|DEDE|DEDE/DE"
+# uneven stages from --hybrid-layer-pattern (each GLM layer 'D' + '-'/'E'), two of them cutting a GLM layer between
+# its attention and its MoE: layers 0, 1's attention | 1's MoE, 2-3, 4's attention | 4's MoE, 5-6 | 7 + MTP
+PATTERN = "D-D|EDEDED|EDEDE|DE/DE"
+STAGES = [range(0, 3), range(3, 9), range(9, 14), range(14, 16)]  # each stage's hybrid layers (0-based)
 
 
 def _simulate(config, ranks: list[int], *extra: str) -> list[dict]:
@@ -56,7 +57,7 @@ def _expected_params(model, pp_stage: int) -> int:
         layer = re.match(r"decoder\.layers\.(\d+)\.", name)
         if layer:
             # HybridModel's layers: two per GLM layer (model/layer_pattern.py)
-            on_stage = int(layer.group(1)) // 2 in STAGES[pp_stage]
+            on_stage = int(layer.group(1)) in STAGES[pp_stage]
         elif name.startswith("embedding."):  # the first stage's input, and the MTP layer's on the last
             on_stage = pp_stage in (0, PP - 1)
         else:  # output head, final norm, MTP layer
