@@ -47,8 +47,9 @@ def test_exact_resume_ignoring_a_partial_checkpoint(saved_at_3, tmp_path, tiny_r
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [
-    # interleaved PP=2 saves two model chunks per rank (model0, model1); TP2 x PP2 works the same way
-    (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    # interleaved PP=2 saves two model chunks per rank (model0, model1); TP2 x PP2 works the same way. Each '|'
+    # cuts a GLM layer between its attention and its MLP/MoE: its halves' keys are saved by two stages
+    (2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-D|ED|ED|E/DE"]),
     (2, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
 ], ids=["pp2-vpp2-to-1", "ep2-distopt-to-1"])
 def test_reshard_to_one_process(tmp_path, tiny_reference, nproc, layout):

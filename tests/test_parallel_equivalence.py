@@ -10,7 +10,8 @@ far more tightly than a loss can. Context-parallel layouts live in tests/test_co
 (same harness, same reference). Adding a layout is one entry in LAYOUTS. Each parallel dimension is
 proven inside a combination rather than alone (the suite's time is a budget): TP + SP and 1F1B
 pipelining in `tp2xpp2`, EP and the distributed optimizer in `ep2xdp2`, interleaved pipelining in
-`pp2-vpp2xep2xdp2`, `--pipeline-model-parallel-layout` in `pp2-layout`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
+`pp2-vpp2xep2xdp2`, `--pipeline-model-parallel-layout` in `pp2-layout`,
+a pipeline stage that starts on a GLM layer's MoE half in `pp2-split`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
 IndexShare (shared layers reusing a full layer's top-k, model/index_share.py) is proven in one combined
 layout against its own one-process run: interleaved stages from an explicit layout that keeps each
 sharing group in one stage, TP + SP, CP, EP and full recompute (a shared layer's recompute, after the
@@ -36,6 +37,10 @@ LAYOUTS = {
     # interleaved stages x experts x data parallel: global layer and expert names across chunks and ranks
     "pp2-vpp2xep2xdp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
                              "--expert-model-parallel-size", "2"]),
+    # a '|' between a GLM layer's attention and its MoE (model/layer_pattern.py): the second stage starts on
+    # layer 3's MoE half, then the MTP layer; full recompute, one hybrid layer at a time
+    "pp2-split": (2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DEDED|E/DE",
+                      "--recompute-granularity", "full"]),
     # megatron-core's explicit layout: uneven stages, interleaved, an empty virtual chunk, the MTP layer
     # beside the loss (layers 0-1 | 2 on the first virtual stages, none | 3 + MTP on the second)
     "pp2-layout": (2, ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL"]),
