@@ -104,7 +104,7 @@ class ParallelDims:
         need(cfg.intermediate_size % self.tp == 0,
              f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
         if self.hybrid_pattern is not None:
-            self._validate_hybrid_pattern(cfg)
+            self.validate_hybrid_pattern(cfg)
         elif self.pipeline_layout is not None:
             need(self.layers_per_virtual_stage is None,
                  "--pipeline-model-parallel-layout sets the virtual stages itself: drop "
@@ -171,7 +171,7 @@ class ParallelDims:
                               "(an MTP stage of its own is not supported here yet)")
 
 
-    def _validate_hybrid_pattern(self, cfg: GLM5Config) -> None:
+    def validate_hybrid_pattern(self, cfg: GLM5Config) -> None:
         from model import layer_pattern
 
         flag = f"--hybrid-layer-pattern {self.hybrid_pattern!r}"

@@ -148,6 +148,23 @@ def test_a_stage_holds_half_a_glm_layer_in_the_memory_plan():
             assert plans[cut][1][key] < plans[whole][1][key], key  # layer 3's attention moved to the first stage
 
 
+def test_recipe_memory_follows_a_hybrid_layer_pattern_that_cuts_a_glm_layer():
+    """tools/model_info.py plans a recipe's --hybrid-layer-pattern: moving the last stage's first attention half
+    to the stage before it (the '|' one place on, into GLM layer 65) moves its weights and activations there."""
+    from model import layer_pattern
+    from tools.model_info import recipe_info
+
+    c, recipe = get_preset("glm5"), "launch/recipes/glm5-576xh100.args"  # PP 6, three shared MTP depths
+    even = layer_pattern.derive(c, 3, [list(range(13 * s, 13 * s + 13)) for s in range(6)])
+    i = even.rindex("|")
+    cut = even[:i] + even[i + 1] + "|" + even[i + 2:]
+    plans = {p: recipe_info(recipe, None, ["--hybrid-layer-pattern", p])["stages"] for p in (even, cut)}
+    assert [s["params_per_gpu"] for s in plans[even]] == [s["params_per_gpu"] for s in recipe_info(recipe, None)["stages"]]
+    for key in ("params_per_gpu", "activation_gb_per_microbatch"):
+        assert plans[cut][4][key] > plans[even][4][key] and plans[cut][5][key] < plans[even][5][key], key
+        assert plans[cut][:4] == plans[even][:4]
+
+
 def test_shared_mtp_depths_add_activations_on_the_last_stage_only():
     """--mtp-num-layers 3 --mtp-use-repeated-layer: the one MTP layer runs three times on the last stage (three
     depths' activations and logits), its parameters, gradients and optimizer state stay one layer's."""

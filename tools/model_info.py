@@ -71,9 +71,15 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
         parser.error(f"--recipe {path}: world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
     dp = world // (tp * pp * cp)
     etp = args.expert_tensor_parallel_size or tp
-    layout = args.pipeline_model_parallel_layout
-    vpp = ParallelDims(world_size=world, pp=pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-                       pipeline_layout=layout).vpp(cfg.num_hidden_layers)
+    dims = ParallelDims(world_size=world, pp=pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                        pipeline_layout=args.pipeline_model_parallel_layout, hybrid_pattern=args.hybrid_layer_pattern,
+                        mtp_num_layers=args.mtp_num_layers)
+    if args.hybrid_layer_pattern is not None:  # its '|' may cut a GLM layer: the plan counts each stage's halves
+        try:
+            dims.validate_hybrid_pattern(cfg)
+        except ValueError as e:
+            parser.error(f"--recipe {path}: {e}")
+    layout, vpp = args.hybrid_layer_pattern or args.pipeline_model_parallel_layout, dims.vpp(cfg.num_hidden_layers)
     # Every pipeline stage (they differ: embedding first, head + MTP last); Transformer Engine's
     # layer layout (a GPU run's). tools/simulate_layout.py checks these against the built model.
     stages = [memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp, cp=cp,
