@@ -10,12 +10,13 @@ far more tightly than a loss can. Context-parallel layouts live in tests/test_co
 (same harness, same reference). Adding a layout is one entry in LAYOUTS. Each parallel dimension is
 proven inside a combination rather than alone (the suite's time is a budget): TP + SP and 1F1B
 pipelining in `tp2xpp2`, EP and the distributed optimizer in `ep2xdp2`, interleaved pipelining in
-`pp2-vpp2xep2xdp2`, `--pipeline-model-parallel-layout` in `pp2-layout`,
-a pipeline stage that starts on a GLM layer's MoE half in `pp2-split`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
+`pp2-vpp2xep2xdp2`, `--pipeline-model-parallel-layout` in `pp2-layout`, the overlapped reduce-scatter/all-gather in `dp2-distopt-overlap`.
 IndexShare (shared layers reusing a full layer's top-k, model/index_share.py) is proven in one combined
 layout against its own one-process run: interleaved stages from an explicit layout that keeps each
 sharing group in one stage, TP + SP, CP, EP and full recompute (a shared layer's recompute, after the
 next micro-batch's forward, must use its own micro-batch's top-k).
+A pipeline stage that starts on a GLM layer's MoE half ('|' between its attention and its MoE) is proven
+against the same IndexShare run, with full recompute.
 """
 
 import pytest
@@ -37,10 +38,6 @@ LAYOUTS = {
     # interleaved stages x experts x data parallel: global layer and expert names across chunks and ranks
     "pp2-vpp2xep2xdp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
                              "--expert-model-parallel-size", "2"]),
-    # a '|' between a GLM layer's attention and its MoE (model/layer_pattern.py): the second stage starts on
-    # layer 3's MoE half, then the MTP layer; full recompute, one hybrid layer at a time
-    "pp2-split": (2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DEDED|E/DE",
-                      "--recompute-granularity", "full"]),
     # megatron-core's explicit layout: uneven stages, interleaved, an empty virtual chunk, the MTP layer
     # beside the loss (layers 0-1 | 2 on the first virtual stages, none | 3 + MTP on the second)
     "pp2-layout": (2, ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL"]),
@@ -95,3 +92,13 @@ def test_index_share_layout_matches_single_process(shared_reference, tmp_path):
     """PP 2 x VPP (an empty virtual chunk) x TP 2 + SP x CP 2 x EP 2, full recompute: 8 ranks. With the
     recompute's replay switched off it fails (measured: the indexer loss at iteration 2 differs)."""
     grad_check.check_layout("shared-pp2-vpp-tp2-cp2-ep2", 8, [*SHARED, *SHARED_LAYOUT], shared_reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_reference, tmp_path):
+    """PP 2 from --hybrid-layer-pattern 'D-DEDED|E/DE': the first stage ends on layer 3's attention (a shared
+    layer, beside its full layer 2), the second runs layer 3's MoE and the MTP layer; full recompute, one
+    hybrid layer at a time (model/layer_pattern.py segment_halves)."""
+    grad_check.check_layout("pp2-split-shared", 2, [*SHARED, "--pipeline-model-parallel-size", "2",
+                                                    "--hybrid-layer-pattern", "D-DEDED|E/DE",
+                                                    "--recompute-granularity", "full"], shared_reference, tmp_path)
