@@ -43,9 +43,10 @@ def hybrid_topk_schedule(freq: int, offset: int) -> tuple[int, int]:
 
 
 def check(pattern: str, cfg: GLM5Config, mtp_depths: int, pp: int, flag: str = "--hybrid-layer-pattern") -> list[list[int]]:
-    """The GLM layers (by their attention: segment_layers) of each pipeline segment of `pattern`, or a ValueError naming `flag` when the
-    pattern is not this config's (layers, dense/MoE split, MTP depths) or its segments do not fit
-    --pipeline-model-parallel-size `pp`. A '|' may cut a GLM layer between its attention and its MLP."""
+    """The GLM layers of each pipeline segment of `pattern` (placed by their attention: segment_layers), or a
+    ValueError naming `flag` when the pattern is not this config's (layers, dense/MoE split, MTP depths) or its
+    segments do not fit --pipeline-model-parallel-size `pp`. A '|' may cut a GLM layer between its attention
+    and its MLP."""
     where = f"{flag} {pattern!r}"
     try:
         parsed = parse_hybrid_pattern(pattern)

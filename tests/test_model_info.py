@@ -159,7 +159,8 @@ def test_recipe_memory_follows_a_hybrid_layer_pattern_that_cuts_a_glm_layer():
     i = even.rindex("|")
     cut = even[:i] + even[i + 1] + "|" + even[i + 2:]
     plans = {p: recipe_info(recipe, None, ["--hybrid-layer-pattern", p])["stages"] for p in (even, cut)}
-    assert [s["params_per_gpu"] for s in plans[even]] == [s["params_per_gpu"] for s in recipe_info(recipe, None)["stages"]]
+    default = recipe_info(recipe, None)["stages"]  # the recipe's even split over PP 6
+    assert [s["params_per_gpu"] for s in plans[even]] == [s["params_per_gpu"] for s in default]
     for key in ("params_per_gpu", "activation_gb_per_microbatch"):
         assert plans[cut][4][key] > plans[even][4][key] and plans[cut][5][key] < plans[even][5][key], key
         assert plans[cut][:4] == plans[even][:4]
