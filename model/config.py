@@ -167,6 +167,10 @@ class GLM5Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "GLM5Config":
+        if d.get("model_type") in ("glm5_next", "glm5_next_text"):
+            from model.config_flash import refuse_to_build
+
+            raise refuse_to_build(f"config.json has model_type={d['model_type']!r}")
         if d.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected {cls.model_type!r}")
         known = {f.name for f in dataclasses.fields(cls)}
