@@ -37,3 +37,15 @@ def test_linear_attention_counts_as_linear():
     assert flops_per_token(all_kda, 4096) == flops_per_token(all_kda, 1 << 20)
     # with DSA layers, only their attention grows (top-k caps the keys, the indexer's pools grow)
     assert flops_per_token(cfg, 1 << 20) > flops_per_token(cfg, 4096) > flops_per_token(all_kda, 4096)
+
+
+def test_model_info_tool_reads_a_glm5_next_config(tmp_path, capsys):
+    import json
+
+    import tools.model_info as tool
+
+    cfg = FLASH_PRESETS["glm5.3-flash-tiny"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    tool.main(["--model-config", str(tmp_path), "--seq-length", "64"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_total"] == count_parameters(cfg)["params_total"] and info["seq_length"] == 64
