@@ -50,7 +50,8 @@ def count_parameters(c: GLM5FlashConfig) -> dict:
             total += layer + shared + c.n_routed_experts * expert
             active += layer + shared + c.num_experts_per_tok * expert
         else:
-            total, active = total + layer + mlp_params(h, c.intermediate_size), active + layer + mlp_params(h, c.intermediate_size)
+            dense = layer + mlp_params(h, c.intermediate_size)
+            total, active = total + dense, active + dense
     embed = c.vocab_size * h
     return {"params_text_model": total + embed + h,  # transformers' Glm5NextTextModel
             "params_total": total + 2 * embed + h, "params_active": active + 2 * embed + h,

@@ -37,6 +37,19 @@ def _rope_theta(d: dict) -> float | None:
     return theta
 
 
+def read_hf_json(path: str | Path) -> dict:
+    """An HF config.json (or the directory holding one), errors naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no HF config at {p}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
 @dataclass
 class GLM5Config:
     vocab_size: int = 154880
@@ -194,15 +207,7 @@ class GLM5Config:
 
     @classmethod
     def load_hf_json(cls, path: str | Path) -> "GLM5Config":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        try:
-            return cls.from_hf_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no HF config at {p}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(read_hf_json(path))
 
     def replace(self, **changes) -> "GLM5Config":
         return dataclasses.replace(self, **changes)

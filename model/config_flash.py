@@ -14,7 +14,6 @@ says so by name wherever a run would start.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +128,11 @@ class GLM5FlashConfig:
             bad = [(i, t) for i, t in enumerate(types) if t not in allowed]
             need(not bad, f"{name}[{bad[0][0] if bad else 0}] is {bad[0][1] if bad else None!r}; only {allowed}")
         need(self.num_key_value_heads == self.num_attention_heads,
-             f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads={self.num_attention_heads} (MLA)")
+             f"num_key_value_heads={self.num_key_value_heads} must equal "
+             f"num_attention_heads={self.num_attention_heads} (MLA)")
         need(self.qk_rope_head_dim == 0, f"qk_rope_head_dim={self.qk_rope_head_dim}: GLM-5.3-Flash's MLA is NoPE (0)")
-        need(self.q_lora_rank is not None and self.q_lora_rank > 0, "q_lora_rank is required (the DSA indexer reads the query latent)")
+        need(self.q_lora_rank is not None and self.q_lora_rank > 0,
+             "q_lora_rank is required (the DSA indexer reads the query latent)")
         need(self.index_kpool >= 1, f"index_kpool={self.index_kpool} must be positive")
         need(self.index_topk % self.index_kpool == 0,
              f"index_topk={self.index_topk} must be divisible by index_kpool={self.index_kpool}")
@@ -197,14 +198,9 @@ class GLM5FlashConfig:
 
     @classmethod
     def load_hf_json(cls, path: str | Path) -> "GLM5FlashConfig":
-        p = Path(path)
-        p = p / "config.json" if p.is_dir() else p
-        try:
-            return cls.from_hf_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no HF config at {p}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        from model.config import read_hf_json
+
+        return cls.from_hf_dict(read_hf_json(path))
 
     def replace(self, **changes) -> "GLM5FlashConfig":
         return dataclasses.replace(self, **changes)

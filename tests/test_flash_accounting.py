@@ -21,9 +21,9 @@ def test_counts_equal_transformers_build(name):
     ours = count_parameters(cfg)
     assert ours["params_text_model"] == sum(p.numel() for p in model.parameters())
     # active: each token runs num_experts_per_tok of the routed experts
-    per_expert = sum(p[0].numel() for m in model.modules() if isinstance(m, Glm5NextTextExperts)
-                     for p in m.parameters()) // sum(isinstance(m, Glm5NextTextExperts) for m in model.modules())
-    idle = sum(isinstance(m, Glm5NextTextExperts) for m in model.modules()) * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+    experts = [m for m in model.modules() if isinstance(m, Glm5NextTextExperts)]
+    per_expert = sum(p[0].numel() for p in experts[0].parameters())
+    idle = len(experts) * (cfg.n_routed_experts - cfg.num_experts_per_tok)
     head = cfg.vocab_size * cfg.hidden_size
     assert ours["params_total"] == ours["params_text_model"] + head
     assert ours["params_active"] == ours["params_total"] - idle * per_expert

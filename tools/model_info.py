@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.accounting import flops_per_token, memory_per_gpu, model_info  # noqa: E402
 from model.accounting_flash import model_info as flash_info  # noqa: E402
-from model.config import GLM5Config  # noqa: E402
+from model.config import GLM5Config, read_hf_json  # noqa: E402
 from model.config_flash import MODEL_TYPES as FLASH_MODEL_TYPES  # noqa: E402
 from model.config_flash import GLM5FlashConfig  # noqa: E402
 from model.presets import DEFAULT_SEQ_LENGTH, FLASH_PRESETS, PRESETS, get_preset  # noqa: E402
@@ -53,13 +53,8 @@ def main(argv=None) -> None:
 def flash_config(args) -> GLM5FlashConfig | None:
     """The GLM-5.3-Flash config a --preset or a glm5_next --model-config names, None for GLM-5's."""
     if args.model_config:
-        path = Path(args.model_config)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            model_type = json.loads(path.read_text()).get("model_type")
-        except (OSError, ValueError):
-            return None  # GLM5Config.load_hf_json says what is wrong with it
-        return GLM5FlashConfig.load_hf_json(path) if model_type in FLASH_MODEL_TYPES else None
+        d = read_hf_json(args.model_config)
+        return GLM5FlashConfig.from_hf_dict(d) if d.get("model_type") in FLASH_MODEL_TYPES else None
     return FLASH_PRESETS.get(args.preset)
 
 
