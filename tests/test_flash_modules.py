@@ -1,7 +1,7 @@
 """GLM-5.3-Flash's mHC hyper-connections (model/modules/hyper_connection.py) and clamped SwiGLU
-(megatron-core's MLP with model/modules/clamped_swiglu.py's settings) against transformers' modules,
-forward and every weight's gradient; then a whole KDA decoder layer (mHC, norms, KDA, mHC, dense
-MLP) assembled from ours equals transformers' `Glm5NextTextDecoderLayer`."""
+(megatron-core's MLP and MoE layer with model/modules/clamped_swiglu.py's settings) against
+transformers' modules, forward and every weight's gradient; then a whole KDA decoder layer (mHC,
+norms, KDA, mHC, dense MLP) assembled from ours equals transformers' `Glm5NextTextDecoderLayer`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,60 @@ def test_megatron_mlp_clamps_as_transformers(single_process_group):  # noqa: F81
     fused = mcore_mlp(TINY.intermediate_size, fusion=True)
     fused.load_state_dict(ours.state_dict())
     assert not torch.allclose(fused(x)[0], want)
+
+
+def mcore_moe():
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.transformer import TransformerConfig
+
+    from model.specs import get_backend
+
+    c = TINY
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=c.hidden_size, ffn_hidden_size=c.intermediate_size, num_attention_heads=1,
+        add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.float64,
+        num_moe_experts=c.n_routed_experts, moe_ffn_hidden_size=c.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=c.n_shared_experts * c.moe_intermediate_size,
+        moe_router_topk=c.num_experts_per_tok, moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=c.routed_scaling_factor, moe_router_enable_expert_bias=True,
+        moe_router_dtype="fp64", moe_router_load_balancing_type="none", moe_token_dispatcher_type="alltoall",
+        **mcore_settings(c.swiglu_limit))
+    return get_moe_module_spec_for_backend(get_backend(False), num_experts=True, moe_grouped_gemm=False)(config=cfg)
+
+
+def moe_from_hf(sd: dict) -> dict:
+    ours = {"router.weight": sd["gate.weight"],
+            **{f"shared_experts.{k}": v for k, v in mlp_from_hf(
+                {k.removeprefix("shared_experts."): v for k, v in sd.items() if k.startswith("shared_experts.")}).items()}}
+    if "gate.e_score_correction_bias" in sd:
+        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"]
+    for e in range(TINY.n_routed_experts):
+        ours[f"experts.local_experts.{e}.linear_fc1.weight"] = sd["experts.gate_up_proj"][e]  # [gate; up]
+        ours[f"experts.local_experts.{e}.linear_fc2.weight"] = sd["experts.down_proj"][e]
+    return ours
+
+
+def test_megatron_moe_equals_transformers(single_process_group):  # noqa: F811
+    """Sigmoid routing with the expert bias, top-k normalised and scaled by routed_scaling_factor, the shared
+    expert, and the clamp inside every expert: megatron-core's MoELayer against Glm5NextTextMoE."""
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextMoE
+
+    theirs = randomized(Glm5NextTextMoE(hf_text_config()), seed=12, scale=1.0)
+    theirs.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, TINY.n_routed_experts))
+    ours = mcore_moe()
+    missing, _ = ours.load_state_dict(moe_from_hf(theirs.state_dict()), strict=False)
+    assert not [k for k in missing if "local_tokens_per_expert" not in k]
+    x = 3 * torch.randn(2, 9, TINY.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    x_ours, x_theirs = x.transpose(0, 1).contiguous().requires_grad_(), x.clone().requires_grad_()
+    out = ours(x_ours)[0].transpose(0, 1)
+    want = theirs(x_theirs)
+    assert_fp32_close(out, want, "output")  # transformers routes in fp32
+    out.square().sum().backward()
+    want.square().sum().backward()
+    assert_fp32_close(x_ours.grad.transpose(0, 1), x_theirs.grad, "input")
+    theirs_g = moe_from_hf(grads(theirs))
+    for name, g in grads(ours).items():
+        assert_fp32_close(g, theirs_g[name], name)
 
 
 class OurKDALayer(torch.nn.Module):
