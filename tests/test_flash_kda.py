@@ -74,6 +74,29 @@ def test_layer_equals_transformers_forward_and_backward(lower_bound):
         assert_fp32_close(mapped[name], g, name)
 
 
+def test_packed_documents_run_as_separate_sequences():
+    """Documents packed into a row (doc_starts, as model/modules/documents.py gives them) neither share
+    the delta rule's state nor the short convolution's window: the same outputs and gradients as each
+    document run alone."""
+    torch.manual_seed(3)
+    layer = randomized(KimiDeltaAttention(TINY, backend="torch", chunk_size=4), seed=3)
+    x = torch.randn(23, 2, TINY.hidden_size, dtype=torch.float64, requires_grad=True)  # [s, b, h]
+    starts = torch.tensor([[0] * 7 + [7] * 9 + [16] * 7, [0] * 23])
+    packed = layer(x, doc_starts=starts)
+    packed.square().sum().backward()
+    want_grads = {n: g.clone() for n, g in grads(layer).items()}
+    layer.zero_grad()
+    x_alone = x.detach().clone().requires_grad_()
+    pieces = [(0, 0, 7), (0, 7, 16), (0, 16, 23), (1, 0, 23)]
+    alone = [layer(x_alone[a:e, row:row + 1]) for row, a, e in pieces]
+    sum(o.square().sum() for o in alone).backward()
+    for (row, a, e), o in zip(pieces, alone):
+        torch.testing.assert_close(packed[a:e, row:row + 1], o, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_alone.grad, rtol=1e-9, atol=1e-11)
+    for name, g in grads(layer).items():
+        torch.testing.assert_close(want_grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_backend_seam_refuses_by_name():
     with pytest.raises(ValueError, match="kda_backend='cuda'"):
         resolve_backend("cuda", torch.device("cpu"))
@@ -99,3 +122,6 @@ def test_fla_kernel_equals_torch_reference_on_gpu():
     torch.testing.assert_close(theirs, ours, rtol=2e-3, atol=2e-3)
     for got, want in zip(fla_grads, (x.grad for x in inputs)):
         torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3)
+    starts = torch.tensor([[0] * 70 + [70] * 130, [0] * 200], device="cuda")  # packed documents: fla's cu_seqlens
+    torch.testing.assert_close(delta_rule(*inputs, backend="fla", doc_starts=starts),
+                               delta_rule(*inputs, backend="torch", doc_starts=starts), rtol=2e-3, atol=2e-3)

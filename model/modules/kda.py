@@ -43,14 +43,48 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def delta_rule(q, k, v, g, beta, backend: str, chunk_size: int = 64) -> torch.Tensor:
-    """The KDA rule on [b, t, h, d] inputs (q, k L2-normalised inside), output [b, t, h, dv]."""
-    if resolve_backend(backend, q.device) == "fla":
+def document_offsets(doc_starts: torch.Tensor) -> torch.Tensor:
+    """[b, s] rows where each token's document starts (model/modules/documents.py) -> the documents'
+    offsets in the flattened b * s tokens, with the end: flash-linear-attention's `cu_seqlens`."""
+    b, s = doc_starts.shape
+    begins = (doc_starts == torch.arange(s, device=doc_starts.device)).flatten().nonzero().flatten()
+    return torch.cat([begins, begins.new_tensor([b * s])])
+
+
+def delta_rule(q, k, v, g, beta, backend: str, chunk_size: int = 64, doc_starts: torch.Tensor | None = None):
+    """The KDA rule on [b, t, h, d] inputs (q, k L2-normalised inside), output [b, t, h, dv]; with
+    `doc_starts` [b, t] each packed document starts from an empty state."""
+    fla = resolve_backend(backend, q.device) == "fla"
+    if doc_starts is None and not fla:
+        return chunk_kda(q, k, v, g, beta, chunk_size=chunk_size)[0]
+    b, t = q.shape[:2]
+    flat = [x.flatten(0, 1)[None] for x in (q, k, v, g, beta)]
+    offsets = None if doc_starts is None else document_offsets(doc_starts)
+    if fla:
         from fla.ops.kda import chunk_kda as fla_chunk_kda
 
-        out, _ = fla_chunk_kda(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-        return out
-    return chunk_kda(q, k, v, g, beta, chunk_size=chunk_size)[0]
+        if offsets is None:
+            return fla_chunk_kda(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)[0]
+        out, _ = fla_chunk_kda(*flat[:3], g=flat[3], beta=flat[4], use_qk_l2norm_in_kernel=True, cu_seqlens=offsets)
+    else:
+        bounds = offsets.tolist()
+        out = torch.cat([chunk_kda(*(x[:, a:e] for x in flat), chunk_size=chunk_size)[0]
+                         for a, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    return out[0].unflatten(0, (b, t))
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution of [b, c, s] by [c, 1, kernel]; with `doc_starts` [b, s] no token
+    sees a row before its document's start."""
+    kernel, s = weight.shape[-1], x.shape[-1]
+    if doc_starts is None:
+        return F.conv1d(x, weight, padding=kernel - 1, groups=x.shape[1])[..., :s]
+    rows = torch.arange(s, device=x.device)
+    out = torch.zeros_like(x)
+    for lag in range(kernel):  # tap kernel-1-lag reads row t-lag
+        shifted = F.pad(x, (lag, 0))[..., :s] * (rows - lag >= doc_starts)[:, None, :]
+        out = out + weight[:, 0, kernel - 1 - lag, None] * shifted
+    return out
 
 
 class GatedRMSNorm(nn.Module):
@@ -98,14 +132,15 @@ class KimiDeltaAttention(nn.Module):
             return self.lower_bound * torch.sigmoid(rate * f)
         return -rate * F.softplus(f)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[s, b, hidden] -> [s, b, hidden]."""
+    def forward(self, hidden_states: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """[s, b, hidden] -> [s, b, hidden]; `doc_starts` [b, s]: the row where each token's packed
+        document starts (None: one document per row), so no state or convolution crosses documents."""
         x = hidden_states.transpose(0, 1)  # [b, s, hidden]
-        b, s, _ = x.shape
         qkv, beta = self.in_proj(x).split([3 * self.qkv_dim, self.num_heads], dim=-1)
-        conv = self.conv1d(qkv.transpose(1, 2).to(self.conv1d.weight.dtype))[..., :s]  # causal: left padding only
+        conv = causal_conv(qkv.transpose(1, 2).to(self.conv1d.weight.dtype), self.conv1d.weight, doc_starts)
         q, k, v = F.silu(conv).transpose(1, 2).to(x.dtype).unflatten(-1, (3 * self.num_heads, self.head_dim)).chunk(3, 2)
-        core = delta_rule(q, k, v, self.forget_gate(x), torch.sigmoid(beta), self.backend, self.chunk_size)
+        core = delta_rule(q, k, v, self.forget_gate(x), torch.sigmoid(beta), self.backend, self.chunk_size,
+                          doc_starts)
         gate = self.linear_g_up_proj(self.linear_g_down_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
         out = self.out_proj(self.out_norm(core, gate).flatten(-2))
         return out.transpose(0, 1)
