@@ -67,3 +67,19 @@ def test_mask_and_nope_attention_equal_transformers():
     out = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).flatten(-2))
     want, _, _ = attn(x, attention_mask=torch.ones(2, s, dtype=torch.bool))
     assert_fp32_close(out, want, "attention")
+
+
+def test_packed_documents_are_indexed_alone():
+    """Each packed document selects as it would alone (its pools from its own first token), in rows of
+    the packed sequence."""
+    attn = hf_attention()
+    ours = PooledKeyIndexer(TINY).double()
+    ours.load_state_dict(indexer_from_hf(attn.indexer.state_dict()))
+    x = inputs(30, seed=14)
+    qr = attn.q_a_layernorm(attn.q_a_proj(x))
+    starts = torch.tensor([[0] * 11 + [11] * 19, [0] * 6 + [6] * 24])
+    packed = ours(x.transpose(0, 1), qr.transpose(0, 1), doc_starts=starts)
+    for row, a, e in [(0, 0, 11), (0, 11, 30), (1, 0, 6), (1, 6, 30)]:
+        alone = ours(x[row:row + 1, a:e].transpose(0, 1), qr[row:row + 1, a:e].transpose(0, 1))
+        assert torch.equal(packed[row:row + 1, a:e], torch.where(alone >= 0, alone + a, alone))
+    assert ((packed < 0) | (packed >= starts[..., None])).all()  # nothing from an earlier document

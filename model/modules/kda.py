@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.modules.documents import document_offsets
 from model.modules.kda_rule import chunk_kda
 
 BACKENDS = ("auto", "torch", "fla")
@@ -41,14 +42,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "torch"
     return name
-
-
-def document_offsets(doc_starts: torch.Tensor) -> torch.Tensor:
-    """[b, s] rows where each token's document starts (model/modules/documents.py) -> the documents'
-    offsets in the flattened b * s tokens, with the end: flash-linear-attention's `cu_seqlens`."""
-    b, s = doc_starts.shape
-    begins = (doc_starts == torch.arange(s, device=doc_starts.device)).flatten().nonzero().flatten()
-    return torch.cat([begins, begins.new_tensor([b * s])])
 
 
 def delta_rule(q, k, v, g, beta, backend: str, chunk_size: int = 64, doc_starts: torch.Tensor | None = None):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.modules.documents import document_offsets
+
 
 def pool_keys(keys: torch.Tensor, gate_scores: torch.Tensor, position_bias: torch.Tensor, kpool: int) -> torch.Tensor:
     """[b, s, d] keys and gate scores -> [b, s // kpool, d] keys of the complete pools."""
@@ -83,7 +85,19 @@ class PooledKeyIndexer(nn.Module):
         return torch.einsum("bsh,bshp->bsp", weights, per_head)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, qr: torch.Tensor) -> torch.Tensor:
-        """megatron's [s, b, ...] inputs -> token indices [b, s, width], -1 where none."""
-        scores = self.scores(x.transpose(0, 1), qr.transpose(0, 1))
-        return select_tokens(scores, self.topk, self.kpool, self.always_select_tail)
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """megatron's [s, b, ...] inputs -> token indices (rows of the sequence) [b, s, width], -1 where none.
+        `doc_starts` [b, s] (model/modules/documents.py): each packed document is indexed alone, its
+        pools counted from its first token (as transformers counts them from the first unpadded one)."""
+        x, qr = x.transpose(0, 1), qr.transpose(0, 1)
+        if doc_starts is None:
+            return select_tokens(self.scores(x, qr), self.topk, self.kpool, self.always_select_tail)
+        b, s = doc_starts.shape
+        bounds = document_offsets(doc_starts).tolist()
+        out = []
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            row, start = divmod(a, s)
+            piece = (slice(row, row + 1), slice(start, start + e - a))
+            chosen = select_tokens(self.scores(x[piece], qr[piece]), self.topk, self.kpool, self.always_select_tail)
+            out.append(torch.where(chosen >= 0, chosen + start, chosen))
+        return torch.cat(out, dim=1).view(b, s, -1)
