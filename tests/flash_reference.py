@@ -16,6 +16,7 @@ def hf_text_config(cfg=TINY):
 
     c = Glm5NextTextConfig(**cfg.to_hf_text_dict())
     c._attn_implementation = "eager"
+    c._experts_implementation = "eager"  # the grouped-GEMM default takes no fp64
     return c
 
 
