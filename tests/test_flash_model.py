@@ -13,8 +13,8 @@ from model.modules.hyper_connection import HyperConnection, collapse_streams, ex
 from model.modules.kda import KimiDeltaAttention
 from model.modules.pooled_indexer import PooledKeyIndexer, selection_mask
 from tests.fixtures_dist import single_process_group  # noqa: F401 (fixture)
-from tests.flash_reference import TINY, assert_fp32_close, grads, hf_text_config, randomized
-from tests.test_flash_modules import layer_from_hf, mcore_mlp, mcore_moe, moe_from_hf
+from tests.flash_reference import (TINY, assert_fp32_close, grads, hf_text_config, layer_from_hf, mcore_mlp, mcore_moe,
+                                   moe_from_hf, randomized)
 
 
 class NoPEMLA(nn.Module):

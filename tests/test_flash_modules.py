@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.flash_hf_mapping import hc_from_hf, kda_from_hf
-from model.modules.clamped_swiglu import glu_from_hf, mcore_settings
+from model.flash_hf_mapping import hc_from_hf
 from model.modules.hyper_connection import HyperConnection, collapse_streams, expand_streams
 from model.modules.kda import KimiDeltaAttention
 from tests.fixtures_dist import single_process_group  # noqa: F401 (fixture)
-from tests.flash_reference import TINY, assert_fp32_close, grads, hf_text_config, randomized
+from tests.flash_reference import (TINY, assert_fp32_close, grads, hf_text_config, layer_from_hf, mcore_mlp, mcore_moe,
+                                   mlp_from_hf, moe_from_hf, randomized)
 
 FP64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -46,20 +46,6 @@ def test_hyper_connection_equals_transformers():
         assert_fp32_close(g, theirs_g[name], name)
 
 
-def mcore_mlp(ffn: int, fusion: bool = False):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-
-    cfg = TransformerConfig(num_layers=1, hidden_size=TINY.hidden_size, ffn_hidden_size=ffn, num_attention_heads=1,
-                            add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.float64,
-                            **{**mcore_settings(TINY.swiglu_limit), "bias_activation_fusion": fusion})
-    return MLP(cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
-
-
-def mlp_from_hf(sd: dict) -> dict:
-    return {"linear_fc1.weight": glu_from_hf(sd["gate_proj.weight"], sd["up_proj.weight"]),
-            "linear_fc2.weight": sd["down_proj.weight"]}
 
 
 def test_megatron_mlp_clamps_as_transformers(single_process_group):  # noqa: F811
@@ -87,35 +73,6 @@ def test_megatron_mlp_clamps_as_transformers(single_process_group):  # noqa: F81
     assert not torch.allclose(fused(x)[0], want)
 
 
-def mcore_moe():
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-    from megatron.core.transformer import TransformerConfig
-
-    from model.specs import get_backend
-
-    c = TINY
-    cfg = TransformerConfig(
-        num_layers=1, hidden_size=c.hidden_size, ffn_hidden_size=c.intermediate_size, num_attention_heads=1,
-        add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.float64,
-        num_moe_experts=c.n_routed_experts, moe_ffn_hidden_size=c.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=c.n_shared_experts * c.moe_intermediate_size,
-        moe_router_topk=c.num_experts_per_tok, moe_router_score_function="sigmoid",
-        moe_router_topk_scaling_factor=c.routed_scaling_factor, moe_router_enable_expert_bias=True,
-        moe_router_dtype="fp64", moe_router_load_balancing_type="none", moe_token_dispatcher_type="alltoall",
-        **mcore_settings(c.swiglu_limit))
-    return get_moe_module_spec_for_backend(get_backend(False), num_experts=True, moe_grouped_gemm=False)(config=cfg)
-
-
-def moe_from_hf(sd: dict) -> dict:
-    ours = {"router.weight": sd["gate.weight"],
-            **{f"shared_experts.{k}": v for k, v in mlp_from_hf(
-                {k.removeprefix("shared_experts."): v for k, v in sd.items() if k.startswith("shared_experts.")}).items()}}
-    if "gate.e_score_correction_bias" in sd:
-        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"]
-    for e in range(TINY.n_routed_experts):
-        ours[f"experts.local_experts.{e}.linear_fc1.weight"] = sd["experts.gate_up_proj"][e]  # [gate; up]
-        ours[f"experts.local_experts.{e}.linear_fc2.weight"] = sd["experts.down_proj"][e]
-    return ours
 
 
 def test_megatron_moe_equals_transformers(single_process_group):  # noqa: F811
@@ -158,20 +115,6 @@ class OurKDALayer(torch.nn.Module):
         block_in, post, comb = self.ffn_hc(x)
         return HyperConnection.merge(self.mlp(self.pre_mlp_layernorm(block_in))[0], x, post, comb)
 
-
-def layer_from_hf(sd: dict) -> dict:
-    def under(prefix):
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-    ours = {f"attn_hc.{k}": v for k, v in hc_from_hf(under("attn_hc.")).items()}
-    ours |= {f"ffn_hc.{k}": v for k, v in hc_from_hf(under("ffn_hc.")).items()}
-    if "self_attn.q_proj.weight" in sd:  # a KDA layer (tests/test_flash_model.py maps the others)
-        ours |= {f"self_attention.{k}": v for k, v in kda_from_hf(under("self_attn.")).items()}
-    if "mlp.gate_proj.weight" in sd:  # a dense MLP
-        ours |= {f"mlp.{k}": v for k, v in mlp_from_hf(under("mlp.")).items()}
-    ours |= {"input_layernorm.weight": sd["input_layernorm.weight"],
-             "pre_mlp_layernorm.weight": sd["post_attention_layernorm.weight"]}
-    return ours
 
 
 def test_kda_decoder_layer_equals_transformers(single_process_group):  # noqa: F811
