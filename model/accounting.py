@@ -120,22 +120,16 @@ def model_info(c: GLM5Config, seq_length: int, mtp_depths: int | None = None) ->
 
 def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
                  layout: str | None = None) -> list[list[int]]:
-    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those --pipeline-model-parallel-layout
-    gives it, else megatron's even split (chunk v of stage r holds the (v * pp + r)-th run of
-    num_layers / (pp * vpp) layers)."""
-    if layout is not None:
-        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+    """The decoder layers of each model chunk of pipeline stage `pp_rank`: those `layout` gives it (a
+    --pipeline-model-parallel-layout, or a --hybrid-layer-pattern: its 'D's name it), else megatron's even
+    split (chunk v of stage r holds the (v * pp + r)-th run of num_layers / (pp * vpp) layers)."""
+    from model.layer_pattern import ATTENTION, pipeline_stages, segment_layers
 
-        parsed = PipelineParallelLayerLayout(layout, pp)
-        offsets = [0]
-        for stage in (parsed.layout[r][v] for v in range(parsed.virtual_pipeline_model_parallel_size)
-                      for r in range(pp)):
-            offsets.append(offsets[-1] + sum(t.name == "decoder" for t in stage))
-        return [list(range(offsets[v * pp + pp_rank], offsets[v * pp + pp_rank + 1]))
-                for v in range(parsed.virtual_pipeline_model_parallel_size)]
-    chunks = vpp or 1
-    per_chunk = c.num_hidden_layers // (pp * chunks)
-    return [list(range((v * pp + pp_rank) * per_chunk, (v * pp + pp_rank + 1) * per_chunk)) for v in range(chunks)]
+    if layout is not None and ATTENTION in layout:
+        stages = segment_layers(layout)
+    else:
+        stages = pipeline_stages(c.num_hidden_layers, pp, vpp, layout) or [list(range(c.num_hidden_layers))]
+    return [stages[v * pp + pp_rank] for v in range(len(stages) // pp)]
 
 
 def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_rank: int, vpp: int | None = None,

@@ -1,44 +1,37 @@
-"""Build this rank's GLM-5 model chunks on megatron-core's GPTModel."""
+"""Build this rank's GLM-5 model chunks on megatron-core's HybridModel.
+
+The layers come from the config's hybrid layer pattern (model/layer_pattern.py, set on `tconfig` by
+model/mcore_config.py): each GLM layer is a DSA attention layer and an MLP or MoE layer; the pattern's
+'|' segments are the pipeline (and virtual) stages; the MTP block goes on the last stage.
+"""
 
 from __future__ import annotations
 
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-from megatron.core.transformer.transformer_block import get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from model.config import GLM5Config
 from model.mcore_config import padded_vocab_size
-from model.specs import decoder_block_spec, get_backend, mtp_block_spec
+from model.specs import get_backend, hybrid_stack_spec
 
 
-def build_model_chunk(cfg: GLM5Config, tconfig, use_te: bool, vp_stage: int | None = None) -> GPTModel:
-    backend = get_backend(use_te)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    # where --pipeline-model-parallel-layout puts the MTP layer ("m"), else on the last stage
-    has_mtp = mtp_on_this_rank(tconfig.pipeline_model_parallel_layout, tconfig.mtp_num_layers,
-                               ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+def build_model_chunk(cfg: GLM5Config, tconfig, use_te: bool, vp_stage: int | None = None) -> HybridModel:
+    return HybridModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(tconfig, backend, list(range(offset, offset + count))),
+        hybrid_stack_spec=hybrid_stack_spec(tconfig, get_backend(use_te)),
         vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
-        pre_process=pre,
-        post_process=post,
+        hybrid_layer_pattern=tconfig.hybrid_layer_pattern,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",  # MLA builds its own RoPE; 'rope' adds no learned table
+        position_embedding_type="rope",  # MLA builds its own RoPE; HybridModel adds no table for it
         rotary_base=int(cfg.rope_theta),
-        mtp_block_spec=mtp_block_spec(tconfig, backend) if has_mtp else None,
-        vp_stage=vp_stage,
+        vp_stage=vp_stage,  # HybridModel needs it: without, every chunk would build the first segment
     )
 
 
-def build_model(cfg: GLM5Config, tconfig, use_te: bool) -> list[GPTModel]:
+def build_model(cfg: GLM5Config, tconfig, use_te: bool) -> list[HybridModel]:
     """One chunk per virtual pipeline stage (a single chunk without interleaving)."""
     vpp = tconfig.virtual_pipeline_model_parallel_size
     if vpp is None:

@@ -5,7 +5,8 @@ transforms; `tools/export_hf.py` and `tools/import_hf.py` both read it, so the t
 cannot drift apart. The facts behind every entry are in docs/HF_MAPPING.md (what each side computes,
 D1-D6) and docs/EXPORT.md (the name map).
 
-Megatron names here are *logical*: what one parameter is called in a single-process model, except
+Megatron names here are *logical*: what one parameter is called in a single-process model in
+HybridModel's layout (model/key_layout.py: a GLM layer i is hybrid layers 2i and 2i+1), except
 that routed experts are `mlp.experts.{E}.linear_fc1.weight` with the global expert index E. On disk
 (dist_checkpointing) routed experts of a layer are stacked on a leading expert axis under
 `mlp.experts.experts.linear_fc1.weight` (SequentialMLP and TE's GroupedMLP write the same key), and a
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import key_layout
 from model.config import GLM5Config
 
 
@@ -219,6 +221,11 @@ def conversions(cfg: GLM5Config, checkpoint_format: int | None = None) -> list[C
 
 
 def _conversions(cfg: GLM5Config) -> list[Conversion]:
+    """The table written in GPTModel's names (one TransformerLayer per GLM layer), renamed to HybridModel's."""
+    return [dataclasses.replace(c, megatron=key_layout.to_hybrid(c.megatron)) for c in _gpt_conversions(cfg)]
+
+
+def _gpt_conversions(cfg: GLM5Config) -> list[Conversion]:
     out = [Conversion(EMBEDDING[0], (EMBEDDING[1],), EMBEDDING[2])]
     for i in range(cfg.num_hidden_layers):
         out += _block(cfg, f"decoder.layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i), cfg.has_indexer(i))
@@ -251,22 +258,6 @@ def scale_name(hf_name: str) -> str:
 # --- logical megatron names <-> dist_checkpointing keys -----------------------------------------------
 _EXPERT_LOGICAL = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(linear_fc[12]\.weight)$")
 _EXPERT_STORED = re.compile(r"^(.*\.mlp\.experts\.)experts\.(linear_fc[12]\.weight)$")
-
-
-# megatron-core 0.19 calls the MTP layer's inner layer `mtp_model_layer` in the module tree but keeps its
-# checkpoint keys at `transformer_layer` (0.16's name; its sharded_state_dict renames): logical names here
-# are checkpoint keys, and these two convert (tests/test_compat.py holds upstream to it).
-_MTP_MODULE, _MTP_STORED = ".mtp_model_layer.", ".transformer_layer."
-
-
-def checkpoint_name(module_name: str) -> str:
-    """A parameter's module (state_dict) name -> its dist_checkpointing key."""
-    return module_name.replace(_MTP_MODULE, _MTP_STORED, 1) if module_name.startswith("mtp.") else module_name
-
-
-def module_name(logical: str) -> str:
-    """A dist_checkpointing key -> the parameter's module (state_dict) name."""
-    return logical.replace(_MTP_STORED, _MTP_MODULE, 1) if logical.startswith("mtp.") else logical
 
 
 def storage_key(logical: str) -> tuple[str, int | None]:

@@ -5,6 +5,9 @@ shape, then this rank's shard is cut out. The initial model is therefore the sam
 TP/PP/VPP/EP/DP layout, which is what lets tests compare a parallel run with a single-process
 run step for step (TorchTitan needs a seed checkpoint for this; we need nothing).
 
+Names are GPTModel's (model/key_layout.py): a HybridModel starts from the weights the GPTModel build
+of this project drew, whatever the layout.
+
 Cost: each rank draws the full tensor of each parameter it holds a shard of (TP x its share).
 """
 
@@ -17,7 +20,7 @@ import re
 import torch
 from megatron.core import parallel_state
 
-from model.hf_mapping import checkpoint_name
+from model import key_layout
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
@@ -31,9 +34,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _global_name(name: str, chunk) -> str:
-    """The name one process gives this parameter: global layer and expert numbers, and a grouped
-    expert's weight named like SequentialMLP's (so both draw the same values)."""
-    name = checkpoint_name(name)  # the MTP layer's, as checkpoints (and megatron-core 0.16) name it
+    """The name one process gives this parameter in GPTModel's layout: global layer and expert numbers,
+    and a grouped expert's weight named like SequentialMLP's (so both draw the same values)."""
     m = _GROUPED_EXPERT.match(name)
     if m:
         name = f"{m.group(1)}local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"
@@ -41,6 +43,7 @@ def _global_name(name: str, chunk) -> str:
     if m:
         layer = chunk.decoder.layers[int(m.group(2))]
         name = f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
+    name = key_layout.to_gpt(name)  # the MTP layer's as GPTModel's checkpoints (and megatron-core 0.16) name it
     m = _EXPERT.match(name)
     if m:
         local = int(m.group(2))
@@ -62,7 +65,8 @@ def _tp(name: str) -> tuple[int, int]:
 
 def _std(name: str, config) -> float:
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
-        return config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        # per GLM layer (HybridModel's num_layers counts two per GLM layer)
+        return config.init_method_std / math.sqrt(2.0 * getattr(config, "glm_num_layers", config.num_layers))
     return config.init_method_std
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from model import index_share
+from model import index_share, layer_pattern
 from model.config import GLM5Config
 
 
@@ -25,7 +25,9 @@ class ModelOptions:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
-    pipeline_model_parallel_layout: str | None = None  # megatron-core's "Et|tt|...|tmL"
+    pipeline_model_parallel_layout: str | None = None  # megatron-core's "Et|tt|...|tmL" (GLM layers)
+    # Megatron-LM's --hybrid-layer-pattern ("D-DE|DEDE/DE", model/layer_pattern.py); None: the config's
+    hybrid_layer_pattern: str | None = None
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int | None = None
     context_parallel_size: int = 1
@@ -127,17 +129,38 @@ def upstream_index_share(c: GLM5Config, backend: str) -> tuple[int, int]:
 FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
 
 
+def hybrid_pattern(c: GLM5Config, o: ModelOptions) -> str:
+    """The run's hybrid layer pattern: --hybrid-layer-pattern checked against the config, else the
+    config's, its pipeline segments those of --pipeline-model-parallel-layout (translated: a stage's
+    GLM layers) or an even split over PP x VPP (model/layer_pattern.py)."""
+    pp, depths = o.pipeline_model_parallel_size, mtp_depths(c, o)
+    if o.hybrid_layer_pattern is not None:
+        if o.pipeline_model_parallel_layout is not None:
+            raise ValueError("--hybrid-layer-pattern marks the pipeline stages itself ('|'): drop "
+                             "--pipeline-model-parallel-layout (Megatron-LM refuses the two together)")
+        layer_pattern.check(o.hybrid_layer_pattern, c, depths, pp)
+        return o.hybrid_layer_pattern
+    stages = layer_pattern.pipeline_stages(c.num_hidden_layers, pp, o.virtual_pipeline_model_parallel_size,
+                                           o.pipeline_model_parallel_layout)
+    return layer_pattern.derive(c, depths, stages)
+
+
 def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfig:
+    """megatron-core's config of the GLM-5 model on HybridModel (model/builder.py): its layers are
+    hybrid layers, two per GLM layer (model/layer_pattern.py), so `num_layers` is twice the GLM count
+    (megatron-core sizes its indexer-loss and MoE trackers by it) and IndexShare's topk_freq /
+    skip_topk_offset count hybrid layers. `hybrid_layer_pattern` and `glm_num_layers` are set on it."""
     dsa_backend = check_dsa_kernel_backend(o)
-    topk_freq, skip_topk_offset = upstream_index_share(c, dsa_backend)
-    moe_pattern = [0] * c.first_k_dense_replace + [1] * c.num_moe_layers
+    pattern = hybrid_pattern(c, o)
+    topk_freq, skip_topk_offset = layer_pattern.hybrid_topk_schedule(*upstream_index_share(c, dsa_backend))
+    moe_pattern = [m for i in range(c.num_hidden_layers) for m in (0, int(c.is_moe_layer(i)))]  # the `E` layers
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     kwargs = dict(
         # parallel layout
         tensor_model_parallel_size=o.tensor_model_parallel_size,
         pipeline_model_parallel_size=o.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=o.virtual_pipeline_model_parallel_size,
-        pipeline_model_parallel_layout=o.pipeline_model_parallel_layout,
+        # HybridModel takes its stages from the pattern's '|' (megatron-core's layout counts GLM layers)
+        virtual_pipeline_model_parallel_size=layer_pattern.virtual_stages(pattern, o.pipeline_model_parallel_size),
         expert_model_parallel_size=o.expert_model_parallel_size,
         expert_tensor_parallel_size=o.expert_tensor_parallel_size,
         context_parallel_size=o.context_parallel_size,
@@ -152,7 +175,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         fp8="e4m3" if o.fp8_recipe else None,
         fp8_recipe=FP8_RECIPES.get(o.fp8_recipe, "delayed") if o.fp8_recipe else "delayed",
         # sizes
-        num_layers=c.num_hidden_layers,
+        num_layers=2 * c.num_hidden_layers,
         hidden_size=c.hidden_size,
         ffn_hidden_size=c.intermediate_size,
         num_attention_heads=c.num_attention_heads,
@@ -254,6 +277,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     tconfig.mtp_loss_type = o.mtp_loss_type
     # per decoder layer (0-based) "full"/"shared": model/specs.py builds our attention from it
     tconfig.glm_indexer_types = tuple(c.layer_indexer_types)
+    tconfig.glm_num_layers = c.num_hidden_layers
+    tconfig.hybrid_layer_pattern = pattern
     return tconfig
 
 
@@ -268,3 +293,4 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     """Megatron pads the vocabulary so each TP shard of the embedding and head is equal."""
     multiple = divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
+

@@ -22,11 +22,10 @@ from megatron.core.transformer.experimental_attention_variant.dsa import (
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
     MultiTokenPredictionBlockSubmodules,
-    get_mtp_layer_spec_for_backend,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from model import index_share as share
@@ -78,23 +77,26 @@ def get_backend(use_te: bool):
     return te_backend() if use_te else LocalBackend()
 
 
-def index_share_params(tconfig, layer_id: int | None) -> dict | None:
+def index_share_params(tconfig, layer_id: int | None, number=lambda i: i + 1) -> dict | None:
     """IndexShare of decoder layer `layer_id` (0-based; None: the MTP layer, always full) for our core
     attention: {"source": number, "last": bool} when shared, {"publishes": True} when a full layer
-    that the next layer shares from, else None."""
+    that the next layer shares from, else None. `number`: a 0-based GLM layer's layer number
+    (GPTModel's i + 1; model/layer_pattern.py hybrid_layer_number in a hybrid stack)."""
     types = getattr(tconfig, "glm_indexer_types", None)
     if layer_id is None or not types:
         return None
     following = types[layer_id + 1] if layer_id + 1 < len(types) else share.FULL
     if types[layer_id] == share.SHARED:
-        return {"source": share.source_layer(types, layer_id) + 1, "last": following == share.FULL}
+        return {"source": number(share.source_layer(types, layer_id)), "last": following == share.FULL}
     return {"publishes": True} if following == share.SHARED else None
 
 
-def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int | None = None) -> ModuleSpec:
+def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int | None = None,
+                   index_share_by_layer: dict | None = None) -> ModuleSpec:
     """The attention of every layer: megatron-core's for its --dsa-kernel-backend values, ours for
     blockwise and triton. The parameters (names, shapes, layouts) are the same either way; a shared
-    IndexShare layer (`layer_id`, model/index_share.py) has no indexer in either."""
+    IndexShare layer (`layer_id`, or by layer number `index_share_by_layer`, model/index_share.py) has
+    no indexer in either."""
     latent_norm = fixed_eps_norm(backend.layer_norm(rms_norm=True), LATENT_NORM_EPS)
     if tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS:
         return upstream_attention_spec(backend, tconfig, latent_norm)
@@ -123,7 +125,8 @@ def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int
                 # backward already sums its gradient over TP; the local path never does.
                 params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection,
                         "layer_number_offset": layer_number_offset,
-                        "index_share": index_share_params(tconfig, layer_id)}),
+                        "index_share": index_share_params(tconfig, layer_id),
+                        "index_share_by_layer": index_share_by_layer}),
             linear_proj=backend.row_parallel_linear(),
         ),
     )
@@ -171,20 +174,50 @@ def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_off
     )
 
 
-def decoder_block_spec(tconfig, backend, layer_ids: list[int]) -> TransformerBlockSubmodules:
-    """The specs of the decoder layers `layer_ids` (0-based, this pipeline stage's)."""
+# --- HybridModel (model/layer_pattern.py): one spec per hybrid layer type --------------------------------
+def _hybrid_submodules(backend, tconfig, mtp: bool):
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+
+    from model.layer_pattern import hybrid_layer_number
+
+    norm = backend.layer_norm(rms_norm=True)
     grouped = bool(tconfig.moe_grouped_gemm)
-    specs = [layer_spec(backend, tconfig, moe=bool(tconfig.moe_layer_freq[i]), grouped_gemm=grouped, layer_id=i)
-             for i in layer_ids]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm(rms_norm=True))
+    if mtp:  # the MTP layer: always full, counted after the decoder's layers (model/modules/hybrid.py)
+        attention = attention_spec(backend, tconfig, layer_number_offset=tconfig.num_layers)
+    else:
+        by_layer = {hybrid_layer_number(i): index_share_params(tconfig, i, number=hybrid_layer_number)
+                    for i in range(len(getattr(tconfig, "glm_indexer_types", ()) or ()))}
+        attention = attention_spec(backend, tconfig, index_share_by_layer=by_layer)
+
+    def mlp_layer(moe: bool) -> ModuleSpec:
+        # HybridStack marks only its attention layers `is_mtp_layer`: the MTP layer's MoE needs it too, or its
+        # router files its aux loss as decoder layer 2's, unscaled for a repeated MTP layer (router.py)
+        return ModuleSpec(module=TransformerLayer, params={"is_mtp_layer": True} if mtp else {},
+                          submodules=TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=mlp_spec(backend, moe, grouped),
+                                                                mlp_bda=get_bias_dropout_add))
+
+    return HybridStackSubmodules(
+        dsa_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=attention, self_attn_bda=get_bias_dropout_add)),
+        mlp_layer=mlp_layer(moe=False),
+        moe_layer=mlp_layer(moe=True),
+    )
 
 
-def mtp_block_spec(tconfig, backend) -> MultiTokenPredictionBlockSubmodules | None:
-    if not tconfig.mtp_num_layers:
-        return None
-    moe_layer = layer_spec(backend, tconfig, moe=True, grouped_gemm=bool(tconfig.moe_grouped_gemm),
-                           layer_number_offset=tconfig.num_layers)
-    mtp_layer = get_mtp_layer_spec_for_backend(mtp_model_layer_spec=moe_layer, backend=backend)
-    # --mtp-use-repeated-layer: one layer (one set of parameters) applied at every depth
-    built = 1 if tconfig.mtp_use_repeated_layer else tconfig.mtp_num_layers
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * built)
+def hybrid_stack_spec(tconfig, backend) -> ModuleSpec:
+    """HybridModel's `hybrid_stack_spec` for GLM-5 on `backend` (megatron-core's stock one is TE-only):
+    `D` (DSA attention), `-` (dense SwiGLU), `E` (MoE), the MTP block, and the backend's final norm."""
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    from model.modules.hybrid import GLMHybridStack, GLMMTPLayer
+
+    norm = backend.layer_norm(rms_norm=True)
+    submodules = _hybrid_submodules(backend, tconfig, mtp=False)
+    if tconfig.mtp_num_layers:
+        mtp_layer = ModuleSpec(
+            module=GLMMTPLayer, params={"mtp_submodules": _hybrid_submodules(backend, tconfig, mtp=True)},
+            submodules=MultiTokenPredictionLayerSubmodules(enorm=norm, hnorm=norm, layer_norm=norm,
+                                                           eh_proj=backend.column_parallel_linear()))
+        submodules.mtp_block_spec = ModuleSpec(module=MultiTokenPredictionBlock,
+                                               submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer]))
+    return ModuleSpec(module=GLMHybridStack, params={"final_norm": norm}, submodules=submodules)

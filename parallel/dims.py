@@ -30,6 +30,8 @@ class ParallelDims:
     # also sets the virtual stages (len / PP); None: num_hidden_layers split evenly
     pipeline_layout: str | None = None
     mtp_num_layers: int | None = None  # --mtp-num-layers (MTP depths; default the config's MTP layers)
+    # --hybrid-layer-pattern (model/layer_pattern.py): its '|' segments are the (virtual) stages
+    hybrid_pattern: str | None = None
 
     @property
     def dp(self) -> int:
@@ -44,6 +46,10 @@ class ParallelDims:
         return (self.tp * self.cp * self.dp) // (self.expert_tp * self.ep)
 
     def vpp(self, num_layers: int) -> int | None:
+        if self.hybrid_pattern is not None:
+            from model.layer_pattern import virtual_stages
+
+            return virtual_stages(self.hybrid_pattern, self.pp)
         if self.pipeline_layout is not None:
             stages = _layout_stages(self.pipeline_layout)
             return stages // self.pp if stages > self.pp else None
@@ -97,7 +103,9 @@ class ParallelDims:
              f"--expert-tensor-parallel-size {self.expert_tp}")
         need(cfg.intermediate_size % self.tp == 0,
              f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
-        if self.pipeline_layout is not None:
+        if self.hybrid_pattern is not None:
+            self._validate_hybrid_pattern(cfg)
+        elif self.pipeline_layout is not None:
             need(self.layers_per_virtual_stage is None,
                  "--pipeline-model-parallel-layout sets the virtual stages itself: drop "
                  "--num-layers-per-virtual-pipeline-stage")
@@ -163,20 +171,29 @@ class ParallelDims:
                               "(an MTP stage of its own is not supported here yet)")
 
 
+    def _validate_hybrid_pattern(self, cfg: GLM5Config) -> None:
+        from model import layer_pattern
+
+        flag = f"--hybrid-layer-pattern {self.hybrid_pattern!r}"
+        for other, given in [("--pipeline-model-parallel-layout", self.pipeline_layout),
+                             ("--num-layers-per-virtual-pipeline-stage", self.layers_per_virtual_stage)]:
+            if given is not None:
+                raise LayoutError(f"{flag} marks the (virtual) pipeline stages itself ('|'): drop {other}")
+        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
+        try:
+            layer_pattern.check(self.hybrid_pattern, cfg, depths, self.pp)
+        except ValueError as e:
+            raise LayoutError(str(e)) from None
+
     def stage_layers(self, num_layers: int) -> list[list[int]]:
         """The decoder layers (0-based) of every pipeline stage or virtual chunk, in model order
         (virtual stage-major, as megatron-core assigns them)."""
-        if self.pipeline_layout is not None:
-            from megatron.core.transformer.enums import LayerType
-            from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+        from model import layer_pattern
 
-            chunks = PipelineParallelLayerLayout(self.pipeline_layout, self.pp).layout
-            counts = [chunks[p][v].count(LayerType.decoder) for v in range(len(chunks[0])) for p in range(self.pp)]
-        else:
-            per = self.layers_per_virtual_stage or num_layers // self.pp
-            counts = [per] * (num_layers // per)
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        return [list(range(a, a + c)) for a, c in zip(starts, counts)]
+        if self.hybrid_pattern is not None:
+            return layer_pattern.segment_layers(self.hybrid_pattern)
+        return (layer_pattern.pipeline_stages(num_layers, self.pp, self.vpp(num_layers), self.pipeline_layout)
+                or [list(range(num_layers))])
 
     def _validate_index_share(self, cfg: GLM5Config) -> None:
         """IndexShare: a shared layer takes its top-k from the full layer before it within its own
@@ -189,7 +206,8 @@ class ParallelDims:
         if not split:
             return
         layer, source = split[0]
-        flag = (f"--pipeline-model-parallel-layout {self.pipeline_layout!r}" if self.pipeline_layout else
+        flag = (f"--hybrid-layer-pattern {self.hybrid_pattern!r}" if self.hybrid_pattern else
+                f"--pipeline-model-parallel-layout {self.pipeline_layout!r}" if self.pipeline_layout else
                 f"--pipeline-model-parallel-size {self.pp}" + (f" with --num-layers-per-virtual-pipeline-stage "
                                                                 f"{self.layers_per_virtual_stage}"
                                                                 if self.layers_per_virtual_stage else ""))

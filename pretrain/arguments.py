@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-layout", default=None,
                    help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
                         "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
-                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself)")
+                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself; translated into the hybrid "
+                        "layer pattern's stages)")
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="Megatron-LM's hybrid layer pattern, checked against the model config: each GLM layer "
+                        "'D' (DSA attention) then '-' (dense MLP) or 'E' (MoE), '|' between pipeline stages "
+                        "(virtual-stage-major), '/DE' per MTP depth, e.g. 'D-DE|DEDE/DE' (default: the config's)")
     g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -319,6 +324,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
         pipeline_layout=args.pipeline_model_parallel_layout, mtp_num_layers=args.mtp_num_layers,
+        hybrid_pattern=args.hybrid_layer_pattern,
     )
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
@@ -338,7 +344,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     options = ModelOptions(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
-        pipeline_model_parallel_layout=dims.pipeline_layout,
+        pipeline_model_parallel_layout=dims.pipeline_layout, hybrid_layer_pattern=dims.hybrid_pattern,
         expert_model_parallel_size=dims.ep, expert_tensor_parallel_size=dims.expert_tp,
         context_parallel_size=dims.cp, sequence_parallel=dims.sequence_parallel,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,

@@ -36,7 +36,7 @@ from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from parallel.compat.torch_checkpoint import read_checkpoints_as_data, refusal_in
 from pretrain import bridge_format, extra_state, faults
 from pretrain.checkpoint_check import advice, check_intact, iteration_to_load
-from pretrain.checkpoint_upgrade import upgrade_request
+from pretrain.checkpoint_upgrade import stored_key_layout, upgrade_request
 from pretrain.optim import schedule_differences
 from pretrain.stages import LoadOptions
 from pretrain.run_state import (
@@ -195,7 +195,8 @@ def load(root: str, parts: CheckpointParts, model_config: dict, layout: dict,
         raise CheckpointError(f"--load {root}: the checkpoint's model config differs from this run's in {diff}")
     directory = iter_dir(root, iteration)
     notes += [note] if (note := options.describe()) else []
-    upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config))
+    upgrade = partial(upgrade_request, checkpoint_format=saved.get("format_version"), dims=_dims(model_config),
+                      stored_layout=stored_key_layout(directory))
     if saved.get("weights_only") or options.finetune:
         # Model weights only (tools/import_hf.py, --finetune): optimizer, scheduler, data position and RNG start
         # fresh, at iteration 0.

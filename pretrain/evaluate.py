@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
+from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data.loader import PretrainingData, build_valid_data
@@ -122,8 +122,8 @@ def _device(model: list) -> torch.device:
     return next(iter(model[0].parameters())).device
 
 
-def _gpt_models(model: list) -> list[GPTModel]:
-    return [m for chunk in model for m in getattr(chunk, "module", chunk).modules() if isinstance(m, GPTModel)]
+def _language_models(model: list) -> list[HybridModel]:
+    return [m for chunk in model for m in getattr(chunk, "module", chunk).modules() if isinstance(m, HybridModel)]
 
 
 @contextmanager
@@ -135,11 +135,11 @@ def _eval_mode(model: list):
         m.disable_forward_pre_hook()
     for m in model:
         m.eval()
-    # megatron-core's GPTModel tracks the MTP loss only while its own `training` flag is set; its
+    # megatron-core's HybridModel tracks the MTP loss only while its own `training` flag is set; its
     # submodules (routers, attention, dropout) stay in eval mode, and no_grad keeps the tracker's
     # training-only side effects (expert-bias counts, aux losses) off.
-    for gpt in _gpt_models(model):
-        gpt.training = True
+    for lm in _language_models(model):
+        lm.training = True
     try:
         yield
     finally:

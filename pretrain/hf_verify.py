@@ -35,7 +35,7 @@ class VerificationError(RuntimeError):
 
 def _state_dict_name(logical: str) -> str:
     """Logical megatron name -> the single-process (SequentialMLP) module's state_dict name."""
-    key, expert = hf_mapping.storage_key(hf_mapping.module_name(logical))
+    key, expert = hf_mapping.storage_key(logical)
     if expert is None:
         return key
     return key.replace(".mlp.experts.experts.", f".mlp.experts.local_experts.{expert}.")
@@ -74,7 +74,7 @@ def build_our_model(load: str, iteration: int | None):
     from model.config import GLM5Config
     from model.mcore_config import ModelOptions, to_transformer_config
     from pretrain import extra_state
-    from pretrain.checkpoint_upgrade import upgrade_request
+    from pretrain.checkpoint_upgrade import stored_key_layout, upgrade_request
     from pretrain.checkpointing import SHARDING_METADATA
     from pretrain.run_state import iter_dir, read_run_state
 
@@ -92,10 +92,12 @@ def build_our_model(load: str, iteration: int | None):
         if hasattr(m, "dsa_path"):
             m.dsa_path = "dense"
     # A TE run's checkpoint has extra-state objects this local model does not ask for (ignored); an
-    # older format's tensors are converted as they load.
+    # older format's tensors are converted as they load, a GPTModel-layout checkpoint's keys renamed.
     request = {"model": chunk.sharded_state_dict(metadata=SHARDING_METADATA)}
-    upgrade_request(request, state.get("format_version"), hf_mapping.Dims.of(cfg, padded_vocab_size=0))
-    loaded = extra_state.load(request, iter_dir(load, iteration))
+    directory = iter_dir(load, iteration)
+    upgrade_request(request, state.get("format_version"), hf_mapping.Dims.of(cfg, padded_vocab_size=0),
+                    stored_layout=stored_key_layout(directory))
+    loaded = extra_state.load(request, directory)
     chunk.load_state_dict(loaded["model"])
     return chunk.eval(), cfg
 
@@ -146,7 +148,7 @@ def load_hf(hf_dir: str):
 
 
 def main_logits(chunk, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, s, padded vocab] logits of the main head, on the CPU. With an MTP layer megatron's GPTModel needs
+    """[b, s, padded vocab] logits of the main head, on the CPU. With an MTP layer megatron's HybridModel needs
     labels and returns losses; the logits are the output layer's last call (after the MTP heads'),
     cloned because the cross entropy then works on them in place."""
     calls = []

@@ -9,15 +9,15 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
-    """(0-based global layer index, router) of every MoE layer on this rank, the MTP layer included."""
+    """(0-based global GLM layer index, router) of every MoE layer on this rank, the MTP layer included."""
     found = []
     for chunk in chunks:
         for module in chunk.modules():
             if isinstance(module, TransformerLayer) and hasattr(module.mlp, "router"):
-                # megatron-core 0.19.2 numbers the MTP layer's inner layer from 1 (is_mtp_layer): count it
-                # after the decoder's, as its router does for the aux-loss tracker
-                mtp_offset = module.config.num_layers if module.is_mtp_layer else 0
-                found.append((mtp_offset + module.layer_number - 1, module.mlp.router))
+                # HybridModel numbers GLM layer i's MoE half 2i + 2 (model/layer_pattern.py), and the MTP
+                # layer's inner layers from 1 (is_mtp_layer): counted after the decoder's GLM layers
+                mtp_offset = module.config.glm_num_layers if module.is_mtp_layer else 0
+                found.append((mtp_offset + (module.layer_number - 1) // 2, module.mlp.router))
     return found
 
 

@@ -120,7 +120,7 @@ def step_settings(rc: RecipeConfig, sparse_topk: int, iteration: int, consumed_t
 def apply_step_settings(settings: StepSettings, tconfig, indexers) -> None:
     """The one place a step's settings are written into the model's run-time state. megatron-core
     reads these from the shared TransformerConfig while the step runs, so the config is written:
-    `mtp_loss_scaling_factor` (GPTModel's forward weighs the MTP loss with it) and
+    `mtp_loss_scaling_factor` (HybridModel's forward weighs the MTP loss with it) and
     `moe_router_bias_update_rate` (finalize_model_grads updates the expert bias with it); our DSA
     core attention (model/modules/dsa.py) reads `dsa_indexer_use_sparse_loss` there too, as
     megatron's DSA does, and its indexer's `topk`."""
@@ -152,7 +152,7 @@ class Recipe:
         # what divides the logged value into a per-token mean (upstream sums over CP ranks too)
         self.indexer_loss_rows = tokens_per_microbatch * tconfig.context_parallel_size if upstream else 1
         # the layers with an indexer (IndexShare's shared layers have none): the logged loss is their mean
-        types = getattr(tconfig, "glm_indexer_types", None) or ("full",) * tconfig.num_layers
+        types = getattr(tconfig, "glm_indexer_types", None) or ("full",) * tconfig.glm_num_layers
         self.indexer_layers = sum(t == "full" for t in types) + (tconfig.mtp_num_layers or 0)
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,

@@ -84,6 +84,8 @@ def layout_of(dims) -> dict:
               "vpp": dims.layers_per_virtual_stage, "sp": dims.sequence_parallel}
     if dims.pipeline_layout is not None:  # only then: earlier checkpoints' layouts stay equal to today's
         layout["pp_layout"] = dims.pipeline_layout
+    if getattr(dims, "hybrid_pattern", None) is not None:  # --hybrid-layer-pattern: its '|' are the stages
+        layout["hybrid_pattern"] = dims.hybrid_pattern
     return layout
 
 

@@ -101,13 +101,13 @@ def reset_loss_trackers() -> None:
     model run earlier in the process (a tool, a test, a previous Trainer) would otherwise leave its
     values in this run's first step."""
     from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.tracker.clear()
     mtp_objective.clear_tracker()
     DSAIndexerLossLoggingHelper.tracker.clear()
-    get_moe_layer_wise_logging_tracker().clear()
+    get_moe_metrics_tracker().metrics.clear()  # (get_moe_layer_wise_logging_tracker() returns a copy)
 
 
 def take_mtp_loss(num_microbatches: int, suffix: str = "") -> dict[str, float]:

@@ -125,7 +125,8 @@ def test_grouped_experts_init_like_sequential_experts(monkeypatch):
     assert sorted(grouped) == sorted(sequential)
     for name, value in sequential.items():
         assert torch.equal(grouped[name], value), name
-    experts = [sequential[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(4)]
+    # hybrid layer 2 (the MoE half of GLM layer 0), drawn under its GPTModel name (model/initialization.py)
+    experts = [sequential[f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(4)]
     assert not torch.equal(experts[0], experts[2])  # EP ranks hold different experts
     fc2 = torch.cat([v.flatten() for k, v in grouped.items() if k.endswith("linear_fc2.weight")])
     assert fc2.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.1)  # the output-layer std

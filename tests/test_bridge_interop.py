@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from model import key_layout
 from model.presets import get_preset
 from pretrain import bridge_format
 from pretrain.run_state import CheckpointError, latest_iteration, read_run_state
@@ -84,8 +85,8 @@ def _hf_weights_loaded(names: list[str]):
 
     def check(t):
         state = t.model[0].module.state_dict() if hasattr(t.model[0], "module") else t.model[0].state_dict()
-        for megatron, name in names:
-            assert torch.equal(state[megatron].float(), hf[name]), megatron
+        for megatron, name in names:  # megatron: GPTModel's name (Bridge's), ours is HybridModel's
+            assert torch.equal(state[key_layout.to_hybrid(megatron)].float(), hf[name]), megatron
     return check
 
 

@@ -36,6 +36,20 @@ def test_megatron_core_016_checkpoint_gives_the_same_logits():
     assert torch.allclose(got, want["logits"], rtol=0, atol=1e-5), (got - want["logits"]).abs().max()
 
 
+def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
+    """The 0.16.1 checkpoint is in GPTModel's key layout (model/key_layout.py): tools/export_hf.py reads it by
+    its keys, and transformers' model of the export computes the fixture's logits."""
+    from pretrain.hf_verify import load_hf
+    from tools import export_hf
+
+    want = torch.load(FIXTURE / "logits.pt")
+    export_hf.export(str(FIXTURE / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = hf(input_ids=want["tokens"]).logits.float()
+    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-4), (got - want["logits"]).abs().max()
+
+
 def test_megatron_core_016_checkpoint_resumes_training():
     """Optimizer state, data position and RNG of the 0.16.1 checkpoint: the resumed step 3 computes the
     0.16.1 run's losses (its forward only reads what was loaded); step 4 follows 0.19.2's MTP weighting
@@ -94,13 +108,13 @@ def test_ramp_is_ignored_without_a_step_schedule():
         nmc.destroy_num_microbatches_calculator()
 
 
-def test_mtp_layer_numbering_and_checkpoint_names():
-    """0.19.2 numbers the MTP layer's inner layer 1 (`is_mtp_layer`) and names it `mtp_model_layer` in
-    the module tree, `transformer_layer` in checkpoints: our MoE statistics and indexer-loss tracker
-    count it after the decoder, and model/hf_mapping converts the names both ways."""
+def test_mtp_layer_numbering_and_checkpoint_names(caplog):
+    """0.19.2's HybridModel numbers GLM layer i's two hybrid layers 2i + 1 and 2i + 2, the MTP layer's inner
+    layers 1 and 2 (`is_mtp_layer`), and keeps the MTP inner stack's name `mtp_model_layer` in checkpoints:
+    our MoE statistics and indexer-loss tracker count the MTP layer after the decoder's GLM layers, and the
+    sharded keys are the module names (model/hf_mapping.py's logical names)."""
     from megatron.core import parallel_state
 
-    from model import hf_mapping
     from model.builder import build_model
     from model.mcore_config import ModelOptions, to_transformer_config
     from model.modules.dsa import GLMSparseAttention
@@ -115,17 +129,18 @@ def test_mtp_layer_numbering_and_checkpoint_names():
     with one_rank_gloo_world():
         rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
         try:
-            (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
-            inner = chunk.mtp.layers[0].mtp_model_layer
-            assert inner.is_mtp_layer and inner.layer_number == 1
+            with caplog.at_level("WARNING"):
+                (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
+            assert type(chunk).__name__ == "HybridModel" and "IS DEPRECATED" not in caplog.text, caplog.text
+            inner = chunk.mtp.layers[0].mtp_model_layer.layers
+            assert [(m.is_mtp_layer, m.layer_number) for m in inner] == [(True, 1), (True, 2)]
             assert [i for i, _ in routers([chunk])] == [1, 2, 3, 4]
             numbers = [m.layer_number for m in chunk.modules() if isinstance(m, GLMSparseAttention)]
-            assert numbers == [1, 2, 3, 4, 5]
+            assert numbers == [1, 3, 5, 7, 2 * cfg.num_hidden_layers + 1]
             sharded = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
             for name, _ in chunk.named_parameters():
                 if name.startswith("mtp.") and ".experts." not in name:
-                    assert sharded[name].key == hf_mapping.checkpoint_name(name)
-                    assert hf_mapping.module_name(sharded[name].key) == name
+                    assert sharded[name].key == name
         finally:
             parallel_state.destroy_model_parallel()
 
@@ -152,17 +167,18 @@ def test_upstream_shapes_the_patches_rely_on():
     # megatron_mtp: process_mtp_loss takes its counts from the module's roll_tensor
     assert "roll_tensor(" in inspect.getsource(mtp.process_mtp_loss)
     assert "original_num_tokens / num_tokens_safe" in inspect.getsource(mtp.process_mtp_loss)
-    # ... which models/gpt/gpt_model.py calls by its imported name (wrapped there too), cp_group by keyword
+    # ... which models/hybrid/hybrid_model.py (ours) and models/gpt/gpt_model.py call by their imported
+    # names (wrapped there too), cp_group by keyword
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.models.hybrid import hybrid_model
 
-    assert "process_mtp_loss" in vars(gpt_model) and "cp_group=self.pg_collection.cp" in inspect.getsource(gpt_model)
+    for module in (hybrid_model, gpt_model):
+        assert "process_mtp_loss" in vars(module) and "cp_group=self.pg_collection.cp" in inspect.getsource(module)
     # --mtp-loss-type (model/modules/mtp_objective.py): HybridModel calls it by its imported name too; the
     # cross-entropy tap relies on one compute_language_model_loss call per depth, after that depth's label
     # roll; e2e_tv on the scale per depth and the autoscaler; mtp_loss_type is ours (upstream has none yet)
-    from megatron.core.models.hybrid import hybrid_model
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    assert "process_mtp_loss" in vars(hybrid_model)
     loop = inspect.getsource(mtp.process_mtp_loss)
     assert loop.count("compute_language_model_loss(") == 1 and loop.index("mtp_labels, _ = roll_tensor(") < \
         loop.index("compute_language_model_loss(mtp_labels, mtp_logits)")

@@ -79,6 +79,17 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
       "--num-layers-per-virtual-pipeline-stage", "1"], "drop --num-layers-per-virtual-pipeline-stage"),
     (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|t||tmL",
       "--global-batch-size", "3"], "the number of micro-batches 3"),
+    # Megatron-LM's --hybrid-layer-pattern, checked against the config (model/layer_pattern.py)
+    (["--hybrid-layer-pattern", "D-DEDEDE/DE/DE/DE"], "3 MTP depth|1 MTP depth"),  # 3 built, 1 trained
+    (["--hybrid-layer-pattern", "DEDEDEDE/DE"], "1 dense first"),
+    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-D|EDEDE/DE"],
+     "cuts GLM layer 1 between its attention and its MLP"),
+    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DEDEDE/DE"],
+     "1 pipeline segment.* --pipeline-model-parallel-size 2"),
+    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-DE|DEDE/DE",
+      "--pipeline-model-parallel-layout", "Ett|ttmL"], "drop --pipeline-model-parallel-layout"),
+    (["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "D-|DE|DE|DE/DE"],
+     r"--hybrid-layer-pattern 'D-\|DE\|DE\|DE/DE' puts layer 1 in another pipeline stage than layer 0"),  # tiny-shared
     (["--cp-comm-type", "p2p"], "--cp-comm-type p2p: DSA's context parallelism all-gathers"),
     (["--train-iters", "4", "--lr-warmup-iters", "4"], "--lr-warmup-iters 4 must be below the decay iterations 4"),
     (["--moe-flex-dispatcher-backend", "hybridep"], "needs --moe-token-dispatcher-type flex"),
@@ -94,8 +105,9 @@ def test_full_scale_glm5_layouts_refused_naming_the_flag(flags, message, capsys)
     (["--ckpt-step", "3"], "--ckpt-step 3 changes what --load takes"),
 ])
 def test_megatron_core_019_flags_refused_naming_the_flag(flags, message, capsys):
+    preset = "tiny-shared" if "in another pipeline stage" in message else "tiny"
     with pytest.raises(SystemExit):
-        parse_args(["--preset", "tiny", "--mock-data", *flags], world_size=2)
+        parse_args(["--preset", preset, "--mock-data", *flags], world_size=2)
     assert re.search(message, capsys.readouterr().err)
 
 

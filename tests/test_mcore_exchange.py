@@ -3,7 +3,9 @@ model (its stock DSA spec, configured as Megatron-Bridge's GLM5Bridge configures
 loads into ours and gives the same logits, and one written by ours loads there -- for each of our
 --dsa-kernel-backend families (ours: blockwise; megatron-core's modules: none).
 
-Both sides write the same keys and layouts, so nothing is converted. The logits agree to ~1e-4, not
+Both sides write the same tensor layouts; megatron-core's GPTModel names a GLM layer as one layer where
+ours (HybridModel) names its two halves, so the keys are renamed on load (model/key_layout.py), in
+both directions. The logits agree to ~1e-4, not
 bit for bit: megatron-core's stock spec normalizes the q/kv latents with the one `layernorm_epsilon`
 (1e-5) where ours follows transformers (1e-6; docs/HF_MAPPING.md, D2). A conversion that should not be
 there (the format-1 indexer roll) moves them by whole units: the test can fail.
@@ -53,10 +55,11 @@ def ours(backend: str):
 
 def upstream():
     from model.mcore_config import ModelOptions, to_transformer_config
+    from tests.gpt_reference import gpt_config
     from tests.upstream_glm5 import bridge_config, build_upstream_model
 
     cfg = tiny()
-    return build_upstream_model(cfg, bridge_config(to_transformer_config(cfg, ModelOptions())))
+    return build_upstream_model(cfg, bridge_config(gpt_config(to_transformer_config(cfg, ModelOptions()), cfg)))
 
 
 @torch.no_grad()
@@ -77,17 +80,24 @@ def logits(model):
         return main_logits(model.eval(), tokens)
 
 
-def exchange(src, dst, path, checkpoint_format=None):
-    """src saves a dist checkpoint, dst loads it as this project loads one (checkpoint_format: of src's files)."""
+def exchange(src, dst, path, checkpoint_format=None, save_layout=None):
+    """src saves a dist checkpoint (its keys in `save_layout`, model/key_layout.py, when given), dst loads it
+    as this project loads one (checkpoint_format: of src's files)."""
     from megatron.core import dist_checkpointing
 
     from model import hf_mapping
     from pretrain import extra_state
-    from pretrain.checkpoint_upgrade import upgrade_request
+    from pretrain.checkpoint_upgrade import rename_keys, stored_key_layout, upgrade_request
 
     path.mkdir()
-    dist_checkpointing.save(src.sharded_state_dict(), str(path), async_sharded_save=False, async_strategy="mcore")
-    request = upgrade_request(dst.sharded_state_dict(), checkpoint_format, hf_mapping.Dims.of(tiny(), 0))
+    saved = src.sharded_state_dict()
+    if save_layout is not None:
+        rename_keys(saved, save_layout)
+    dist_checkpointing.save(saved, str(path), async_sharded_save=False, async_strategy="mcore")
+    assert save_layout is None or stored_key_layout(path) == save_layout
+    # megatron-core's GLM-5 is a GPTModel (GPTModel's keys), ours a HybridModel: the keys are renamed
+    request = upgrade_request(dst.sharded_state_dict(), checkpoint_format, hf_mapping.Dims.of(tiny(), 0),
+                              stored_layout=stored_key_layout(path))
     dst.load_state_dict(extra_state.load(request, path))
 
 
@@ -108,7 +118,10 @@ def test_our_checkpoint_loads_in_megatron_core(world, backend, tmp_path):
     randomize(mine, seed=1)
     want = logits(mine)
     theirs = upstream()
-    exchange(mine, theirs, tmp_path / "ckpt")
+    # megatron-core renames our keys as it loads (blockwise), or ours are written in GPTModel's layout (none)
+    from model import key_layout
+
+    exchange(mine, theirs, tmp_path / "ckpt", save_layout=key_layout.GPT if backend == "none" else None)
     got = logits(theirs)
     assert (got - want).abs().max() < 1e-3, (got - want).abs().max()
 

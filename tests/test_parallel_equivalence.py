@@ -27,7 +27,9 @@ LAYOUTS = {
     # the next forward's pre-hooks (the evaluation at step 2 reads the gathered weights)
     "dp2-distopt-overlap": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce",
                                 "--overlap-param-gather"]),
-    "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
+    # stages from Megatron-LM's --hybrid-layer-pattern (model/layer_pattern.py), uneven: GLM layer 0 | 1-3 + MTP
+    "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2",
+                    "--hybrid-layer-pattern", "D-|DEDEDE/DE"]),
     # with the shared expert run beside the token dispatch, and the router in fp64
     "ep2xdp2": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--moe-shared-expert-overlap",
                     "--moe-router-dtype", "fp64"]),

@@ -20,6 +20,9 @@ from tests.helpers import ROOT
 SMALL = get_preset("tiny").replace(n_routed_experts=16, num_hidden_layers=8)
 TP, PP, EP, WORLD = 2, 4, 8, 64
 RANKS = [0, 21, 42, 63]  # one per pipeline stage (megatron's order puts PP outermost: 16 ranks a stage)
+# uneven stages from --hybrid-layer-pattern (each GLM layer 'D' + '-'/'E'): layers 0 | 1-3 | 4-5 | 6-7 + MTP
+STAGES = [[0], [1, 2, 3], [4, 5], [6, 7]]
+PATTERN = "D-|DEDEDE|DEDE|DEDE/DE"
 
 
 def _simulate(config, ranks: list[int], *extra: str) -> list[dict]:
@@ -43,17 +46,17 @@ def small_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def simulated(small_config):
-    return _simulate(small_config, RANKS)
+    return _simulate(small_config, RANKS, "--hybrid-layer-pattern", PATTERN)
 
 
 def _expected_params(model, pp_stage: int) -> int:
     """The one-process model's parameters that `pp_stage` holds, each divided by its TP / EP split."""
-    layers_per_stage = SMALL.num_hidden_layers // PP
     total = 0
     for name, p in model.named_parameters():
         layer = re.match(r"decoder\.layers\.(\d+)\.", name)
         if layer:
-            on_stage = int(layer.group(1)) // layers_per_stage == pp_stage
+            # HybridModel's layers: two per GLM layer (model/layer_pattern.py)
+            on_stage = int(layer.group(1)) // 2 in STAGES[pp_stage]
         elif name.startswith("embedding."):  # the first stage's input, and the MTP layer's on the last
             on_stage = pp_stage in (0, PP - 1)
         else:  # output head, final norm, MTP layer

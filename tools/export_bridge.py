@@ -4,7 +4,8 @@
     python tools/export_bridge.py --load CKPT [--iteration N] --save BRIDGE_DIR [--force]
 
 BRIDGE_DIR/iter_N/ gets the checkpoint's tensor files as they are (hard links where the filesystem allows,
-else copies): our keys are megatron-core GPTModel's, which GLM5Bridge reads. Beside them, Bridge's
+else copies) and its `.metadata` with every key in megatron-core GPTModel's layout, which GLM5Bridge reads
+(ours are HybridModel's: model/key_layout.py; a key names its bytes only in `.metadata`). Beside them, Bridge's
 run_config.yaml (its `model` section as GLM5Bridge builds it for the same HF config:
 pretrain/bridge_format.py) and train_state.pt; BRIDGE_DIR/latest_checkpointed_iteration.txt and
 latest_train_state.pt point at it. Our optimizer tensors travel in the same files; Bridge's model loaders
@@ -29,7 +30,9 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from model import key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
+from parallel.compat.torch_checkpoint import read_checkpoints_as_data  # noqa: E402
 from pretrain import bridge_format  # noqa: E402
 from pretrain.output_guard import check_output  # noqa: E402
 from pretrain.run_state import RUN_STATE, TRACKER, CheckpointError, iter_dir, read_run_state  # noqa: E402
@@ -42,6 +45,24 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another filesystem, or no hard links there
         shutil.copy2(src, dst)
+
+
+def write_metadata_in_gpt_layout(source: Path, target: Path) -> None:
+    """`source`/.metadata with its keys renamed to GPTModel's layout, written to `target`/.metadata (the
+    byte ranges it records are unchanged: the tensor files are the same)."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    read_checkpoints_as_data()  # the metadata is read as data (parallel/compat/torch_checkpoint.py)
+    metadata = FileSystemReader(str(source)).read_metadata()
+    if key_layout.layout_of(metadata.state_dict_metadata) == key_layout.HYBRID:
+        metadata.state_dict_metadata = {key_layout.to_gpt(k): v for k, v in metadata.state_dict_metadata.items()}
+        metadata.storage_data = {MetadataIndex(key_layout.to_gpt(i.fqn), i.offset, i.index): info
+                                 for i, info in metadata.storage_data.items()}
+    with open(target / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
 
 
 def export(load: str, save: str, iteration: int | None = None, force: bool = False) -> dict:
@@ -64,8 +85,9 @@ def export(load: str, save: str, iteration: int | None = None, force: bool = Fal
         target = iter_dir(partial, iteration)
         target.mkdir(parents=True)
         for f in sorted(source.iterdir()):
-            if f.name not in OURS_ONLY and f.is_file():
+            if f.name not in OURS_ONLY and f.name != ".metadata" and f.is_file():
                 _link_or_copy(f, target / f.name)
+        write_metadata_in_gpt_layout(source, target)
         (target / bridge_format.RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         train_state = bridge_format.train_state_for(iteration, state.get("consumed_samples", 0))
         torch.save(train_state, target / bridge_format.TRAIN_STATE)

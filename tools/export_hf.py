@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import LoadPlan  # noqa: E402
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import fp8_blocks, hf_mapping  # noqa: E402
+from model import fp8_blocks, hf_mapping, key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from parallel.compat.torch_checkpoint import CheckpointDataRefused, read_checkpoints_as_data, refusal_in  # noqa: E402
 from pretrain.checkpoint_check import advice, damage  # noqa: E402
@@ -66,6 +66,12 @@ class CheckpointTensors:
         self.reader = FileSystemReader(str(directory))
         self.metadata = self.reader.read_metadata()  # read once (it indexes every chunk)
         self.reader.set_up_storage_reader(self.metadata, True)
+        # a checkpoint in GPTModel's key layout (this project before HybridModel): read through the key map
+        self.gpt_layout = key_layout.layout_of(self.model_keys()) == key_layout.GPT
+
+    def stored(self, logical: str) -> tuple[str, int | None]:
+        key, expert = hf_mapping.storage_key(logical)
+        return (key_layout.to_gpt(key) if self.gpt_layout else key), expert
 
     def model_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items()
@@ -75,15 +81,15 @@ class CheckpointTensors:
         return self.metadata.state_dict_metadata[key]
 
     def shape(self, logical: str) -> tuple[int, ...]:
-        key, expert = hf_mapping.storage_key(logical)
+        key, expert = self.stored(logical)
         size = tuple(self._meta(key).size)
         return size[1:] if expert is not None else size
 
     def dtype(self, logical: str) -> torch.dtype:
-        return self._meta(hf_mapping.storage_key(logical)[0]).properties.dtype
+        return self._meta(self.stored(logical)[0]).properties.dtype
 
     def read(self, logical: str) -> torch.Tensor:
-        key, expert = hf_mapping.storage_key(logical)
+        key, expert = self.stored(logical)
         md = self._meta(key)
         full = tuple(md.size)
         offsets = (expert, *[0] * (len(full) - 1)) if expert is not None else (0,) * len(full)
@@ -174,7 +180,7 @@ def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[Shard]:
 def check_complete(convs, ckpt: CheckpointTensors, directory: Path) -> None:
     """Every tensor the model needs is in the checkpoint, and nothing in it lacks an HF name."""
     stored = set(ckpt.model_keys())
-    needed = {hf_mapping.storage_key(c.megatron)[0] for c in convs}
+    needed = {ckpt.stored(c.megatron)[0] for c in convs}
     missing, extra = sorted(needed - stored), sorted(stored - needed)
     if missing:
         raise CheckpointError(f"{directory}: incomplete checkpoint, {len(missing)} model tensors missing "

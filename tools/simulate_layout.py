@@ -112,7 +112,7 @@ def estimate(cfg, pp_rank: int) -> dict:
         recompute_modules=cfg.model_options.recompute_modules, pp_rank=pp_rank,
         vpp=d.vpp(cfg.model.num_hidden_layers), bf16=cfg.model_options.bf16,
         replicated_down_projection=cfg.model_options.use_te, num_microbatches=cfg.num_microbatches,
-        microbatch_group_size=d.microbatch_group_size, layout=d.pipeline_layout,
+        microbatch_group_size=d.microbatch_group_size, layout=d.hybrid_pattern or d.pipeline_layout,
         mtp_depths=cfg.model_options.mtp_num_layers, optimizer=cfg.optimizer,
         mtp_loss_type=cfg.model_options.mtp_loss_type)
 

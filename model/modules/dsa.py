@@ -148,17 +148,18 @@ class GLMSparseAttention(MegatronModule):
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
                  v_channels=None, cp_comm_type=None, pg_collection=None,
                  rope_grad_summed_by_sp_gather: bool = False, layer_number_offset: int = 0,
-                 index_share: dict | None = None):
+                 index_share: dict | None = None, index_share_by_layer: dict | None = None):
         # rope_grad_summed_by_sp_gather: kept for the specs; the latent gather of cp_attention.py
         # now sums the shared rope key's gradient over TP on every backend.
         # layer_number_offset: num_layers in the MTP layer, whose inner layer megatron-core numbers 1
         # (model/specs.py), so that its indexer loss is tracked after the decoder's, not on layer 1's.
         # index_share (model/specs.py, IndexShare): {"source": the full layer's number} on a shared
         # layer (no indexer of its own; "last": the group's last), {"publishes": True} on a full layer
-        # that others share from; None: neither.
+        # that others share from; None: neither. index_share_by_layer: the same by layer number, for a spec
+        # that builds every attention layer of a hybrid stack (model/specs.py hybrid_stack_spec).
         super().__init__(config=config)
         self.layer_number = layer_number + layer_number_offset
-        self.index_share = index_share or {}
+        self.index_share = index_share or (index_share_by_layer or {}).get(layer_number) or {}
         self.indexer = (None if "source" in self.index_share else
                         build_module(submodules.indexer, config=config, pg_collection=pg_collection))
         # megatron's Attention base builds core attention once without k_channels before MLA

@@ -12,7 +12,7 @@ stand-ins for it, when it is absent). Importing this package patches nothing.
 patches every run needs, GPU or CPU:
   - megatron_without_te.py: where TE is absent, `tensor_parallel.random.CheckpointWithoutOutput`
     (selective recompute) asks TE's FP8 state: told "FP8 off";
-  - megatron_mtp.py: `multi_token_prediction.process_mtp_loss` (and gpt_model's imported name) records
+  - megatron_mtp.py: `multi_token_prediction.process_mtp_loss` (and hybrid_model's and gpt_model's imported names) records
     the rank's pre-roll token count, and `roll_tensor` as it calls it returns a count that makes each MTP
     depth's per-token weight the context-parallel group's, not the rank's; and the name gpt_model and
     hybrid_model call becomes model/modules/mtp_objective.py's dispatch by --mtp-loss-type (cross-entropy:

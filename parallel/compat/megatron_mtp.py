@@ -9,7 +9,8 @@ rank that holds the sequence's last chunk weighs its tokens by 64/63 where one p
 128/127, and the gradients depend on the CP degree.
 
 Two names are wrapped (wrappers only; upstream's code runs unchanged):
-  - `process_mtp_loss`, in `multi_token_prediction` and where `models/gpt/gpt_model.py` imported it:
+  - `process_mtp_loss`, in `multi_token_prediction` and where `models/hybrid/hybrid_model.py` (the
+    model this project builds) and `models/gpt/gpt_model.py` imported it:
     records, for the duration of the call, this rank's token count before any roll (the loss mask's
     sum, as upstream takes `original_num_tokens`) and its CP group's;
   - `roll_tensor` (the module's name, which process_mtp_loss calls for the counts): inside such a call
@@ -37,6 +38,7 @@ def cp_consistent_mtp_counts() -> None:
     if _PATCHED:
         return
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.models.hybrid import hybrid_model
     from megatron.core.transformer import multi_token_prediction as mtp
 
     roll_tensor = mtp.roll_tensor
@@ -70,6 +72,7 @@ def cp_consistent_mtp_counts() -> None:
     mtp.roll_tensor = roll_with_group_ratio
     mtp.process_mtp_loss = process_recording_original_counts
     gpt_model.process_mtp_loss = process_recording_original_counts
+    hybrid_model.process_mtp_loss = process_recording_original_counts
     _PATCHED = True
 
 
