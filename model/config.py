@@ -37,6 +37,19 @@ def _rope_theta(d: dict) -> float | None:
     return theta
 
 
+def read_hf_json(path: str | Path) -> dict:
+    """An HF config.json (or the directory holding one), errors naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no HF config at {p}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
 @dataclass
 class GLM5Config:
     vocab_size: int = 154880
@@ -167,6 +180,10 @@ class GLM5Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "GLM5Config":
+        if d.get("model_type") in ("glm5_next", "glm5_next_text"):
+            from model.config_flash import refuse_to_build
+
+            raise refuse_to_build(f"config.json has model_type={d['model_type']!r}")
         if d.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected {cls.model_type!r}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -190,15 +207,7 @@ class GLM5Config:
 
     @classmethod
     def load_hf_json(cls, path: str | Path) -> "GLM5Config":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        try:
-            return cls.from_hf_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no HF config at {p}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(read_hf_json(path))
 
     def replace(self, **changes) -> "GLM5Config":
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,9 @@
   of its one MTP layer, the end-to-end TV objective) is run flags, not architecture: the recipe
   launch/recipes/glm5.2-bridge-416xh100.args sets them (docs/MODEL.md, "GLM-5.2's MTP objective").
 - `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
+- `glm5.3-flash`, `glm5.3-flash-tiny` (FLASH_PRESETS, model/config_flash.py): GLM-5.3-Flash's released
+  text config (transformers' `Glm5NextTextConfig` defaults) and a tiny one with odd dimensions. They are
+  described, not buildable yet: `get_preset` refuses them by name.
 - `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
   experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from model import index_share
 from model.config import GLM5Config
+from model.config_flash import GLM5FlashConfig, refuse_to_build
 
 PRESETS: dict[str, GLM5Config] = {
     "glm5": GLM5Config(),
@@ -51,7 +55,24 @@ DEFAULT_SEQ_LENGTH = {"glm5": 4096, "glm5.1": 4096, "glm5.2": 4096, "glm5-proxy"
                       "tiny-shared": 64}
 
 
+FLASH_PRESETS: dict[str, GLM5FlashConfig] = {
+    "glm5.3-flash": GLM5FlashConfig(),
+    # odd sizes everywhere; layers KDA, KDA, KDA, DSA, KDA (transformers' schedule), one dense MLP first
+    "glm5.3-flash-tiny": GLM5FlashConfig(
+        vocab_size=157, hidden_size=52, intermediate_size=68, moe_intermediate_size=20,
+        num_hidden_layers=5, mlp_layer_types=("dense", "sparse", "sparse", "sparse", "sparse"),
+        num_attention_heads=3, num_key_value_heads=3, q_lora_rank=24, kv_lora_rank=20,
+        qk_nope_head_dim=12, v_head_dim=10, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1,
+        index_n_heads=2, index_head_dim=12, index_topk=8, index_kpool=4,
+        linear_num_heads=3, linear_head_dim=10, linear_conv_kernel_dim=4, hc_mult=3, hc_sinkhorn_iters=7,
+        max_position_embeddings=4096, eos_token_id=[0], pad_token_id=0,
+    ),
+}
+
+
 def get_preset(name: str) -> GLM5Config:
+    if name in FLASH_PRESETS:
+        raise refuse_to_build(f"--preset {name!r}")
     try:
         return PRESETS[name]
     except KeyError:

@@ -14,14 +14,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.accounting import flops_per_token, memory_per_gpu, model_info  # noqa: E402
-from model.config import GLM5Config  # noqa: E402
-from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset  # noqa: E402
+from model.accounting_flash import model_info as flash_info  # noqa: E402
+from model.config import GLM5Config, read_hf_json  # noqa: E402
+from model.config_flash import MODEL_TYPES as FLASH_MODEL_TYPES  # noqa: E402
+from model.config_flash import GLM5FlashConfig  # noqa: E402
+from model.presets import DEFAULT_SEQ_LENGTH, FLASH_PRESETS, PRESETS, get_preset  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="glm5", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", default="glm5", help=f"one of {sorted(PRESETS) + sorted(FLASH_PRESETS)}")
     p.add_argument("--model-config", default=None, help="an HF config.json instead of a preset")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--mtp-num-layers", type=int, default=None,
@@ -34,13 +37,25 @@ def main(argv=None) -> None:
         return
     if overrides:
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     try:
+        flash = flash_config(args)
+        if flash is not None:  # GLM-5.3-Flash: counted, not buildable yet (model/accounting_flash.py)
+            print(json.dumps({"preset": None if args.model_config else args.preset, **flash_info(flash, seq)}))
+            return
         cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     info = {"preset": None if args.model_config else args.preset, **model_info(cfg, seq, args.mtp_num_layers)}
     print(json.dumps(info))
+
+
+def flash_config(args) -> GLM5FlashConfig | None:
+    """The GLM-5.3-Flash config a --preset or a glm5_next --model-config names, None for GLM-5's."""
+    if args.model_config:
+        d = read_hf_json(args.model_config)
+        return GLM5FlashConfig.from_hf_dict(d) if d.get("model_type") in FLASH_MODEL_TYPES else None
+    return FLASH_PRESETS.get(args.preset)
 
 
 def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, int]:

@@ -65,3 +65,11 @@ def document_mask(q_positions: torch.Tensor, q_starts: torch.Tensor | None, num_
     if q_starts is None:
         return masked
     return masked.unsqueeze(0) | (keys.view(1, 1, -1) < q_starts.unsqueeze(-1))
+
+
+def document_offsets(doc_starts: torch.Tensor) -> torch.Tensor:
+    """[b, s] rows where each token's document starts -> where each document begins in the flattened
+    b * s tokens, then b * s (flash-linear-attention's `cu_seqlens`; a row's first token always begins one)."""
+    b, s = doc_starts.shape
+    begins = (doc_starts == torch.arange(s, device=doc_starts.device)).flatten().nonzero().flatten()
+    return torch.cat([begins, begins.new_tensor([b * s])])
