@@ -258,9 +258,18 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfi
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return config_from_args(args, world_size)
+        cfg = config_from_args(args, world_size)
+        _check_run_inputs(args)
+        return cfg
     except ValueError as e:
         exit_with_error(parser.prog, str(e))
+
+
+def _check_run_inputs(args) -> None:
+    """What a training run reads and the planning tools (model_info, simulate_layout: config_from_args on
+    a recipe written for the cluster) do not."""
+    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer} is not a directory (a Hugging Face tokenizer directory)")
 
 
 def config_from_args(args, world_size: int) -> TrainConfig:
@@ -277,8 +286,6 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --mock-data and --data-path")
     _check_document_flags(args)
-    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
-        raise ValueError(f"--tokenizer {args.tokenizer} is not a directory (a Hugging Face tokenizer directory)")
     if args.overlap_param_gather and not args.use_distributed_optimizer:  # Megatron-LM's rule
         raise ValueError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: "
                          "add --use-distributed-optimizer, or drop it")

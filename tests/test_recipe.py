@@ -50,17 +50,24 @@ def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
 
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory):
-    """The initial model (the same for every layout and engine: model/initialization.py)."""
+    """The initial model (the same for every layout and engine: model/initialization.py), saved by the
+    trainer before its first step (--train-iters 0 is refused: a run that trains nothing is a mistake)."""
     from megatron.core.dist_checkpointing import load_plain_tensors
 
+    from tests.helpers import one_rank_gloo_world
+    from tests.inprocess import trainer
+
     init = tmp_path_factory.mktemp("init")
-    torchrun(1, [*TINY, "--train-iters", "0", "--save", str(init)])
-    return load_plain_tensors(str(init / "iter_0000000"))
+    with one_rank_gloo_world():
+        with trainer([*TINY, "--train-iters", "1", "--save", str(init)]) as t:
+            t.save()
+            t.checkpointer.finish(blocking=True)
+        return load_plain_tensors(str(init / "iter_0000000"))
 
 
 @pytest.mark.parametrize("nproc, engine", [(1, []), (2, ["--dp-engine", "deepspeed", "--zero-stage", "2"])],
                          ids=["megatron", "deepspeed-zero2"])
-def test_dsa_warmup_trains_only_the_indexer(tmp_path, single_process_group, initial_weights, nproc, engine):
+def test_dsa_warmup_trains_only_the_indexer(tmp_path, initial_weights, single_process_group, nproc, engine):
     from megatron.core.dist_checkpointing import load_plain_tensors
 
     torchrun(nproc, [*TINY, "--train-iters", "2", "--dsa-warmup-iters", "2", "--dsa-indexer-loss-coeff", "1",
