@@ -25,7 +25,7 @@ def test_megatron_core_016_checkpoint_gives_the_same_logits():
     from pretrain.hf_verify import build_our_model, main_logits
     from tests.helpers import one_rank_gloo_world
 
-    want = torch.load(FIXTURE / "logits.pt")
+    want = torch.load(FIXTURE / "logits.pt", weights_only=True)
     with one_rank_gloo_world():
         try:
             chunk, cfg = build_our_model(str(FIXTURE / "checkpoint"), None)
@@ -42,7 +42,7 @@ def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
     from pretrain.hf_verify import load_hf
     from tools import export_hf
 
-    want = torch.load(FIXTURE / "logits.pt")
+    want = torch.load(FIXTURE / "logits.pt", weights_only=True)
     export_hf.export(str(FIXTURE / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
     hf, _ = load_hf(str(tmp_path / "hf"))
     with torch.no_grad():
