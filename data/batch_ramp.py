@@ -1,5 +1,5 @@
 """The batch-size ramp, Megatron-LM's `--rampup-batch-size START INCREMENT SAMPLES`: one definition for the
-data reader, the trainer's learning-rate schedule (pretrain/optim.py, samples_after) and the flag check.
+data reader, the trainer's learning-rate schedule (pretrain/engine/optimizer.py, samples_after) and the flag check.
 
 Megatron-LM's rule: the global batch grows from START by INCREMENT every SAMPLES / ((GBS - START) / INCREMENT)
 consumed samples, then stays at GBS. megatron-core 0.19.2 no longer has that calculator
@@ -20,7 +20,7 @@ def check_rampup_batch_size(rampup_batch_size: list[int], global_batch_size: int
     """Refuse a ramp megatron-core would reject (with an assertion) or that does not split into whole
     micro-batches: START and INCREMENT positive multiples of `unit` (micro-batch size x data-parallel size),
     START below the global batch size and a whole number of INCREMENTs from it, SAMPLES positive. Errors
-    name the flag: pretrain/arguments.py runs it before any work, BatchRamp again for direct callers."""
+    name the flag: pretrain/config/arguments.py runs it before any work, BatchRamp again for direct callers."""
     start, increment, samples = rampup_batch_size
     for name, value in (("START", start), ("INCREMENT", increment)):
         if value <= 0 or value % unit:

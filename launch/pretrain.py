@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallel.runtime import world_size_from_env  # noqa: E402
-from pretrain.arguments import parse_args  # noqa: E402
+from pretrain.config.arguments import parse_args  # noqa: E402
 from pretrain.trainer import pretrain  # noqa: E402
 
 

@@ -146,7 +146,7 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
     norm, output head and MTP layer on the last), its TP shard of each, its EP share of the routed
     experts. `experts` are the routed experts (reduced over expert-DP), `dense` everything else
     (reduced over DP); `expert_bias` counts the fp32 router-bias buffers (not trained by the optimizer).
-    `adam_side`: the part of `dense` that `--optimizer muon` leaves to Adam (pretrain/muon.py: embeddings,
+    `adam_side`: the part of `dense` that `--optimizer muon` leaves to Adam (pretrain/engine/muon.py: embeddings,
     output head, 1-D parameters, the router and the indexer's weights projection); the rest is Muon's."""
     from model.mcore_config import padded_vocab_size
 

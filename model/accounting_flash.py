@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting for GLM-5.3-Flash (model/config_flash.py), from the config alone.
 
-Counts what transformers' `Glm5NextTextModel` builds (tests/test_flash_accounting.py holds them equal on
+Counts what transformers' `Glm5NextTextModel` builds (tests/model/flash/test_flash_accounting.py holds them equal on
 the meta device) plus the untied output head. The router's expert bias is a buffer there and is not
 counted; the checkpoint's MTP layer (layers.45, which transformers does not build) is left out.
 FLOPs count linear attention as linear: a KDA layer's cost per token does not grow with the sequence.

@@ -77,7 +77,7 @@ class IndexerRopeFirst(Transform):
     [nope | rope]; transformers and megatron-core 0.19.2 (so this project since) as [rope | nope]:
     rotate each head's dims by rope_dim. Applies to wq_b's rows per head, wk's rows, and k_norm's
     weight and bias (LayerNorm statistics are permutation-invariant). `to_hf` is also the upgrade
-    of a format-1 tensor to today's layout (pretrain/checkpoint_upgrade.py)."""
+    of a format-1 tensor to today's layout (pretrain/checkpoint/upgrade.py)."""
 
     name = "indexer_rope_first"
 
@@ -115,7 +115,7 @@ class GluSplit(Transform):
 
 IDENTITY, VOCAB, GLU = Transform(), VocabRows(), GluSplit()
 ROPE_FIRST_PER_HEAD, ROPE_FIRST = IndexerRopeFirst(per_head=True), IndexerRopeFirst(per_head=False)
-# The checkpoint format (pretrain/run_state.py FORMAT_VERSION) from which the indexer is stored as
+# The checkpoint format (pretrain/checkpoint/run_state.py FORMAT_VERSION) from which the indexer is stored as
 # transformers and megatron-core keep it: its tensors map to HF unchanged.
 INDEXER_ROPE_FIRST_SINCE = 2
 

@@ -7,9 +7,9 @@ rewound first, so every evaluation sees the same M batches and the points of the
 
 Nothing that training reads is touched: no gradients, no optimizer or scheduler step, no draw from
 the training data or from any RNG. megatron-core's routers count tokens for the expert-bias update,
-and the aux and indexer losses are tracked, only with autograd on (pretrain/moe_stats.py counts
+and the aux and indexer losses are tracked, only with autograd on (pretrain/metrics/moe_stats.py counts
 under the same rule), so the next training step's load statistics and loss trackers are unchanged
-(tests/test_evaluation.py: a run with evaluation logs the same training numbers, bit for bit).
+(tests/pretrain/test_evaluation.py: a run with evaluation logs the same training numbers, bit for bit).
 
 Reported (Megatron-LM's tags): `lm loss validation` (per token over the M batches),
 `lm loss validation ppl`, and `mtp loss validation` (mean over micro-batches, as in training).
@@ -27,7 +27,7 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data.loader import PretrainingData, build_valid_data
-from pretrain.config import TrainConfig
+from pretrain.config.train_config import TrainConfig
 from pretrain.step import split_microbatches, take_mtp_loss
 
 

@@ -28,29 +28,30 @@ from model.builder import build_model
 from model.initialization import init_weights
 from model.mcore_config import to_transformer_config
 from parallel import runtime as rt
-from pretrain import checkpointing, faults
-from pretrain.arguments import OTHER_RANKS_WAIT_S
-from pretrain.checkpoint_check import iteration_to_load
-from pretrain.checkpointing import CheckpointParts, Checkpointer
-from pretrain.config import TrainConfig
-from pretrain.engine import Engine, MegatronEngine
+from pretrain.checkpoint import checkpointer as checkpointing
+from pretrain.resilience import faults
+from pretrain.config.arguments import OTHER_RANKS_WAIT_S
+from pretrain.checkpoint.integrity import iteration_to_load
+from pretrain.checkpoint.checkpointer import CheckpointParts, Checkpointer
+from pretrain.config.train_config import TrainConfig
+from pretrain.engine.megatron import Engine, MegatronEngine
 from pretrain.evaluate import Evaluator
-from pretrain.implementations import format_report, report
-from pretrain.metrics import Metrics, memory_gb
-from pretrain.moe_stats import LoadImbalanceTracker, aux_loss_scalars
-from pretrain.observer import Observer
-from pretrain.optim import build_scheduler
+from pretrain.engine.implementations import format_report, report
+from pretrain.metrics.sink import Metrics, memory_gb
+from pretrain.metrics.moe_stats import LoadImbalanceTracker, aux_loss_scalars
+from pretrain.metrics.observer import Observer
+from pretrain.engine.optimizer import build_scheduler
 from pretrain.recipe import Recipe
-from pretrain.run_state import Progress, layout_of
-from pretrain.signals import StopSignal
-from pretrain import muon
+from pretrain.checkpoint.run_state import Progress, layout_of
+from pretrain.resilience.signals import StopSignal
+from pretrain.engine import muon
 from pretrain.step import DocumentOptions, make_forward_step, reset_loss_trackers, split_microbatches, take_mtp_loss
 
 
 def build_engine(chunks, tconfig, cfg: TrainConfig) -> Engine:
     """The engine of --dp-engine, around the built model chunks (docs/ENGINES.md)."""
     if cfg.dp_engine == "deepspeed":
-        from pretrain.deepspeed_engine import DeepSpeedEngine  # DeepSpeed is an optional extra
+        from pretrain.engine.deepspeed_zero import DeepSpeedEngine  # DeepSpeed is an optional extra
 
         return DeepSpeedEngine(chunks, tconfig, cfg)
     return MegatronEngine(chunks, tconfig, cfg)

@@ -97,7 +97,7 @@ def layer_from_hf(sd: dict) -> dict:
 
     ours = {f"attn_hc.{k}": v for k, v in hc_from_hf(under("attn_hc.")).items()}
     ours |= {f"ffn_hc.{k}": v for k, v in hc_from_hf(under("ffn_hc.")).items()}
-    if "self_attn.q_proj.weight" in sd:  # a KDA layer (tests/test_flash_model.py maps the others)
+    if "self_attn.q_proj.weight" in sd:  # a KDA layer (tests/model/flash/test_flash_model.py maps the others)
         ours |= {f"self_attention.{k}": v for k, v in kda_from_hf(under("self_attn.")).items()}
     if "mlp.gate_proj.weight" in sd:  # a dense MLP
         ours |= {f"mlp.{k}": v for k, v in mlp_from_hf(under("mlp.")).items()}

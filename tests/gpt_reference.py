@@ -1,5 +1,5 @@
 """The GLM-5 build on megatron-core's GPTModel, as this project made it before HybridModel (issue 36):
-the reference tests/test_hybrid_model.py holds the hybrid build equal to, per weight. One process, one
+the reference tests/model/test_hybrid_model.py holds the hybrid build equal to, per weight. One process, one
 stage; the same layer specs (model/specs.py layer_spec), one TransformerLayer per GLM layer."""
 
 from __future__ import annotations

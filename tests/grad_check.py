@@ -1,6 +1,6 @@
 """Per-weight gradient check: every rank's copy of every weight after step 1, against one process.
 
-API (used by tests/test_parallel_equivalence.py and tests/test_context_parallel.py):
+API (used by tests/parallel/test_parallel_equivalence.py and tests/parallel/test_context_parallel.py):
 
     scalars, ranks = train(out_dir, nproc, args)   # a real torchrun of launch/pretrain.py's Trainer
         scalars: TensorBoard scalars {tag: {iteration: value}}
@@ -185,7 +185,7 @@ def _worker(argv: list[str]) -> None:
     i = argv.index("--dump-grads")
     dump, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
     from parallel import runtime as rt
-    from pretrain.arguments import parse_args
+    from pretrain.config.arguments import parse_args
     from pretrain.trainer import Trainer
 
     cfg = parse_args(argv, world_size=rt.world_size_from_env())

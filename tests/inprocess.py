@@ -25,7 +25,7 @@ def trainer(argv: list[str]):
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
     from parallel.runtime import Runtime
-    from pretrain.arguments import parse_args
+    from pretrain.config.arguments import parse_args
     from pretrain.step import reset_loss_trackers
     from pretrain.trainer import Trainer
 

@@ -1,6 +1,6 @@
 """megatron-core 0.19.2's own GLM-5, configured as Megatron-Bridge 0.6.2's GLM5Bridge configures it, on CPU.
 
-The other side of the checkpoint exchange (tests/test_mcore_exchange.py). Built from megatron-core's
+The other side of the checkpoint exchange (tests/parallel/test_mcore_exchange.py). Built from megatron-core's
 stock pieces only: `get_transformer_layer_with_experimental_attention_variant_spec` (its decoder-block
 wrapper asserts Transformer Engine, so the layer list is taken directly, as that wrapper does) with
 megatron-core's local provider, and `get_gpt_mtp_block_spec`. Two slots need a class the local

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from parallel import runtime as rt  # noqa: E402
-from pretrain.arguments import build_parser, config_from_args  # noqa: E402
+from pretrain.config.arguments import build_parser, config_from_args  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel import runtime as rt  # noqa: E402
-from pretrain.arguments import parse_args  # noqa: E402
+from pretrain.config.arguments import parse_args  # noqa: E402
 from pretrain.step import loss_func, split_microbatches  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 

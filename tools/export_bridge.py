@@ -7,7 +7,7 @@ BRIDGE_DIR/iter_N/ gets the checkpoint's tensor files as they are (hard links wh
 else copies) and its `.metadata` with every key in megatron-core GPTModel's layout, which GLM5Bridge reads
 (ours are HybridModel's: model/key_layout.py; a key names its bytes only in `.metadata`). Beside them, Bridge's
 run_config.yaml (its `model` section as GLM5Bridge builds it for the same HF config:
-pretrain/bridge_format.py) and train_state.pt; BRIDGE_DIR/latest_checkpointed_iteration.txt and
+pretrain/checkpoint/bridge_format.py) and train_state.pt; BRIDGE_DIR/latest_checkpointed_iteration.txt and
 latest_train_state.pt point at it. Our optimizer tensors travel in the same files; Bridge's model loaders
 do not ask for them. BRIDGE_DIR appears complete or not at all (written as BRIDGE_DIR.partial-<pid>).
 See docs/INTEROP.md.
@@ -33,9 +33,9 @@ import yaml  # noqa: E402
 from model import key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from parallel.compat.torch_checkpoint import read_checkpoints_as_data  # noqa: E402
-from pretrain import bridge_format  # noqa: E402
-from pretrain.output_guard import check_output  # noqa: E402
-from pretrain.run_state import RUN_STATE, TRACKER, CheckpointError, iter_dir, read_run_state  # noqa: E402
+from pretrain.checkpoint import bridge_format  # noqa: E402
+from pretrain.checkpoint.output_guard import check_output  # noqa: E402
+from pretrain.checkpoint.run_state import RUN_STATE, TRACKER, CheckpointError, iter_dir, read_run_state  # noqa: E402
 
 OURS_ONLY = {RUN_STATE, "rank_state"}  # per-rank RNG/data state and our run state: Bridge reads neither
 
@@ -76,7 +76,7 @@ def export(load: str, save: str, iteration: int | None = None, force: bool = Fal
     # refuses what Bridge's config cannot say, before anything is written
     run_config = bridge_format.run_config_for(cfg, state.get("layout", {}))
     out = Path(save)
-    # never the input, nor a directory holding a checkpoint, whatever --force says (pretrain/output_guard.py)
+    # never the input, nor a directory holding a checkpoint, whatever --force says (pretrain/checkpoint/output_guard.py)
     check_output("--save", out, {"--load": load})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--save {out} exists and is not empty; pass --force to replace it")

@@ -42,10 +42,10 @@ from tqdm import tqdm  # noqa: E402
 from model import fp8_blocks, hf_mapping, key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from parallel.compat.torch_checkpoint import CheckpointDataRefused, read_checkpoints_as_data, refusal_in  # noqa: E402
-from pretrain.checkpoint_check import advice, damage  # noqa: E402
-from pretrain.checkpointing import CheckpointError, iter_dir, read_run_state  # noqa: E402
-from pretrain.hf_verify import VerificationError, verify_export  # noqa: E402
-from pretrain.output_guard import check_output  # noqa: E402
+from pretrain.checkpoint.integrity import advice, damage  # noqa: E402
+from pretrain.checkpoint.checkpointer import CheckpointError, iter_dir, read_run_state  # noqa: E402
+from tools.lib.hf_verify import VerificationError, verify_export  # noqa: E402
+from pretrain.checkpoint.output_guard import check_output  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: unquantized ones in bf16
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}

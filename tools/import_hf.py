@@ -3,7 +3,7 @@
     python tools/import_hf.py --hf HF_DIR --save CKPT [--bf16]
     torchrun --nproc_per_node 4 tools/import_hf.py --hf HF_DIR --save CKPT --expert-model-parallel-size 4
 
-The result is an ordinary checkpoint of iteration 0 (pretrain/checkpointing.py's layout: dist_checkpointing
+The result is an ordinary checkpoint of iteration 0 (pretrain/checkpoint/checkpointer.py's layout: dist_checkpointing
 torch_dist + run_state.json) with model weights only, marked `"weights_only": true`: training starts
 from it with `launch/pretrain.py --model-config HF_DIR/config.json --load CKPT` at any layout (our
 checkpoints reshard). The layout flags only decide how the work and memory are split while importing:
@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model import fp8_blocks, hf_mapping  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
-from pretrain.output_guard import check_output  # noqa: E402
+from pretrain.checkpoint.output_guard import check_output  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
 
@@ -159,8 +159,8 @@ def _init(args, cfg: GLM5Config):
 def import_hf(args) -> Path:
     from model.builder import build_model
     from model.mcore_config import ModelOptions, padded_vocab_size, to_transformer_config
-    from pretrain import checkpointing as ck
-    from pretrain.run_state import Progress, layout_of
+    from pretrain.checkpoint import checkpointer as ck
+    from pretrain.checkpoint.run_state import Progress, layout_of
 
     check_output("--save", args.save, {"--hf": args.hf})  # never the input, nor a checkpoint, whatever --force says
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())

@@ -246,7 +246,7 @@ def parse(argv=None):
     p.add_argument("--num-experts", type=int, default=8,
                    help="routed experts built (>= GLM-5's top-8, so routed rows are the real top-8's)")
     p.add_argument("--tolerance", type=float, default=0.10, help="largest |estimate / measured - 1| allowed")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (tests/test_activations.py)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (tests/model/test_activations.py)")
     p.add_argument("--details", action="store_true", help="list every saved storage (module, shape, bytes/token)")
     p.add_argument("--json", default=None, help="also write every case (with its per-part bytes) to this file")
     args = p.parse_args(argv)

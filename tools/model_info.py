@@ -71,8 +71,8 @@ def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, in
 
 
 def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
-    from pretrain.arguments import build_parser
-    from pretrain.recipe_flags import RecipeError, read_recipe
+    from pretrain.config.arguments import build_parser
+    from tools.lib.recipe_file import RecipeError, read_recipe
 
     try:
         flags, world = read_recipe(path)

@@ -262,7 +262,7 @@ def _tokenize(args, files: list[str], out: str, prefix: str, task, loaded, dtype
     init = (args.tokenizer, args.eod_token, dtype, args.json_key, args.workers == 1, args.valid_fraction)
     tasks = read_batches(files, args.json_key)
     dropped = total = 0
-    faults = os.environ.get("GLM5_INJECT_FAULT")  # tests: hang or die after a shard (pretrain/faults.py)
+    faults = os.environ.get("GLM5_INJECT_FAULT")  # tests: hang or die after a shard (pretrain/resilience/faults.py)
     with ShardWriter(out, prefix=prefix, **opts) as writer, \
             ShardWriter(out, prefix=prefix + VALID_PREFIX, **opts) as held_out:
         if args.workers == 1:
@@ -283,7 +283,7 @@ def _tokenize(args, files: list[str], out: str, prefix: str, task, loaded, dtype
                     bar.update(lengths.size + valid_lengths.size)
                     bar.set_postfix(tokens=f"{total:,}", refresh=False)
                     if faults and writer.shards_written > before:
-                        from pretrain.faults import inject
+                        from pretrain.resilience.faults import inject
 
                         inject(f"preprocess-task{task[0] if task else 0}-shard{writer.shards_written}")
         finally:

@@ -6,7 +6,7 @@
 For each rank asked, in this one process: a fake process group of the recipe's world size (its
 collectives do nothing), megatron-core's process groups for that rank (parallel/runtime.py), that
 rank's model chunks built by model/builder.py on the meta device (tensors without storage), wrapped
-as the trainer wraps them (pretrain/optim.py: Float16Module, megatron DDP with its gradient buffers,
+as the trainer wraps them (pretrain/engine/optimizer.py: Float16Module, megatron DDP with its gradient buffers,
 the optimizer -- the distributed optimizer builds its fp32 shard of the main params from DDP's
 buffer layout). One JSON line per rank: what was built, the accounting's estimate, and their ratio.
 
@@ -58,7 +58,7 @@ def build_rank(cfg, rank: int, world_size: int) -> dict:
 
     from model.builder import build_model
     from model.mcore_config import to_transformer_config
-    from pretrain.optim import build_optimizer, wrap_ddp, wrap_precision
+    from pretrain.engine.optimizer import build_optimizer, wrap_ddp, wrap_precision
 
     with fake_world(rank, world_size):
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, gloo_groups=False)
@@ -130,8 +130,8 @@ def simulate(cfg, rank: int, world_size: int) -> dict:
 
 
 def parse(argv=None):
-    from pretrain.arguments import build_parser, config_from_args
-    from pretrain.recipe_flags import RecipeError, read_recipe
+    from pretrain.config.arguments import build_parser, config_from_args
+    from tools.lib.recipe_file import RecipeError, read_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="a flags file with a '# world-size: N' line")

@@ -2,7 +2,7 @@
 
     python tools/verify_hf.py --load CKPT [--iteration N] --hf EXPORT_DIR [--tokens 48] [--tolerance 1e-4]
 
-What it compares, and how a bf16 or fp8 export is judged: pretrain/hf_verify.py (docs/EXPORT.md,
+What it compares, and how a bf16 or fp8 export is judged: tools/lib/hf_verify.py (docs/EXPORT.md,
 "Verification"). Exit status 1 if the logits differ by more than the tolerance or transformers does not
 load the export cleanly.
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # megatron-core announces at import that Apex/Transformer Engine are absent (expected on CPU).
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-from pretrain.hf_verify import VerificationError, verify_export  # noqa: E402
+from tools.lib.hf_verify import VerificationError, verify_export  # noqa: E402
 
 
 def main(argv=None) -> int:

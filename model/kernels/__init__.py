@@ -1,7 +1,7 @@
 """Triton kernels for DSA (CUDA): the sparse MLA attention forward/backward and the indexer's
 score tiles. The torch blockwise path (model/modules/dsa_blockwise.py) is their reference and runs
 wherever they cannot: `triton_usable` keys on what is present (a CUDA tensor, an importable Triton).
-tests/test_dsa_kernels.py also runs them on CPU tensors under TRITON_INTERPRET=1 (`interpreted`:
+tests/model/dsa/test_dsa_kernels.py also runs them on CPU tensors under TRITON_INTERPRET=1 (`interpreted`:
 fp32 dots there).
 """
 

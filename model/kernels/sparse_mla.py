@@ -8,7 +8,7 @@ gathers those rows once for all its heads, and keeps an online softmax (running 
 accumulator), as FlashAttention does over contiguous keys. The forward saves the log-sum-exp; the
 backward recomputes the probabilities from it, accumulates dq in registers and adds each chunk's
 dkv rows to an fp32 buffer with atomics (rows are shared by many queries). The torch reference is
-`SparseMLA` in model/modules/dsa_blockwise.py (tests/test_dsa_kernels.py compares them).
+`SparseMLA` in model/modules/dsa_blockwise.py (tests/model/dsa/test_dsa_kernels.py compares them).
 
 Dots run in `DOT` (bf16 for bf16 inputs on the GPU, fp32 otherwise and under TRITON_INTERPRET=1,
 whose bf16 tl.dot is wrong), accumulating in fp32.

@@ -6,7 +6,7 @@ MLP's unfused GLU and in the experts' unfused paths (SequentialMLP, TEGroupedMLP
 paths ignore the clamp without a word -- the MLP's `bias_swiglu_impl` and TEGroupedMLP's
 `weighted_bias_swiglu_impl` (`bias_activation_fusion`) and TEGroupedMLP's Transformer Engine op fuser
 (`use_transformer_engine_op_fuser`, its ScaledSwiGLU; megatron's support check does not look at the
-clamp). `mcore_settings` turns both off with it; tests/test_flash_modules.py holds megatron's MLP to
+clamp). `mcore_settings` turns both off with it; tests/model/flash/test_flash_modules.py holds megatron's MLP to
 transformers' with these settings and shows the fused MLP path dropping the clamp.
 """
 

@@ -4,7 +4,7 @@
 megatron-core's `apply_rotary_pos_emb` de-interleaves (`cat(t[0::2], t[1::2])`) and rotates halves when
 asked: up to 0.16.1 it asked `config.multi_latent_attention`; from 0.19 an argument
 `mla_rotary_interleaved` that defaults to False, so a call that does not pass it silently rotates the
-wrong pairs. Every RoPE of ours goes through here (tests/test_compat.py holds it to the formula).
+wrong pairs. Every RoPE of ours goes through here (tests/parallel/test_compat.py holds it to the formula).
 """
 
 from __future__ import annotations

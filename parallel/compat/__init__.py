@@ -3,7 +3,7 @@ fills in an object of megatron-core, Transformer Engine, DeepSpeed or torch.
 
 A patch reaches into a library's internals (often private names), so each one is written against
 the version below and re-derived when that library is upgraded: megatron-core 0.19.2, DeepSpeed
-0.19.8, torch 2.13. Each upstream behaviour a patch relies on has a test in tests/test_compat.py that
+0.19.8, torch 2.13. Each upstream behaviour a patch relies on has a test in tests/parallel/test_compat.py that
 fails when it changes, so the next upgrade is mechanical; docs/COMPAT.md lists them with what the
 move from 0.16.1 dropped. Transformer Engine: none of its objects is patched (only megatron-core's
 stand-ins for it, when it is absent). Importing this package patches nothing.
@@ -22,9 +22,9 @@ torch_checkpoint.py -- torch 2.13's distributed-checkpoint reader (`FileSystemRe
 `pickle.load` of `.metadata`, `DefaultLoadPlanner.load_bytes`'s `torch.load(weights_only=False)` of each
 stored object), which megatron-core, the export and the tools read through: both admit checkpoint data only
 (allowlists), so a checkpoint cannot run code; by `patch_megatron()` and by every reader of checkpoints
-(pretrain/checkpointing.py, pretrain/checkpoint_check.py, tools/export_hf.py).
+(pretrain/checkpoint/checkpointer.py, pretrain/checkpoint/integrity.py, tools/export_hf.py).
 
-megatron_muon.py -- with --optimizer muon (pretrain/optim.py): one more entry in megatron-core's
+megatron_muon.py -- with --optimizer muon (pretrain/engine/optimizer.py): one more entry in megatron-core's
 emerging-optimizer registry, upstream's Muon with GLM-5's per-head MLA split and our Adam side; with
 --use-distributed-optimizer, megatron-core's layer-wise distributed optimizer run in fp32 (upstream wraps only
 bf16) and over gloo (its uneven parameter all-gather padded there).
@@ -51,16 +51,16 @@ megatron_meta.py -- torch.cuda.current_device, only inside `on_meta()` (tools/si
 restored on exit: answers a CUDA ordinal, and a TorchFunctionMode sends megatron's "GPU" tensors
 to the meta device, so one CPU builds any rank of a large layout without storage.
 
-deepspeed.py -- DeepSpeed 0.19.8 under --dp-engine deepspeed (pretrain/deepspeed_engine.py):
+deepspeed.py -- DeepSpeed 0.19.8 under --dp-engine deepspeed (pretrain/engine/deepspeed_zero.py):
   - registers megatron's expert and expert-data-parallel groups in DeepSpeed's private group tables
     (`groups._EXPERT_*`) under one name;
   - an engine subclass that answers `has_moe_layers` from the parameters (DeepSpeed looks for its
     own MoE layer class).
 
-megatron_checkpoint.py -- megatron-core 0.19.2's checkpointing (pretrain/checkpointing.py, pretrain/engine.py):
+megatron_checkpoint.py -- megatron-core 0.19.2's checkpointing (pretrain/checkpoint/checkpointer.py, pretrain/engine/megatron.py):
   - the checkpoint writer's multiprocessing results queue (`filesystem_async._results_queue`)
     created with a server that dies with its parent (a SIGKILLed trainer leaves no orphan); it is
-    the writer of `save(async_strategy="mcore")`, which pretrain/checkpointing.py asks for (0.19's
+    the writer of `save(async_strategy="mcore")`, which pretrain/checkpoint/checkpointer.py asks for (0.19's
     default, "nvrx", is nvidia-resiliency-ext's writer, which this patch does not reach);
   - the distributed optimizer's per-parameter state copy (`_set_main_param_and_optimizer_states`,
     per instance) wrapped for torch Adam, so every parameter gets its own step tensor.

@@ -45,7 +45,7 @@ def cp_consistent_mtp_counts() -> None:
     process_mtp_loss = mtp.process_mtp_loss
     signature = inspect.signature(process_mtp_loss)
 
-    @functools.wraps(process_mtp_loss)  # __wrapped__: inspect.getsource still reads upstream's (tests/test_compat.py)
+    @functools.wraps(process_mtp_loss)  # __wrapped__: inspect.getsource still reads upstream's (tests/parallel/test_compat.py)
     def process_recording_original_counts(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         cp_group, loss_mask = bound.get("cp_group"), bound.get("loss_mask")

@@ -4,7 +4,7 @@ parallel/compat/__init__.py).
 `optimizer/emerging_optimizers._EMERGING_OPTIMIZERS` maps an optimizer name to its class, the kwargs
 it takes from OptimizerConfig and the parameters it hands to Adam; its docstring invites new entries.
 `register_muon_variant(name, cls, to_adam)` adds one more, a subclass of upstream's TensorParallelMuon
-(pretrain/muon.py: MLA's up-projections orthogonalized head by head) built exactly as upstream's `muon`
+(pretrain/engine/muon.py: MLA's up-projections orthogonalized head by head) built exactly as upstream's `muon`
 entry builds TensorParallelMuon (same kwargs from the `muon_*` fields), whose Adam side is the
 parameters `to_adam(param)` names (an entry's own overrides are the one place megatron-core lets a
 parameter's optimizer be chosen: `check_config_overrides_consistency` refuses it in the caller's).

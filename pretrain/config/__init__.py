@@ -1,0 +1,1 @@
+"""Run configuration: the command line (Megatron-LM's flags) -> one validated TrainConfig."""

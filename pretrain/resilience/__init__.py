@@ -1,0 +1,1 @@
+"""Faults (non-finite steps, spikes, timeouts, injection) and stopping on a signal."""

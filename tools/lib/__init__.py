@@ -1,0 +1,1 @@
+"""Helpers shared by the tools and their tests: recipe files, the HF export check."""
