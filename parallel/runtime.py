@@ -57,6 +57,25 @@ def init_distributed(timeout_s: float = 600.0) -> Runtime:
     return Runtime(device=device, rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
+def agree(value: int | bool, op: dist.ReduceOp, device: torch.device, group=None) -> int:
+    """The one value every rank of `group` (default: the world) takes: `op` (MIN: the lowest, MAX: the
+    highest) over each rank's integer `value`. A collective; `device` is the runtime's (NCCL takes no
+    host tensor), CPU for gloo."""
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=op, group=group)
+    return int(flag.item())
+
+
+def every_rank(ok: bool, device: torch.device, group=None) -> bool:
+    """True on every rank when `ok` is true on every rank (a collective)."""
+    return bool(agree(ok, dist.ReduceOp.MIN, device, group))
+
+
+def any_rank(flag: bool, device: torch.device, group=None) -> bool:
+    """True on every rank when `flag` is true on any rank (a collective)."""
+    return bool(agree(flag, dist.ReduceOp.MAX, device, group))
+
+
 def init_model_parallel(dims: ParallelDims, num_layers: int, seed: int, timeout_s: float = 600.0,
                         gloo_groups: bool = True) -> None:
     """megatron-core's groups for `dims`; `gloo_groups=False` under a fake process group (no gloo there)."""

@@ -37,7 +37,7 @@ from pretrain.config.train_config import TrainConfig
 from pretrain.engine.megatron import Engine, MegatronEngine
 from pretrain.evaluate import Evaluator
 from pretrain.engine.implementations import format_report, report
-from pretrain.metrics.sink import Metrics, memory_gb
+from pretrain.metrics.sink import Metrics
 from pretrain.metrics.moe_stats import LoadImbalanceTracker, aux_loss_scalars
 from pretrain.metrics.observer import Observer
 from pretrain.engine.optimizer import build_scheduler
@@ -240,12 +240,10 @@ class Trainer:
             print(f"loss spike at iteration {self.iteration + 1}: lm loss {lm_loss:.4f} > "
                   f"{self.cfg.loss_spike_factor} x running mean {self.guard.mean_loss:.4f}"
                   + (" (step skipped)" if self.cfg.skip_loss_spikes else ""), flush=True)
-        flag = torch.tensor([0.0 if finite and not (spike and self.cfg.skip_loss_spikes) else 1.0],
-                            device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        skip = rt.any_rank(not finite or (spike and self.cfg.skip_loss_spikes), self.runtime.device)
         if not finite and self.runtime.rank == 0:
             print(f"iteration {self.iteration + 1}: non-finite gradients, step skipped", flush=True)
-        return bool(flag.item())
+        return skip
 
     def _reduce_losses(self, losses: list[dict], num_microbatches: int) -> dict[str, float]:
         out = {}
@@ -282,11 +280,7 @@ class Trainer:
             tokens_per_step = int(scalars["batch-size"]) * cfg.seq_length
             self.progress.iteration += 1
             self.progress.consumed_tokens += tokens_per_step
-            scalars["throughput/tokens-per-sec"] = tokens_per_step / elapsed
-            scalars["throughput/tflops-per-gpu"] = (
-                self.flops_per_token * tokens_per_step / elapsed / self.runtime.world_size / 1e12)
             scalars["consumed-tokens"] = float(self.progress.consumed_tokens)
-            scalars.update(memory_gb())
             observed = self.observer.after_step(self.model, self.iteration, elapsed, tokens_per_step)
             scalars.update(observed.scalars)
             self.metrics.log(self.iteration, cfg.train_iters, scalars, observed.line, observed.timers_text)

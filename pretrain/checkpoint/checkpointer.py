@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from model import hf_mapping
 from parallel.compat.megatron_checkpoint import results_queue_dies_with_us
 from parallel.compat.torch_checkpoint import read_checkpoints_as_data, refusal_in
+from parallel.runtime import every_rank
 from pretrain.checkpoint import bridge_format, extra_state
 from pretrain.resilience import faults
 from pretrain.checkpoint.integrity import advice, check_intact, iteration_to_load
@@ -83,13 +84,6 @@ def _load_model(model, loaded: dict) -> None:
         _unwrap(chunk).load_state_dict(loaded[key])
 
 
-def _agree(ok: bool, device: torch.device) -> bool:
-    """True only when every rank is ok (a collective, on the runtime's device: NCCL takes no CPU tensor)."""
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def check_writable(root: str, device: torch.device) -> None:
     """Refuse an unusable --save before any work (every rank calls it; rank 0 probes)."""
     problem = ""
@@ -101,7 +95,7 @@ def check_writable(root: str, device: torch.device) -> None:
             probe.unlink()
         except OSError as e:
             problem = f"--save {root} is not a writable directory: {e.strerror or e}"
-    if not _agree(not problem, device):
+    if not every_rank(not problem, device):
         raise CheckpointError(problem or f"--save {root} is not a writable directory (see rank 0)")
 
 
@@ -141,7 +135,7 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
             partial.mkdir(parents=True)  # empty: dist_checkpointing calls a non-empty one corrupted
     except OSError as e:
         error = e
-    if not _agree(error is None, device):
+    if not every_rank(error is None, device):
         raise CheckpointError(f"--save {root}: cannot create {partial}: {error or 'see rank 0'}")
 
     state = model_sharded_state(parts.model)
@@ -167,7 +161,7 @@ def save(root: str, parts: CheckpointParts, run_info: dict, device: torch.device
             write_run_state(partial, run_state)
     except OSError as e:
         error = e
-    if not _agree(error is None, device):
+    if not every_rank(error is None, device):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(f"--save {root}: writing iteration {iteration} failed ({error or 'on another rank'}); "

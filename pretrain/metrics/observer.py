@@ -1,6 +1,6 @@
-"""What the trainer calls around each step for --timing-*, --log-* (besides the losses), --profile and
-the expert-load picture (docs/OBSERVABILITY.md); the trainer hands the results to the one sink,
-pretrain/metrics/sink.py."""
+"""What the trainer calls around each step: the throughput and memory every run logs, --timing-*,
+--log-* (besides the losses), --profile and the expert-load picture (docs/OBSERVABILITY.md); the trainer
+hands the results to the one sink, pretrain/metrics/sink.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 from pretrain.metrics.heatmap import render
 from pretrain.metrics.profiling import StepProfiler
-from pretrain.metrics.run_stats import memory_scalars, params_norm
+from pretrain.metrics.run_stats import memory_gb, memory_scalars, params_norm
+from pretrain.metrics.throughput import step_throughput, tflops_per_gpu
 from pretrain.metrics.timing import SAVE, Timing
 
 
@@ -38,9 +39,10 @@ class Observer:
         self.profiler.before_step(done)
 
     def after_step(self, model, iteration: int, elapsed: float, tokens: int) -> StepReport:
-        """What to log after `iteration`; collectives where asked for (every rank calls it)."""
-        self.profiler.after_step(iteration)
-        scalars = {}
+        """What to log after `iteration`, which took `elapsed` seconds over `tokens` tokens (the global
+        batch); collectives where asked for (every rank calls it)."""
+        scalars = {**step_throughput(self.flops_per_token, tokens, elapsed, self.world_size), **memory_gb()}
+        self.profiler.after_step(iteration)  # after the peak is read: a trace's export is not the step's
         if self.obs.log_params_norm:
             scalars["params-norm"] = params_norm(model, self.device)
         if self.obs.log_memory_to_tensorboard:
@@ -54,7 +56,7 @@ class Observer:
         if self.obs.log_timers_to_tensorboard:
             scalars["iteration-time"] = seconds / n  # Megatron-LM's: seconds, averaged over the log interval
         if self.obs.log_throughput:
-            tflops = self.flops_per_token * interval_tokens / seconds / self.world_size / 1e12
+            tflops = tflops_per_gpu(self.flops_per_token, interval_tokens, seconds, self.world_size)
             scalars["throughput"] = tflops
             line.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
         timer_scalars, text = self.timing.collect(iterations=n)

@@ -1,5 +1,6 @@
-"""Per-step statistics that need every rank: memory (--log-memory-to-tensorboard) and the weights' norm
-(--log-params-norm). Both are collectives, on the runtime's device (NCCL takes no host tensor)."""
+"""Per-step statistics: memory (this rank's peak, always; every rank's with --log-memory-to-tensorboard)
+and the weights' norm (--log-params-norm). The ones over all ranks are collectives, on the runtime's
+device (NCCL takes no host tensor)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
+
+
+def peak_bytes() -> float:
+    """This rank's peak memory: CUDA's peak of allocated bytes, or on CPU the kernel's high-water mark of
+    the resident set (getrusage: KiB on Linux)."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.max_memory_allocated())
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def memory_gb() -> dict[str, float]:
+    """This rank's peak in GiB, read without synchronising (logged every iteration)."""
+    tag = "memory/max-allocated-gb" if torch.cuda.is_available() else "memory/max-rss-gb"
+    return {tag: peak_bytes() / 2**30}
 
 
 def _own_memory() -> tuple[dict[str, float], float]:
@@ -25,8 +40,8 @@ def _own_memory() -> tuple[dict[str, float], float]:
     import psutil
 
     rss = float(psutil.Process().memory_info().rss)
-    # the kernel's high-water mark (KiB on Linux) lags the current resident set: the peak is at least it
-    max_rss = max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), rss)
+    # the kernel's high-water mark lags the current resident set: the peak is at least it
+    max_rss = max(peak_bytes(), rss)
     return {"mem-cpu-rss-bytes": rss, "mem-cpu-max-rss-bytes": max_rss}, max_rss
 
 

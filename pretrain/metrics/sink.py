@@ -6,10 +6,7 @@ The logging rank is the last rank (it is on the last pipeline stage, where losse
 
 from __future__ import annotations
 
-import resource
 import sys
-
-import torch
 
 # (tag, label in the log line, format): Megatron-LM's labels where it prints the value
 LOG_LINE = (("lm loss", "lm loss", ".6E"), ("mtp loss", "mtp loss", ".6E"),
@@ -28,12 +25,6 @@ def acceptance_part(scalars: dict[str, float], suffix: str = "") -> list[str]:
         alphas.append(f"{scalars[f'mtp_{depth}_acceptance_alpha{suffix}']:.3f}")
         depth += 1
     return [f"mtp acceptance alpha: {'/'.join(alphas)}"] if alphas else []
-
-
-def memory_gb() -> dict:
-    if torch.cuda.is_available():
-        return {"memory/max-allocated-gb": torch.cuda.max_memory_allocated() / 2**30}
-    return {"memory/max-rss-gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class TensorBoardSink:

@@ -18,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from parallel.runtime import every_rank
+
 ENV = "GLM5_INJECT_FAULT"
 
 
@@ -70,14 +72,13 @@ class StepGuard:
     @staticmethod
     def grads_finite(chunks, device: torch.device) -> bool:
         """Every rank's gradients are finite (a collective; `device`: the runtime's, where NCCL reduces)."""
-        local = torch.ones(1, device=device)
+        finite = True
         for chunk in chunks:
             grads = [p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
             if grads and not all(torch.isfinite(n) for n in torch._foreach_norm(grads)):
-                local.zero_()
+                finite = False
                 break
-        dist.all_reduce(local, op=dist.ReduceOp.MIN)
-        return bool(local.item())
+        return every_rank(finite, device)
 
     def is_spike(self, loss: float | None) -> bool:
         return (loss is not None and self.spike_factor is not None and self.mean_loss is not None

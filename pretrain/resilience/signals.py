@@ -22,6 +22,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from parallel.runtime import agree
+
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -47,9 +49,7 @@ class StopSignal:
         `device` is where the backend reduces (CPU for gloo, the rank's GPU for NCCL)."""
         local = int(self.received) if self.received is not None else 0
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([local], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            local = int(flag.item())
+            local = agree(local, dist.ReduceOp.MAX, device, group)
         if local and self.agreed is None:
             self.agreed = signal.Signals(local)
             if not dist.is_initialized() or dist.get_rank() == 0:

@@ -118,6 +118,8 @@ def test_cpu_memory_is_the_resident_set_under_its_own_tags(full):
         # one rank: its peak is the highest and the lowest over ranks
         assert s["mem-peak-max-over-ranks-bytes"][it] == s["mem-peak-min-over-ranks-bytes"][it] == peak
         assert s["mem-peak-argmax-rank"][it] == 0
+        # the always-logged peak (GiB) is the kernel's high-water mark alone, read just before: at most this
+        assert 100e6 < s["memory/max-rss-gb"][it] * 2**30 <= peak * (1 + 1e-6)
 
 
 def test_params_norm_and_zeros_in_grad_are_the_models(full):
@@ -137,6 +139,9 @@ def test_throughput_and_validation_ppl(full):
         expected = full["measured"]["flops-per-token"] * tokens / s["iteration-time"][it] / 1e12
         assert s["throughput"][it] == pytest.approx(expected, rel=1e-5)
     assert "throughput per GPU (TFLOP/s/GPU):" in full["stdout"]
+    for it in range(1, ITERS + 1):  # each iteration's, by the same definition
+        per_gpu = full["measured"]["flops-per-token"] * s["throughput/tokens-per-sec"][it] / 1e12
+        assert s["throughput/tflops-per-gpu"][it] == pytest.approx(per_gpu, rel=1e-5)
     assert s["lm loss validation ppl"][4] == pytest.approx(math.exp(s["lm loss validation"][4]), rel=1e-5)
 
 
