@@ -82,7 +82,7 @@ class RunState:
 def layout_of(dims) -> dict:
     layout = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep, "etp": dims.expert_tp, "dp": dims.dp,
               "vpp": dims.layers_per_virtual_stage, "sp": dims.sequence_parallel}
-    if dims.pipeline_layout is not None:  # only then: earlier checkpoints' layouts stay equal to today's
+    if dims.pipeline_layout is not None:  # only then: a run without one matches checkpoints without the key
         layout["pp_layout"] = dims.pipeline_layout
     if getattr(dims, "hybrid_pattern", None) is not None:  # --hybrid-layer-pattern: its '|' are the stages
         layout["hybrid_pattern"] = dims.hybrid_pattern

@@ -1,18 +1,19 @@
-"""Checkpoints of an older format load into today's model: their tensors are converted as they load.
+"""Checkpoints of an older format load into the model this code builds: their tensors are converted as
+they load.
 
-Format 1 (this project before it adopted megatron-core 0.19.2's DSA indexer layout) kept each indexer
-head as [nope | rope]; today's (format 2) is [rope | nope], transformers' and megatron-core's
-(model/hf_mapping.py LEGACY_INDEXER). A load request's tensors with those names -- the weights and
-any optimizer state kept per parameter, e.g. Adam's moments, whose keys end in the parameter's
-name -- are wrapped in a dist_checkpointing factory whose merge applies the conversion after the
-read. The indexer is replicated over TP, so every rank reads whole tensors; a flattened slice (the
-distributed optimizer's) is read whole, converted, then sliced.
+Format 1 (run_state.json's format_version) keeps each DSA indexer head as [nope | rope]; format 2, the
+one written, is [rope | nope], transformers' and megatron-core 0.19.2's (model/hf_mapping.py
+LEGACY_INDEXER). A load request's tensors with those names -- the weights and any optimizer state kept
+per parameter, e.g. Adam's moments, whose keys end in the parameter's name -- are wrapped in a
+dist_checkpointing factory whose merge applies the conversion after the read. The indexer is replicated
+over TP, so every rank reads whole tensors; a flattened slice (the distributed optimizer's) is read
+whole, converted, then sliced.
 
-Key layout: a checkpoint written by megatron-core's GPTModel (this project before it moved to
-HybridModel, the 0.16 fixture, Megatron-Bridge 0.6.2's GLM-5) names a GLM layer's tensors as one layer
-(model/key_layout.py). It is recognized by its keys, and a load request's keys -- the weights' and
-every per-parameter optimizer state's -- are renamed to the checkpoint's before the read: the tensors
-are the same, only their names differ.
+Key layout: this code builds a HybridModel; a checkpoint written by megatron-core's GPTModel (this
+project's GPTModel builds, the 0.16 fixture, Megatron-Bridge 0.6.2's GLM-5) names a GLM layer's tensors
+as one layer (model/key_layout.py). It is recognized by its keys, and a load request's keys -- the
+weights' and every per-parameter optimizer state's -- are renamed to the checkpoint's before the read:
+the tensors are the same, only their names differ.
 """
 
 from __future__ import annotations
