@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from parallel import runtime as rt  # noqa: E402
 from pretrain.config.arguments import build_parser, config_from_args  # noqa: E402
+from pretrain.metrics.run_stats import memory_gb  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         tokens = statistics.median(h["throughput/tokens-per-sec"] for h in history)
         tflops = statistics.median(h["throughput/tflops-per-gpu"] for h in history)
         name, peak = device_peak()
-        memory = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0) / 2**30
+        (memory,) = memory_gb().values()  # this rank's peak as the trainer logs it (CUDA: since the reset)
         if runtime.rank == runtime.world_size - 1:
             print(json.dumps({
                 "preset": cfg.preset, "device": name, "world_size": runtime.world_size,
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
                 "timing_log_level": cfg.observability.timing_log_level,
                 "tokens_per_sec": tokens, "tflops_per_gpu": tflops,
                 "mfu": tflops / peak if peak else None,
-                "peak_memory_gb": memory if torch.cuda.is_available() else history[-1].get("memory/max-rss-gb"),
+                "peak_memory_gb": memory,
                 "lm_loss": history[-1].get("lm loss"),
             }), flush=True)
         trainer.close()
