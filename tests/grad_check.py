@@ -35,8 +35,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as a script, Python puts tests/ first on the path, where tests/parallel/ (the mirrored tests) would
+# shadow the repository's parallel/ package: the repository root goes first instead.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p not in (str(ROOT), str(ROOT / "tests"))]
 
 from tests.helpers import child_env, free_port, read_scalars  # noqa: E402
 
