@@ -6,31 +6,34 @@ checkpoints and the HF export map -- are the same on both. Layers 0..first_k_den
 dense SwiGLU MLP, the rest (and the MTP layer) an MoE block with one shared expert.
 Norms stay separate modules (not TE's fused LayerNormLinear) so the D1 fix below has a place.
 
-Where the attention lives (`attention_spec`; the same classes on both backends -- the local one shards
-MLA's q/kv down projections over TP, TE's replicates them):
+Where the attention lives (`attention_spec`; "<": subclass of, ".x": its submodule x). The classes are
+the same on both backends (LocalBackend, te_backend below): only the linears and norms in their slots
+differ -- the local backend shards MLA's q/kv down projections over TP, TE's replicates them.
 
 --dsa-kernel-backend blockwise | triton (ours; the default):
-  GLMAttention                modules/attention_recompute.py: selective recompute of the core attention
-                              (--recompute-modules core_attn) with its per-forward inputs in the checkpoint
-   < CPMLASelfAttention       modules/cp_attention.py: the latent form of MLA at any CP size -- queries at
-                              this rank's global positions, ONE all-gather (CP; TP x CP under SP) of every
-                              token's [latent | k_pe | k_I], handed on as `LatentAttentionInputs`
-   < MLASelfAttention         megatron-core: projections, the forward, linear_proj
-    .core_attention           GLMSparseAttention, modules/dsa.py: indexer -> top-k -> attention -> KL loss
-      .indexer                GLMIndexer, modules/dsa.py: megatron-core's DSAIndexer at global positions;
-                              None on an IndexShare shared layer
-    its path (`resolved_path`):  blockwise: modules/dsa_blockwise.py, O(S*k) memory (running top-k over
-                              key chunks, sparse MLA on the latent rows, the KL per block of queries);
-                              triton: model/kernels/ for the score tiles and the sparse MLA (CUDA);
-                              dense (`dsa_path`, tests and tools): megatron-core's unfused [b, h, s_q, S] form
+  GLMAttention            modules/attention_recompute.py: selective recompute of the core attention
+                          (--recompute-modules core_attn) with its per-forward inputs in the checkpoint
+   < CPMLASelfAttention   modules/cp_attention.py: the latent form of MLA at any CP size -- queries at this
+                          rank's global positions, ONE all-gather (CP; TP x CP under SP) of every token's
+                          [latent | k_pe | k_I], handed on as `LatentAttentionInputs`
+   < MLASelfAttention     megatron-core: the projections, the forward, linear_proj
+  .core_attention         GLMSparseAttention, modules/dsa.py: indexer -> top-k -> attention -> KL loss, on
+                          the path `resolved_path` picks: blockwise (modules/dsa_blockwise.py, O(S*k)
+                          memory: running top-k over key chunks, sparse MLA on the latent rows, the KL per
+                          block of queries), triton (model/kernels/: the score tiles and the sparse MLA on
+                          CUDA, the rest blockwise), dense (`dsa_path`, tests and tools: megatron-core's
+                          unfused [b, heads, s_q, S] functions, the reference)
+  .core_attention.indexer GLMIndexer < DSAIndexer, modules/dsa.py: at global positions; None on an
+                          IndexShare shared layer
 --dsa-kernel-backend none | tilelang | cudnn (megatron-core's, `upstream_attention_spec`):
-  AbsorbedMLASelfAttention > GLMDSAttention (modules/topk_share.py, its DSAttention) > DSAIndexer; CP
-  (allgather) and selective recompute are megatron-core's own.
+  AbsorbedMLASelfAttention (megatron-core; its own CP, allgather, and selective recompute)
+  .core_attention         GLMDSAttention < DSAttention, modules/topk_share.py (IndexShare's replay only)
+  .core_attention.indexer DSAIndexer (megatron-core)
 Dense attention has no class of its own: the DSA warm-up (pretrain/recipe.py) sets top-k to every key.
 IndexShare: model/index_share.py turns the per-layer "full"/"shared" list into each layer's ShareRole;
   modules/topk_share.py's IndexShareState (one per model chunk, made here, handed to every core
   attention by its spec) holds the roles and the top-k in flight. GLMSparseAttention publishes and
-  takes by role; megatron-core's DSAttention shares by its own dsa_indexer_topk_freq/offset
+  takes by its role; megatron-core's DSAttention shares by its own dsa_indexer_topk_freq/offset
   (model/mcore_config.py). Under full or selective recompute both replay what a shared layer's first
   pass read (`topk_share.take`).
 The MTP layer: the same attention with `layer_number_offset` = num_layers, never sharing.
