@@ -17,7 +17,19 @@ decoder layers only) and megatron-core numbers the MTP layer 1, a computing laye
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 FULL, SHARED = "full", "shared"
+
+
+@dataclass(frozen=True)
+class ShareRole:
+    """What one decoder layer's core attention does in IndexShare (a layer with no role: full, and no
+    layer shares from it)."""
+
+    source: int | None = None  # shared: the layer number of the full layer whose top-k it reads
+    last: bool = False  # shared: the group's last sharer, which drops the source's top-k once read
+    publishes: bool = False  # full: the next layer shares its top-k
 
 
 def from_schedule(num_layers: int, freq: int, offset: int) -> list[str]:
@@ -68,6 +80,19 @@ def source_layer(types, i: int) -> int:
     while types[i] != FULL:
         i -= 1
     return i
+
+
+def roles(types, number) -> dict[int, ShareRole]:
+    """The ShareRole of each decoder layer that shares or is shared from, by its layer number
+    `number(i)` (i 0-based; GPTModel's i + 1, model/layer_pattern.py hybrid_layer_number in a hybrid stack)."""
+    out = {}
+    for i, t in enumerate(types):
+        following = types[i + 1] if i + 1 < len(types) else FULL
+        if t == SHARED:
+            out[number(i)] = ShareRole(source=number(source_layer(types, i)), last=following == FULL)
+        elif following == SHARED:
+            out[number(i)] = ShareRole(publishes=True)
+    return out
 
 
 def megatron_core_schedule(types) -> tuple[int, int] | None:

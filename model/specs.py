@@ -5,6 +5,38 @@ norm classes fill the slots; the structure is the same, so the parameter names -
 checkpoints and the HF export map -- are the same on both. Layers 0..first_k_dense_replace-1 get a
 dense SwiGLU MLP, the rest (and the MTP layer) an MoE block with one shared expert.
 Norms stay separate modules (not TE's fused LayerNormLinear) so the D1 fix below has a place.
+
+Where the attention lives (`attention_spec`; "<": subclass of, ".x": its submodule x). The classes are
+the same on both backends (LocalBackend, te_backend below): only the linears and norms in their slots
+differ -- the local backend shards MLA's q/kv down projections over TP, TE's replicates them.
+
+--dsa-kernel-backend blockwise | triton (ours; the default):
+  GLMAttention            modules/attention_recompute.py: selective recompute of the core attention
+                          (--recompute-modules core_attn) with its per-forward inputs in the checkpoint
+   < CPMLASelfAttention   modules/cp_attention.py: the latent form of MLA at any CP size -- queries at this
+                          rank's global positions, ONE all-gather (CP; TP x CP under SP) of every token's
+                          [latent | k_pe | k_I], handed on as `LatentAttentionInputs`
+   < MLASelfAttention     megatron-core: the projections, the forward, linear_proj
+  .core_attention         GLMSparseAttention, modules/dsa.py: indexer -> top-k -> attention -> KL loss, on
+                          the path `resolved_path` picks: blockwise (modules/dsa_blockwise.py, O(S*k)
+                          memory: running top-k over key chunks, sparse MLA on the latent rows, the KL per
+                          block of queries), triton (model/kernels/: the score tiles and the sparse MLA on
+                          CUDA, the rest blockwise), dense (`dsa_path`, tests and tools: megatron-core's
+                          unfused [b, heads, s_q, S] functions, the reference)
+  .core_attention.indexer GLMIndexer < DSAIndexer, modules/dsa.py: at global positions; None on an
+                          IndexShare shared layer
+--dsa-kernel-backend none | tilelang | cudnn (megatron-core's, `upstream_attention_spec`):
+  AbsorbedMLASelfAttention (megatron-core; its own CP, allgather, and selective recompute)
+  .core_attention         GLMDSAttention < DSAttention, modules/topk_share.py (IndexShare's replay only)
+  .core_attention.indexer DSAIndexer (megatron-core)
+Dense attention has no class of its own: the DSA warm-up (pretrain/recipe.py) sets top-k to every key.
+IndexShare: model/index_share.py turns the per-layer "full"/"shared" list into each layer's ShareRole;
+  modules/topk_share.py's IndexShareState (one per model chunk, made here, handed to every core
+  attention by its spec) holds the roles and the top-k in flight. GLMSparseAttention publishes and
+  takes by its role; megatron-core's DSAttention shares by its own dsa_indexer_topk_freq/offset
+  (model/mcore_config.py). Under full or selective recompute both replay what a shared layer's first
+  pass read (`topk_share.take`).
+The MTP layer: the same attention with `layer_number_offset` = num_layers, never sharing.
 """
 
 from __future__ import annotations
@@ -28,13 +60,12 @@ from megatron.core.transformer.multi_token_prediction import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from model import index_share as share
 from model.modules.attention_recompute import GLMAttention
 from model.modules.dsa import GLMIndexer, GLMSparseAttention
 from model.modules.linear import DuplicatedLinear
 from model.mcore_config import UPSTREAM_DSA_BACKENDS
 from model.modules.norms import LayerNorm, RMSNorm, apex_rmsnorm, fixed_eps_norm
-from model.modules.topk_share import GLMDSAttention
+from model.modules.topk_share import GLMDSAttention, IndexShareState
 
 LATENT_NORM_EPS = 1e-6  # HF's q_a_layernorm / kv_a_layernorm (docs/HF_MAPPING.md, D2)
 
@@ -50,8 +81,6 @@ class LocalBackend(LocalSpecProvider):
     def linear(self) -> type:
         return DuplicatedLinear
 
-    replicated_down_projection = False
-
     def down_projection(self) -> type:
         # MLA accepts ColumnParallelLinear here (it gathers the sharded output itself).
         return ColumnParallelLinear
@@ -62,8 +91,6 @@ def te_backend():
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
     class TEBackend(TESpecProvider):
-        replicated_down_projection = True
-
         def layer_norm(self, rms_norm: bool = True, for_qk: bool = False, has_residual: bool = False) -> type:
             return TENorm  # RMSNorm or LayerNorm by the config's `normalization` (the indexer's: LayerNorm)
 
@@ -77,37 +104,21 @@ def get_backend(use_te: bool):
     return te_backend() if use_te else LocalBackend()
 
 
-def index_share_params(tconfig, layer_id: int | None, number=lambda i: i + 1) -> dict | None:
-    """IndexShare of decoder layer `layer_id` (0-based; None: the MTP layer, always full) for our core
-    attention: {"source": number, "last": bool} when shared, {"publishes": True} when a full layer
-    that the next layer shares from, else None. `number`: a 0-based GLM layer's layer number
-    (GPTModel's i + 1; model/layer_pattern.py hybrid_layer_number in a hybrid stack)."""
-    types = getattr(tconfig, "glm_indexer_types", None)
-    if layer_id is None or not types:
-        return None
-    following = types[layer_id + 1] if layer_id + 1 < len(types) else share.FULL
-    if types[layer_id] == share.SHARED:
-        return {"source": number(share.source_layer(types, layer_id)), "last": following == share.FULL}
-    return {"publishes": True} if following == share.SHARED else None
-
-
-def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int | None = None,
-                   index_share_by_layer: dict | None = None) -> ModuleSpec:
+def attention_spec(backend, tconfig, layer_number_offset: int = 0,
+                   index_share_state: IndexShareState | None = None) -> ModuleSpec:
     """The attention of every layer: megatron-core's for its --dsa-kernel-backend values, ours for
     blockwise and triton. The parameters (names, shapes, layouts) are the same either way; a shared
-    IndexShare layer (`layer_id`, or by layer number `index_share_by_layer`, model/index_share.py) has
-    no indexer in either."""
+    IndexShare layer (by its role in `index_share_state`, model/modules/topk_share.py; None: no
+    sharing) has no indexer in either."""
     latent_norm = fixed_eps_norm(backend.layer_norm(rms_norm=True), LATENT_NORM_EPS)
     if tconfig.dsa_kernel_backend in UPSTREAM_DSA_BACKENDS:
-        return upstream_attention_spec(backend, tconfig, latent_norm)
+        return upstream_attention_spec(backend, tconfig, latent_norm, index_share_state)
     indexer = ModuleSpec(
         module=GLMIndexer,
         submodules=DSAIndexerSubmodules(linear_wq_b=backend.linear(), linear_wk=backend.linear(),
                                         k_norm=backend.layer_norm(rms_norm=False, for_qk=True),
                                         linear_weights_proj=backend.linear()),
     )
-    # megatron's MLASelfAttention, plus context parallelism for the DSA core attention
-    # (model/modules/cp_attention.py) and its selective recompute (attention_recompute.py).
     return ModuleSpec(
         module=GLMAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -121,18 +132,13 @@ def attention_spec(backend, tconfig, layer_number_offset: int = 0, layer_id: int
             linear_kv_up_proj=backend.column_parallel_linear(),
             core_attention=ModuleSpec(
                 module=GLMSparseAttention, submodules=DSAttentionSubmodules(indexer=indexer),
-                # TE's replicated down projection gathers k_pe over the sequence under SP, whose
-                # backward already sums its gradient over TP; the local path never does.
-                params={"rope_grad_summed_by_sp_gather": backend.replicated_down_projection,
-                        "layer_number_offset": layer_number_offset,
-                        "index_share": index_share_params(tconfig, layer_id),
-                        "index_share_by_layer": index_share_by_layer}),
+                params={"layer_number_offset": layer_number_offset, "index_share_state": index_share_state}),
             linear_proj=backend.row_parallel_linear(),
         ),
     )
 
 
-def upstream_attention_spec(backend, tconfig, latent_norm) -> ModuleSpec:
+def upstream_attention_spec(backend, tconfig, latent_norm, index_share_state=None) -> ModuleSpec:
     """megatron-core's own GLM-5 attention (`get_dsa_module_spec_for_backend`: AbsorbedMLASelfAttention,
     DSAttention, DSAIndexer), with two slots changed. Its q/kv latent norms take the one
     `layernorm_epsilon` (1e-5) where transformers uses 1e-6 (docs/HF_MAPPING.md, D2): fixed-eps norms here.
@@ -142,6 +148,7 @@ def upstream_attention_spec(backend, tconfig, latent_norm) -> ModuleSpec:
     subclass reads a shared layer's top-k exactly under recompute (model/modules/topk_share.py)."""
     spec = get_dsa_module_spec_for_backend(tconfig, backend)
     spec.submodules.core_attention.module = GLMDSAttention
+    spec.submodules.core_attention.params = {"index_share_state": index_share_state}
     sub = spec.submodules
     sub.q_layernorm = sub.kv_layernorm = latent_norm
     sub.linear_q_down_proj = sub.linear_kv_down_proj = backend.down_projection()
@@ -156,8 +163,9 @@ def mlp_spec(backend, moe: bool, grouped_gemm: bool) -> ModuleSpec:
 
 
 def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_offset: int = 0,
-               layer_id: int | None = None) -> ModuleSpec:
-    """Decoder layer `layer_id` (0-based); the MTP layer's inner layer (layer_id None) with
+               index_share_state: IndexShareState | None = None) -> ModuleSpec:
+    """A decoder layer of GPTModel's build (one IndexShareState.for_config(tconfig) for all of a chunk's
+    layers); the MTP layer's inner layer (no `index_share_state`: always full) with
     `layer_number_offset` = num_layers (megatron-core numbers it 1: the offset files its DSA statistics
     after the decoder's)."""
     norm = backend.layer_norm(rms_norm=True)
@@ -165,7 +173,7 @@ def layer_spec(backend, tconfig, moe: bool, grouped_gemm: bool, layer_number_off
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=attention_spec(backend, tconfig, layer_number_offset, layer_id),
+            self_attention=attention_spec(backend, tconfig, layer_number_offset, index_share_state),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=mlp_spec(backend, moe, grouped_gemm),
@@ -184,10 +192,9 @@ def _hybrid_submodules(backend, tconfig, mtp: bool):
     grouped = bool(tconfig.moe_grouped_gemm)
     if mtp:  # the MTP layer: always full, counted after the decoder's layers (model/modules/hybrid.py)
         attention = attention_spec(backend, tconfig, layer_number_offset=tconfig.num_layers)
-    else:
-        by_layer = {hybrid_layer_number(i): index_share_params(tconfig, i, number=hybrid_layer_number)
-                    for i in range(len(getattr(tconfig, "glm_indexer_types", ()) or ()))}
-        attention = attention_spec(backend, tconfig, index_share_by_layer=by_layer)
+    else:  # one IndexShareState for this chunk's attention layers, by their hybrid layer numbers
+        attention = attention_spec(backend, tconfig,
+                                   index_share_state=IndexShareState.for_config(tconfig, number=hybrid_layer_number))
 
     def mlp_layer(moe: bool) -> ModuleSpec:
         # HybridStack marks only its attention layers `is_mtp_layer`: the MTP layer's MoE needs it too, or its

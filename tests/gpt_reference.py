@@ -33,9 +33,12 @@ def build_gpt_model(cfg, tconfig, use_te: bool):
     """GPTModel on `tconfig` from gpt_config (megatron-core prints its deprecation warning)."""
     from megatron.core.models.gpt import GPTModel
 
+    from model.modules.topk_share import IndexShareState
+
     backend = get_backend(use_te)
     grouped = bool(tconfig.moe_grouped_gemm)
-    layers = [layer_spec(backend, tconfig, moe=cfg.is_moe_layer(i), grouped_gemm=grouped, layer_id=i)
+    share = IndexShareState.for_config(tconfig)
+    layers = [layer_spec(backend, tconfig, moe=cfg.is_moe_layer(i), grouped_gemm=grouped, index_share_state=share)
               for i in range(cfg.num_hidden_layers)]
     mtp = None
     if tconfig.mtp_num_layers:

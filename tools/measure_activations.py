@@ -128,6 +128,7 @@ def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, devic
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     from model.mcore_config import ModelOptions, to_transformer_config
+    from model.modules.topk_share import IndexShareState
     from model.specs import get_backend, layer_spec
 
     options = ModelOptions(tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_tensor_parallel_size=1,
@@ -136,7 +137,8 @@ def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, devic
                            recompute_modules=modules, dsa_indexer_loss_coeff=1.0, dsa_indexer_use_sparse_loss=True)
     tconfig = to_transformer_config(cfg, options)
     tconfig.perform_initialization = False  # megatron's CPU init builds fp32 masters: seconds per layer
-    spec = layer_spec(get_backend(False), tconfig, moe=cfg.first_k_dense_replace == 0, grouped_gemm=False, layer_id=0)
+    spec = layer_spec(get_backend(False), tconfig, moe=cfg.first_k_dense_replace == 0, grouped_gemm=False,
+                      index_share_state=IndexShareState.for_config(tconfig))
     block = TransformerBlock(tconfig, TransformerBlockSubmodules(layer_specs=[spec], layer_norm=None),
                              post_layer_norm=False)
     block = block.to(device).train()

@@ -1,8 +1,8 @@
-"""Context parallelism for GLM-5's MLA + DSA attention (megatron-core 0.16.1 had none; 0.19.2's
-DSAttention has CP only with cp_comm_type "allgather" inside its own absorbed-MLA module, which
---dsa-kernel-backend none/tilelang/cudnn builds; it needs sequence parallelism with TP > 1 and refuses the
-indexer loss there, which this module does not), and the latent
-form of MLA that the DSA core attention runs on at any CP size (CP = 1 is the one-chunk case).
+"""Context parallelism for GLM-5's MLA + DSA attention, and the latent form of MLA that the DSA core
+attention runs on at any CP size (CP = 1 is the one-chunk case). megatron-core 0.19.2's own CP for DSA
+lives in its absorbed-MLA module (--dsa-kernel-backend none/tilelang/cudnn): cp_comm_type "allgather"
+only, sequence parallelism required with TP > 1 and the indexer loss refused there; this module has
+none of those limits.
 
 Layout (Megatron-LM's convention): the sequence of S tokens is cut into 2·CP chunks of S/(2·CP);
 CP rank r holds chunks r and 2·CP-1-r, so every rank has the same causal work (an early chunk with
@@ -89,10 +89,12 @@ def to_global_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
 
 
 class CPMLASelfAttention(MLASelfAttention):
-    """megatron-core's MLA self-attention, with context parallelism for the DSA core attention.
+    """megatron-core's MLA self-attention in the latent form, with context parallelism, for the DSA core
+    attention GLMSparseAttention (every spec of model/specs.py builds that).
 
-    With CP = 1 it is MLASelfAttention unchanged. With CP > 1 only `get_query_key_value_tensors`
-    differs (module docstring); parameters, their names and the rest of the forward are megatron's.
+    Only `get_query_key_value_tensors` differs (module docstring), at any CP size; parameters, their
+    names and the rest of the forward are megatron's. With another core attention it is
+    MLASelfAttention unchanged (and CP 1 only).
     """
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.padding,

@@ -48,6 +48,7 @@ from megatron.core.transformer.experimental_attention_variant.dsa import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
+from model.index_share import ShareRole
 from model.modules import dsa_blockwise as blockwise
 from model.modules import topk_share
 from model.modules.documents import document_mask, rope_freqs
@@ -147,20 +148,16 @@ class GLMSparseAttention(MegatronModule):
     def __init__(self, config, submodules, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout=None, softmax_scale=None, k_channels=None,
                  v_channels=None, cp_comm_type=None, pg_collection=None,
-                 rope_grad_summed_by_sp_gather: bool = False, layer_number_offset: int = 0,
-                 index_share: dict | None = None, index_share_by_layer: dict | None = None):
-        # rope_grad_summed_by_sp_gather: kept for the specs; the latent gather of cp_attention.py
-        # now sums the shared rope key's gradient over TP on every backend.
+                 layer_number_offset: int = 0, index_share_state: topk_share.IndexShareState | None = None):
         # layer_number_offset: num_layers in the MTP layer, whose inner layer megatron-core numbers 1
         # (model/specs.py), so that its indexer loss is tracked after the decoder's, not on layer 1's.
-        # index_share (model/specs.py, IndexShare): {"source": the full layer's number} on a shared
-        # layer (no indexer of its own; "last": the group's last), {"publishes": True} on a full layer
-        # that others share from; None: neither. index_share_by_layer: the same by layer number, for a spec
-        # that builds every attention layer of a hybrid stack (model/specs.py hybrid_stack_spec).
+        # index_share_state (IndexShare, model/modules/topk_share.py): the chunk's; this layer's role is
+        # read from it by layer number (a shared layer builds no indexer). None: no sharing (the MTP layer).
         super().__init__(config=config)
         self.layer_number = layer_number + layer_number_offset
-        self.index_share = index_share or (index_share_by_layer or {}).get(layer_number) or {}
-        self.indexer = (None if "source" in self.index_share else
+        self.index_share_state = index_share_state or topk_share.IndexShareState()
+        self.share_role = self.index_share_state.roles.get(self.layer_number, ShareRole())
+        self.indexer = (None if self.share_role.source is not None else
                         build_module(submodules.indexer, config=config, pg_collection=pg_collection))
         # megatron's Attention base builds core attention once without k_channels before MLA
         # rebuilds it with them; the first instance is discarded.
@@ -202,7 +199,7 @@ class GLMSparseAttention(MegatronModule):
         tp_group = self.indexer.pg_collection.tp
         attend = self._dense_topk if path == "dense" else self._sparse_topk
         output, loss, topk = attend(query, key, inputs, q_i, w, coeff if with_loss else 0.0, tp_group, path)
-        if self.index_share.get("publishes"):
+        if self.share_role.publishes:
             topk_share.publish(self, topk)
         if with_loss:
             # Logged value: CP ranks hold equal numbers of queries, so their mean is the global mean.
@@ -224,7 +221,7 @@ class GLMSparseAttention(MegatronModule):
     def _shared(self, query, key, inputs, path):
         """A shared layer: the source layer's top-k of this micro-batch (topk_share.take, exact
         under recompute), no indexer, no indexer loss."""
-        topk = topk_share.take(self, self.index_share["source"], last=self.index_share.get("last", False))
+        topk = topk_share.take(self, self.share_role.source, last=self.share_role.last)
         attend = self._dense_topk if path == "dense" else self._sparse_topk
         output, _, _ = attend(query, key, inputs, None, None, 0.0, None, path, topk=topk)
         return output

@@ -1,10 +1,10 @@
 """GLM-5's RoPE on MLA's rope dims and the DSA indexer's: interleaved pairs (0,1), (2,3), ... as HF's
 `apply_rotary_pos_emb_interleave` (docs/HF_MAPPING.md, section 2).
 
-megatron-core's `apply_rotary_pos_emb` de-interleaves (`cat(t[0::2], t[1::2])`) and rotates halves when
-asked: up to 0.16.1 it asked `config.multi_latent_attention`; from 0.19 an argument
-`mla_rotary_interleaved` that defaults to False, so a call that does not pass it silently rotates the
-wrong pairs. Every RoPE of ours goes through here (tests/parallel/test_compat.py holds it to the formula).
+megatron-core 0.19.2's `apply_rotary_pos_emb` de-interleaves (`cat(t[0::2], t[1::2])`) and rotates halves
+only when its argument `mla_rotary_interleaved` is True; it defaults to False, so a call that does not pass
+it silently rotates the wrong pairs. Every RoPE of ours goes through here (tests/parallel/test_compat.py
+holds it to the formula).
 """
 
 from __future__ import annotations

@@ -157,5 +157,5 @@ def test_recompute_uses_each_micro_batchs_own_top_k(world, backend, recompute, m
             monkeypatch.setattr(topk_share.GLMDSAttention, name, getattr(DSAttention, name))
     else:
         monkeypatch.setattr(topk_share, "take", lambda m, source, value=None, last=False:
-                            topk_share.holder(m.config)[source])
+                            m.index_share_state.published[source])
     assert worst(microbatch_step(rec, batches, "F0 F1 B0 B1")) > 1e-2
