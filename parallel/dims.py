@@ -29,7 +29,6 @@ class ParallelDims:
     # --pipeline-model-parallel-layout: megatron-core's per-stage layer lists ("Et|tt|...|tmL"), which
     # also sets the virtual stages (len / PP); None: num_hidden_layers split evenly
     pipeline_layout: str | None = None
-    mtp_num_layers: int | None = None  # --mtp-num-layers (MTP depths; default the config's MTP layers)
     # --hybrid-layer-pattern (model/layer_pattern.py): its '|' segments are the (virtual) stages
     hybrid_pattern: str | None = None
 
@@ -61,7 +60,12 @@ class ParallelDims:
         return (f"world={self.world_size} TP={self.tp}{'+SP' if self.sequence_parallel else ''} "
                 f"PP={self.pp} CP={self.cp} DP={self.dp} EP={self.ep} ETP={self.expert_tp}")
 
-    def validate(self, cfg: GLM5Config, seq_length: int, micro_batch_size: int, global_batch_size: int) -> None:
+    def validate(self, cfg: GLM5Config, seq_length: int, micro_batch_size: int, global_batch_size: int,
+                 mtp_num_layers: int | None = None) -> None:
+        """Every constraint of this layout for `cfg`; `mtp_num_layers`: --mtp-num-layers (the MTP depths
+        the layouts place; default the config's)."""
+        depths = cfg.mtp_depths(mtp_num_layers)
+
         def need(cond: bool, msg: str):
             if not cond:
                 raise LayoutError(msg)
@@ -104,12 +108,12 @@ class ParallelDims:
         need(cfg.intermediate_size % self.tp == 0,
              f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
         if self.hybrid_pattern is not None:
-            self.validate_hybrid_pattern(cfg)
+            self.validate_hybrid_pattern(cfg, depths)
         elif self.pipeline_layout is not None:
             need(self.layers_per_virtual_stage is None,
                  "--pipeline-model-parallel-layout sets the virtual stages itself: drop "
                  "--num-layers-per-virtual-pipeline-stage")
-            self._validate_pipeline_layout(cfg)
+            self._validate_pipeline_layout(cfg, depths)
         else:
             need(cfg.num_hidden_layers % self.pp == 0,
                  f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
@@ -148,18 +152,17 @@ class ParallelDims:
                               "--num-layers-per-virtual-pipeline-stage (or virtual stages in "
                               "--pipeline-model-parallel-layout)")
         if cfg.shares_top_k and self.pp > 1:
-            self._validate_index_share(cfg)
+            self._validate_index_share(cfg, depths)
         need(seq_length <= cfg.max_position_embeddings,
              f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
 
-    def _validate_pipeline_layout(self, cfg: GLM5Config) -> None:
+    def _validate_pipeline_layout(self, cfg: GLM5Config, depths: int) -> None:
         """megatron-core's own checks of the layout (embedding first, loss last, every decoder layer once, the
         MTP layer after them in a last virtual stage), as a LayoutError naming the flag; and ours: the MTP
         layer on the last pipeline stage, where the loss function computes its loss."""
         from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
         flag = f"--pipeline-model-parallel-layout {self.pipeline_layout!r}"
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         try:
             layout = PipelineParallelLayerLayout(self.pipeline_layout, self.pp)
             standalone_mtp = layout.validate_layer_layout(cfg.num_hidden_layers, depths or None)
@@ -171,7 +174,7 @@ class ParallelDims:
                               "(an MTP stage of its own is not supported here yet)")
 
 
-    def validate_hybrid_pattern(self, cfg: GLM5Config) -> None:
+    def validate_hybrid_pattern(self, cfg: GLM5Config, depths: int) -> None:
         from model import layer_pattern
 
         flag = f"--hybrid-layer-pattern {self.hybrid_pattern!r}"
@@ -179,7 +182,6 @@ class ParallelDims:
                              ("--num-layers-per-virtual-pipeline-stage", self.layers_per_virtual_stage)]:
             if given is not None:
                 raise LayoutError(f"{flag} marks the (virtual) pipeline stages itself ('|'): drop {other}")
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         try:
             layer_pattern.check(self.hybrid_pattern, cfg, depths, self.pp)
         except ValueError as e:
@@ -195,7 +197,7 @@ class ParallelDims:
         return (layer_pattern.pipeline_stages(num_layers, self.pp, self.vpp(num_layers), self.pipeline_layout)
                 or [list(range(num_layers))])
 
-    def _validate_index_share(self, cfg: GLM5Config) -> None:
+    def _validate_index_share(self, cfg: GLM5Config, depths: int) -> None:
         """IndexShare: a shared layer takes its top-k from the full layer before it within its own
         stage (the indices do not travel between stages: docs/MODEL.md, "IndexShare")."""
         from model import index_share
@@ -211,7 +213,6 @@ class ParallelDims:
                 f"--pipeline-model-parallel-size {self.pp}" + (f" with --num-layers-per-virtual-pipeline-stage "
                                                                 f"{self.layers_per_virtual_stage}"
                                                                 if self.layers_per_virtual_stage else ""))
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         raise LayoutError(
             f"{flag} puts layer {layer} in another pipeline stage than layer {source}, whose DSA top-k it "
             f"shares (indexer_types: {len(split)} shared layer(s) cut off from their full layer, e.g. "
