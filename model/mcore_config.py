@@ -129,10 +129,7 @@ def hybrid_pattern(c: GLM5Config, o: ModelOptions, dims: ParallelDims) -> str:
     GLM layers) or an even split over PP x VPP (model/layer_pattern.py)."""
     depths = c.mtp_depths(o.mtp_num_layers)
     if dims.hybrid_pattern is not None:
-        if dims.pipeline_layout is not None:
-            raise ValueError("--hybrid-layer-pattern marks the pipeline stages itself ('|'): drop "
-                             "--pipeline-model-parallel-layout (Megatron-LM refuses the two together)")
-        layer_pattern.check(dims.hybrid_pattern, c, depths, dims.pp)
+        dims.validate_hybrid_pattern(c, depths)
         return dims.hybrid_pattern
     stages = layer_pattern.pipeline_stages(c.num_hidden_layers, dims.pp, dims.vpp(c.num_hidden_layers),
                                            dims.pipeline_layout)

@@ -1,7 +1,9 @@
 """ParallelDims: the one validated description of the parallel layout.
 
 Every constraint is checked here, before anything is allocated, with an error that names the
-flag and the numbers. Later code asks this object for degrees instead of recomputing them.
+flag and the numbers. Later code asks this object for degrees instead of recomputing them: the model
+config (model/mcore_config.py) and the process groups (parallel/runtime.py) read it, and nothing else
+holds a copy.
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ class ParallelDims:
             raise LayoutError(f"{flag}: put the MTP layer ('m') in the last pipeline stage, beside the loss ('L') "
                               "(an MTP stage of its own is not supported here yet)")
 
-
     def validate_hybrid_pattern(self, cfg: GLM5Config, depths: int) -> None:
+        """--hybrid-layer-pattern against `cfg` with `depths` MTP depths, and alone in marking the stages."""
         from model import layer_pattern
 
         flag = f"--hybrid-layer-pattern {self.hybrid_pattern!r}"
