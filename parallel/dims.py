@@ -8,9 +8,34 @@ holds a copy.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from model.config import GLM5Config
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    """The layout's flags (Megatron-LM's names), in a "parallelism" group that is returned for the engine's."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
+                        "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
+                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself; translated into the hybrid "
+                        "layer pattern's stages)")
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="Megatron-LM's hybrid layer pattern, checked against the model config: each GLM layer "
+                        "'D' (DSA attention) then '-' (dense MLP) or 'E' (MoE), '|' between pipeline stages "
+                        "(virtual-stage-major), '/DE' per MTP depth, e.g. 'D-DE|DEDE/DE' (default: the config's)")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    return g
 
 
 class LayoutError(ValueError):
@@ -33,6 +58,16 @@ class ParallelDims:
     pipeline_layout: str | None = None
     # --hybrid-layer-pattern (model/layer_pattern.py): its '|' segments are the (virtual) stages
     hybrid_pattern: str | None = None
+
+    @classmethod
+    def from_args(cls, args, world_size: int) -> "ParallelDims":
+        """The layout of the flags `add_arguments` declares (not yet validated: `validate`)."""
+        return cls(world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                   cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+                   etp=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+                   layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                   microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
+                   pipeline_layout=args.pipeline_model_parallel_layout, hybrid_pattern=args.hybrid_layer_pattern)
 
     @property
     def dp(self) -> int:

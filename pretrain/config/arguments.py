@@ -17,6 +17,7 @@ from model.config import DEFAULT_VOCAB_DIVISIBLE_BY, GLM5Config, padded_vocab_si
 from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
 from model.modules.mtp_objective import MTP_LOSS_TYPES
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
+from parallel import dims as parallel_dims
 from parallel.dims import ParallelDims
 from pretrain.checkpoint import bridge_format, stages
 from pretrain.engine import muon, optimizer
@@ -102,25 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-modules", nargs="+", default=None,
                    help="with selective: megatron-core's module names (default core_attn)")
 
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--pipeline-model-parallel-layout", default=None,
-                   help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
-                        "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
-                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself; translated into the hybrid "
-                        "layer pattern's stages)")
-    g.add_argument("--hybrid-layer-pattern", default=None,
-                   help="Megatron-LM's hybrid layer pattern, checked against the model config: each GLM layer "
-                        "'D' (DSA attention) then '-' (dense MLP) or 'E' (MoE), '|' between pipeline stages "
-                        "(virtual-stage-major), '/DE' per MTP depth, e.g. 'D-DE|DEDE/DE' (default: the config's)")
-    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1)
+    g = parallel_dims.add_arguments(p)  # the layout's flags; this group's others are the engine's
     g.add_argument("--cp-comm-type", default=None,
                    help="context parallelism's collective: DSA all-gathers the keys, so allgather (the default) only")
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather", "flex"], default="alltoall",
@@ -283,14 +266,7 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if (args.save_interval is not None or args.async_save) and not args.save:
         raise ValueError(f"{'--save-interval' if args.save_interval is not None else '--async-save'} needs --save DIR")
     _check_mtp(args, cfg)
-    dims = ParallelDims(
-        world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-        cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-        microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-        pipeline_layout=args.pipeline_model_parallel_layout, hybrid_pattern=args.hybrid_layer_pattern,
-    )
+    dims = ParallelDims.from_args(args, world_size)
     dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size, args.mtp_num_layers)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
     bias_schedule = TokenSchedule.parse(args.moe_router_bias_update_rate, "--moe-router-bias-update-rate")
