@@ -214,7 +214,6 @@ def cases(layers, tps, granularities, modules):
 
 def run_case(layer: str, tp: int, granularity: str, modules, args, device) -> dict:
     from parallel import runtime as rt
-    from parallel.dims import ParallelDims
     from tools.simulate_layout import fake_world
 
     cfg = glm5_layer_config(layer == "moe", args.num_experts)
@@ -222,8 +221,7 @@ def run_case(layer: str, tp: int, granularity: str, modules, args, device) -> di
     start = time.time()
     torch.manual_seed(0)
     with fake_world(0, tp):
-        rt.init_model_parallel(layer_dims(tp), 1, 1234,
-                               gloo_groups=False)
+        rt.init_model_parallel(layer_dims(tp), 1, 1234, gloo_groups=False)
         block = build_layer(cfg, tp, granularity, modules, device)
         parts = measure(block, tokens, args.micro_batch_size, tp, device, args.details)
         del block
