@@ -6,7 +6,7 @@ figure in the project comes from one formula (written out in docs/MODEL.md).
 
 from __future__ import annotations
 
-from model.config import GLM5Config
+from model.config import DEFAULT_VOCAB_DIVISIBLE_BY, GLM5Config, padded_vocab_size
 
 
 def attention_params(c: GLM5Config, tp: int = 1, replicated_down_projection: bool = True,
@@ -93,7 +93,7 @@ def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True, mtp_dep
     forward only, for the draft's target p (model/modules/mtp_objective.py: acceptance log, e2e_tv).
     """
     p = count_parameters(c)
-    depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    depths = c.mtp_depths(mtp_depths)
     mtp_layer_active = p["params_active_with_mtp"] - p["params_active"]
     per_layer = mtp_layer_active / c.num_nextn_predict_layers if c.num_nextn_predict_layers else 0
     layers = c.num_hidden_layers + depths
@@ -112,7 +112,7 @@ def model_info(c: GLM5Config, seq_length: int, mtp_depths: int | None = None) ->
     p = count_parameters(c)
     info = dict(p)
     info["seq_length"] = seq_length
-    info["mtp_depths"] = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    info["mtp_depths"] = c.mtp_depths(mtp_depths)
     info["flops_per_token"] = flops_per_token(c, seq_length, mtp_depths=mtp_depths)
     info["weights_bytes_bf16"] = 2 * p["params_total_with_mtp"]
     return info
@@ -141,15 +141,14 @@ def stage_layers(c: GLM5Config, pp: int, pp_rank: int, vpp: int | None = None,
 
 
 def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_rank: int, vpp: int | None = None,
-                     replicated_down_projection: bool = True, layout: str | None = None) -> dict:
+                     replicated_down_projection: bool = True, layout: str | None = None,
+                     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> dict:
     """Parameters one GPU holds: the layers of its pipeline stage (the embedding on the first, final
     norm, output head and MTP layer on the last), its TP shard of each, its EP share of the routed
     experts. `experts` are the routed experts (reduced over expert-DP), `dense` everything else
     (reduced over DP); `expert_bias` counts the fp32 router-bias buffers (not trained by the optimizer).
     `adam_side`: the part of `dense` that `--optimizer muon` leaves to Adam (pretrain/engine/muon.py: embeddings,
     output head, 1-D parameters, the router and the indexer's weights projection); the rest is Muon's."""
-    from model.mcore_config import padded_vocab_size
-
     h = c.hidden_size
     attn = attention_params(c, tp, replicated_down_projection) + 2 * h  # + input / pre-MLP norms
     shared_attn = attention_params(c, tp, replicated_down_projection, with_indexer=False) + 2 * h
@@ -171,7 +170,7 @@ def local_parameters(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, pp_r
             adam += c.n_routed_experts * h
         else:
             dense += mlp_params(h, c.intermediate_size) // tp
-    vocab = padded_vocab_size(c.vocab_size, tp) * h // tp
+    vocab = padded_vocab_size(c.vocab_size, divisible_by=make_vocab_size_divisible_by, tp=tp) * h // tp
     if pp_rank == 0:
         dense, adam = dense + vocab, adam + vocab  # input embedding
     if pp_rank == pp - 1:
@@ -336,7 +335,8 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
                    num_microbatches: int | None = None, microbatch_group_size: int | None = None,
                    dsa_path: str = "triton", layout: str | None = None, mtp_depths: int | None = None,
                    recompute_granularity: str | None = None, recompute_modules: list[str] | None = None,
-                   norm: str = "fused", optimizer: str = "adam", mtp_loss_type: str = "ce") -> dict:
+                   norm: str = "fused", optimizer: str = "adam", mtp_loss_type: str = "ce",
+                   make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> dict:
     """Estimated memory of one GPU of pipeline stage `pp_rank`, in GiB: bf16 weights (fp32 router
     bias), megatron DDP's fp32 gradient buffer, the optimizer's fp32 main params + Adam moments
     (sharded over DP by the distributed optimizer, experts over expert-DP; `optimizer` "muon": one fp32
@@ -358,7 +358,8 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     bytes per token and vocabulary entry the MTP loss holds at its peak (MTP_LOSS_BYTES, measured by
     tools/bench_mtp_objective.py, docs/MODEL.md)."""
     p = local_parameters(c, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=pp_rank, vpp=vpp,
-                         replicated_down_projection=replicated_down_projection, layout=layout)
+                         replicated_down_projection=replicated_down_projection, layout=layout,
+                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     local_dense, local_experts = p["dense"], p["experts"]
     expert_dp = tp * cp * dp // (ep * etp)
     shard_dense, shard_experts = (dp * cp, expert_dp) if distributed_optimizer or zero_stage else (1, 1)
@@ -374,7 +375,7 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     tokens = seq_length * micro_batch_size
     granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)
-    depths = c.num_nextn_predict_layers if mtp_depths is None else mtp_depths
+    depths = c.mtp_depths(mtp_depths)
     # ((MoE?, own indexer?), half) of each half of a GLM layer this stage runs, by GLM layer (a '|' of
     # --hybrid-layer-pattern may leave a stage one half of a layer); each MTP depth runs an MoE layer with an indexer
     halves = {}
@@ -403,10 +404,9 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     # the running layer's DSA working set (model/modules/dsa_blockwise.py's blocks, or Triton's buffers)
     activations += dsa_buffer_bytes(c, tokens, seq_length * cp, tp, dsa_path)["working"]
     if pp_rank == pp - 1:  # the main head's fp32 logits and the MTP loss's, one micro-batch at a time
-        from model.mcore_config import padded_vocab_size
-
         per_entry = 4 + (mtp_loss_bytes(mtp_loss_type, depths, bf16) if depths else 0)
-        activations += per_entry * tokens * padded_vocab_size(c.vocab_size, tp) / tp
+        rows = padded_vocab_size(c.vocab_size, divisible_by=make_vocab_size_divisible_by, tp=tp)
+        activations += per_entry * tokens * rows / tp
     return {
         "pp_stage": pp_rank,
         "params_per_gpu": local,

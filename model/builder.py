@@ -11,7 +11,6 @@ from megatron.core import parallel_state
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from model.config import GLM5Config
-from model.mcore_config import padded_vocab_size
 from model.specs import get_backend, hybrid_stack_spec
 
 
@@ -19,7 +18,7 @@ def build_model_chunk(cfg: GLM5Config, tconfig, use_te: bool, vp_stage: int | No
     return HybridModel(
         config=tconfig,
         hybrid_stack_spec=hybrid_stack_spec(tconfig, get_backend(use_te)),
-        vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
+        vocab_size=tconfig.padded_vocab_size,  # model/mcore_config.py: --make-vocab-size-divisible-by x TP
         max_sequence_length=cfg.max_position_embeddings,
         hybrid_layer_pattern=tconfig.hybrid_layer_pattern,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

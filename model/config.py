@@ -50,6 +50,19 @@ def read_hf_json(path: str | Path) -> dict:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
+DEFAULT_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def padded_vocab_size(vocab_size: int, *, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding of the embedding and output layer: the next multiple of
+    --make-vocab-size-divisible-by x TP, so each tensor-parallel rank holds whole, equal rows."""
+    if vocab_size <= 0 or divisible_by <= 0:
+        raise ValueError(f"--vocab-size {vocab_size} and --make-vocab-size-divisible-by {divisible_by} "
+                         "must be positive")
+    unit = divisible_by * tp
+    return -(-vocab_size // unit) * unit
+
+
 @dataclass
 class GLM5Config:
     vocab_size: int = 154880
@@ -128,6 +141,12 @@ class GLM5Config:
     def has_indexer(self, layer_index: int) -> bool:
         """0-based decoder layer index; the MTP layer (index >= num_hidden_layers) runs its own."""
         return layer_index >= self.num_hidden_layers or self.layer_indexer_types[layer_index] == index_share.FULL
+
+    def mtp_depths(self, mtp_num_layers: int | None = None) -> int:
+        """How many future tokens the MTP module predicts: --mtp-num-layers, else one per MTP layer of
+        the config. The parameters (and the checkpoint) hold `num_nextn_predict_layers` layers either way:
+        with --mtp-use-repeated-layer the one layer is applied at every depth."""
+        return self.num_nextn_predict_layers if mtp_num_layers is None else mtp_num_layers
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """0-based decoder layer index; the MTP layer (index num_hidden_layers) is MoE."""

@@ -57,7 +57,8 @@ class Transform:
 
 
 class VocabRows(Transform):
-    """Megatron pads the vocabulary to a multiple of 128*TP; HF has exactly vocab_size rows."""
+    """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP; HF has exactly
+    vocab_size rows."""
 
     name = "vocab_rows"
 

@@ -15,23 +15,17 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from model import index_share, layer_pattern
-from model.config import GLM5Config
+from model.config import DEFAULT_VOCAB_DIVISIBLE_BY, GLM5Config, padded_vocab_size
+from parallel.dims import ParallelDims
+
+SINGLE_PROCESS = ParallelDims(world_size=1)
 
 
 @dataclass
 class ModelOptions:
-    """Run-time choices that are not part of the architecture (Megatron-LM flag names)."""
+    """Run-time choices that are not part of the architecture (Megatron-LM flag names). The parallel
+    layout is not among them: it is the run's ParallelDims (parallel/dims.py), passed beside these."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    pipeline_model_parallel_layout: str | None = None  # megatron-core's "Et|tt|...|tmL" (GLM layers)
-    # Megatron-LM's --hybrid-layer-pattern ("D-DE|DEDE/DE", model/layer_pattern.py); None: the config's
-    hybrid_layer_pattern: str | None = None
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
     params_dtype: torch.dtype = torch.float32
     bf16: bool = False
     fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8 (TE only)
@@ -41,6 +35,7 @@ class ModelOptions:
     dsa_indexer_use_sparse_loss: bool = False
     # --dsa-kernel-backend (DSA_KERNEL_BACKENDS); None: this device's default (default_dsa_kernel_backend)
     dsa_kernel_backend: str | None = None
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY  # rows padded to a multiple of this x TP
     mtp_loss_scaling_factor: float = 0.3
     # MTP depths (Megatron-LM's --mtp-num-layers; default: the config's num_nextn_predict_layers) and
     # --mtp-use-repeated-layer: one set of MTP parameters applied at every depth (GLM-5: 3 depths, shared)
@@ -62,7 +57,6 @@ class ModelOptions:
     recompute_num_layers: int | None = None  # with full: default 1
     recompute_modules: list[str] | None = None  # with selective: default ["core_attn"]
     overlap_p2p_comm: bool = False
-    microbatch_group_size_per_vp_stage: int | None = None  # interleaved schedule; None: megatron's (PP)
     # gloo matches a batch of isend/irecv between the same two ranks in issue order, unlike NCCL's
     # grouped calls: interleaved PP=2 then swaps activations and gradients. Unbatched on CPU.
     batch_p2p_comm: bool = True
@@ -85,7 +79,7 @@ def default_dsa_kernel_backend() -> str:
     return "triton" if torch.cuda.is_available() and triton_importable() else "blockwise"
 
 
-def check_dsa_kernel_backend(o: "ModelOptions") -> str:
+def check_dsa_kernel_backend(o: ModelOptions, dims: ParallelDims = SINGLE_PROCESS) -> str:
     """The backend this run uses, or a ValueError naming the flag and what is missing."""
     import importlib.util
 
@@ -101,13 +95,13 @@ def check_dsa_kernel_backend(o: "ModelOptions") -> str:
                          "(or none, megatron-core's dense torch path)")
     if name in UPSTREAM_DSA_BACKENDS:
         # megatron-core's AbsorbedMLASelfAttention and DSAttention refuse these (asserts deep in a forward)
-        if o.tensor_model_parallel_size > 1 and not o.sequence_parallel:
+        if dims.tp > 1 and not dims.sequence_parallel:
             raise ValueError(f"{flag} (megatron-core's AbsorbedMLASelfAttention) needs --sequence-parallel "
-                             f"with --tensor-model-parallel-size {o.tensor_model_parallel_size}")
-        if o.tensor_model_parallel_size > 1 and o.dsa_indexer_loss_coeff > 0:
+                             f"with --tensor-model-parallel-size {dims.tp}")
+        if dims.tp > 1 and o.dsa_indexer_loss_coeff > 0:
             raise ValueError(f"{flag}: megatron-core's DSAttention refuses the indexer loss "
                              "(--dsa-indexer-loss-coeff > 0) with sequence-parallel query shards "
-                             f"(--tensor-model-parallel-size {o.tensor_model_parallel_size}); use blockwise or triton")
+                             f"(--tensor-model-parallel-size {dims.tp}); use blockwise or triton")
     return name
 
 
@@ -129,45 +123,44 @@ def upstream_index_share(c: GLM5Config, backend: str) -> tuple[int, int]:
 FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "blockwise": "blockwise", "mxfp8": "mxfp8"}
 
 
-def hybrid_pattern(c: GLM5Config, o: ModelOptions) -> str:
+def hybrid_pattern(c: GLM5Config, o: ModelOptions, dims: ParallelDims) -> str:
     """The run's hybrid layer pattern: --hybrid-layer-pattern checked against the config, else the
     config's, its pipeline segments those of --pipeline-model-parallel-layout (translated: a stage's
     GLM layers) or an even split over PP x VPP (model/layer_pattern.py)."""
-    pp, depths = o.pipeline_model_parallel_size, mtp_depths(c, o)
-    if o.hybrid_layer_pattern is not None:
-        if o.pipeline_model_parallel_layout is not None:
-            raise ValueError("--hybrid-layer-pattern marks the pipeline stages itself ('|'): drop "
-                             "--pipeline-model-parallel-layout (Megatron-LM refuses the two together)")
-        layer_pattern.check(o.hybrid_layer_pattern, c, depths, pp)
-        return o.hybrid_layer_pattern
-    stages = layer_pattern.pipeline_stages(c.num_hidden_layers, pp, o.virtual_pipeline_model_parallel_size,
-                                           o.pipeline_model_parallel_layout)
+    depths = c.mtp_depths(o.mtp_num_layers)
+    if dims.hybrid_pattern is not None:
+        dims.validate_hybrid_pattern(c, depths)
+        return dims.hybrid_pattern
+    stages = layer_pattern.pipeline_stages(c.num_hidden_layers, dims.pp, dims.vpp(c.num_hidden_layers),
+                                           dims.pipeline_layout)
     return layer_pattern.derive(c, depths, stages)
 
 
-def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfig:
+def to_transformer_config(c: GLM5Config, o: ModelOptions, dims: ParallelDims = SINGLE_PROCESS) -> MLATransformerConfig:
     """megatron-core's config of the GLM-5 model on HybridModel (model/builder.py): its layers are
     hybrid layers, two per GLM layer (model/layer_pattern.py), so `num_layers` is twice the GLM count
     (megatron-core sizes its indexer-loss and MoE trackers by it) and IndexShare's topk_freq /
-    skip_topk_offset count hybrid layers. `hybrid_layer_pattern` and `glm_num_layers` are set on it."""
-    dsa_backend = check_dsa_kernel_backend(o)
-    pattern = hybrid_pattern(c, o)
+    skip_topk_offset count hybrid layers. `hybrid_layer_pattern`, `glm_num_layers` and
+    `padded_vocab_size` (the embedding's and output layer's rows) are set on it. The parallel layout is
+    `dims`'s (default: one process)."""
+    dsa_backend = check_dsa_kernel_backend(o, dims)
+    pattern = hybrid_pattern(c, o, dims)
     topk_freq, skip_topk_offset = layer_pattern.hybrid_topk_schedule(*upstream_index_share(c, dsa_backend))
     moe_pattern = [m for i in range(c.num_hidden_layers) for m in (0, int(c.is_moe_layer(i)))]  # the `E` layers
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     kwargs = dict(
         # parallel layout
-        tensor_model_parallel_size=o.tensor_model_parallel_size,
-        pipeline_model_parallel_size=o.pipeline_model_parallel_size,
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
         # HybridModel takes its stages from the pattern's '|' (megatron-core's layout counts GLM layers)
-        virtual_pipeline_model_parallel_size=layer_pattern.virtual_stages(pattern, o.pipeline_model_parallel_size),
-        expert_model_parallel_size=o.expert_model_parallel_size,
-        expert_tensor_parallel_size=o.expert_tensor_parallel_size,
-        context_parallel_size=o.context_parallel_size,
+        virtual_pipeline_model_parallel_size=layer_pattern.virtual_stages(pattern, dims.pp),
+        expert_model_parallel_size=dims.ep,
+        expert_tensor_parallel_size=dims.expert_tp,
+        context_parallel_size=dims.cp,
         # DSA's context parallelism all-gathers the keys (ours: the latent rows, model/modules/cp_attention.py);
         # megatron-core 0.19.2 accepts DSA with CP for this type only
-        cp_comm_type="allgather" if o.context_parallel_size > 1 else None,
-        sequence_parallel=o.sequence_parallel,
+        cp_comm_type="allgather" if dims.cp > 1 else None,
+        sequence_parallel=dims.sequence_parallel,
         # precision
         params_dtype=o.params_dtype,
         pipeline_dtype=o.params_dtype,
@@ -245,7 +238,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
         moe_router_padding_for_quantization=bool(o.fp8_recipe),
         # MTP
-        mtp_num_layers=mtp_depths(c, o) or None,
+        mtp_num_layers=c.mtp_depths(o.mtp_num_layers) or None,
         mtp_use_repeated_layer=o.mtp_use_repeated_layer,
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
         mtp_detach_heads=o.mtp_detach_heads,
@@ -259,7 +252,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
         recompute_granularity=o.recompute_granularity,
         recompute_modules=o.recompute_modules,
         overlap_p2p_comm=o.overlap_p2p_comm,
-        microbatch_group_size_per_vp_stage=o.microbatch_group_size_per_vp_stage,
+        microbatch_group_size_per_vp_stage=dims.microbatch_group_size,
         batch_p2p_comm=o.batch_p2p_comm and not o.overlap_p2p_comm,
         transformer_impl="transformer_engine" if o.use_te else "local",
     )
@@ -279,18 +272,8 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     tconfig.glm_indexer_types = tuple(c.layer_indexer_types)
     tconfig.glm_num_layers = c.num_hidden_layers
     tconfig.hybrid_layer_pattern = pattern
+    # model/builder.py builds this many embedding and output rows (the checkpoint holds them)
+    tconfig.padded_vocab_size = padded_vocab_size(c.vocab_size, divisible_by=o.make_vocab_size_divisible_by,
+                                                  tp=dims.tp)
     return tconfig
-
-
-def mtp_depths(c: GLM5Config, o: ModelOptions) -> int:
-    """How many future tokens the MTP module predicts: --mtp-num-layers, else one per MTP layer of the
-    config. The parameters (and the checkpoint) hold `c.num_nextn_predict_layers` layers either way:
-    with `mtp_use_repeated_layer` the one layer is applied at every depth."""
-    return o.mtp_num_layers if o.mtp_num_layers is not None else c.num_nextn_predict_layers
-
-
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary so each TP shard of the embedding and head is equal."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 

@@ -1,14 +1,41 @@
 """ParallelDims: the one validated description of the parallel layout.
 
 Every constraint is checked here, before anything is allocated, with an error that names the
-flag and the numbers. Later code asks this object for degrees instead of recomputing them.
+flag and the numbers. Later code asks this object for degrees instead of recomputing them: the model
+config (model/mcore_config.py) and the process groups (parallel/runtime.py) read it, and nothing else
+holds a copy.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from model.config import GLM5Config
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    """The layout's flags (Megatron-LM's names), in a "parallelism" group that is returned for the engine's."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
+                        "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
+                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself; translated into the hybrid "
+                        "layer pattern's stages)")
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="Megatron-LM's hybrid layer pattern, checked against the model config: each GLM layer "
+                        "'D' (DSA attention) then '-' (dense MLP) or 'E' (MoE), '|' between pipeline stages "
+                        "(virtual-stage-major), '/DE' per MTP depth, e.g. 'D-DE|DEDE/DE' (default: the config's)")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    return g
 
 
 class LayoutError(ValueError):
@@ -29,9 +56,18 @@ class ParallelDims:
     # --pipeline-model-parallel-layout: megatron-core's per-stage layer lists ("Et|tt|...|tmL"), which
     # also sets the virtual stages (len / PP); None: num_hidden_layers split evenly
     pipeline_layout: str | None = None
-    mtp_num_layers: int | None = None  # --mtp-num-layers (MTP depths; default the config's MTP layers)
     # --hybrid-layer-pattern (model/layer_pattern.py): its '|' segments are the (virtual) stages
     hybrid_pattern: str | None = None
+
+    @classmethod
+    def from_args(cls, args, world_size: int) -> "ParallelDims":
+        """The layout of the flags `add_arguments` declares (not yet validated: `validate`)."""
+        return cls(world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                   cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+                   etp=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+                   layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                   microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
+                   pipeline_layout=args.pipeline_model_parallel_layout, hybrid_pattern=args.hybrid_layer_pattern)
 
     @property
     def dp(self) -> int:
@@ -61,7 +97,12 @@ class ParallelDims:
         return (f"world={self.world_size} TP={self.tp}{'+SP' if self.sequence_parallel else ''} "
                 f"PP={self.pp} CP={self.cp} DP={self.dp} EP={self.ep} ETP={self.expert_tp}")
 
-    def validate(self, cfg: GLM5Config, seq_length: int, micro_batch_size: int, global_batch_size: int) -> None:
+    def validate(self, cfg: GLM5Config, seq_length: int, micro_batch_size: int, global_batch_size: int,
+                 mtp_num_layers: int | None = None) -> None:
+        """Every constraint of this layout for `cfg`; `mtp_num_layers`: --mtp-num-layers (the MTP depths
+        the layouts place; default the config's)."""
+        depths = cfg.mtp_depths(mtp_num_layers)
+
         def need(cond: bool, msg: str):
             if not cond:
                 raise LayoutError(msg)
@@ -104,12 +145,12 @@ class ParallelDims:
         need(cfg.intermediate_size % self.tp == 0,
              f"intermediate_size {cfg.intermediate_size} is not divisible by --tensor-model-parallel-size {self.tp}")
         if self.hybrid_pattern is not None:
-            self.validate_hybrid_pattern(cfg)
+            self.validate_hybrid_pattern(cfg, depths)
         elif self.pipeline_layout is not None:
             need(self.layers_per_virtual_stage is None,
                  "--pipeline-model-parallel-layout sets the virtual stages itself: drop "
                  "--num-layers-per-virtual-pipeline-stage")
-            self._validate_pipeline_layout(cfg)
+            self._validate_pipeline_layout(cfg, depths)
         else:
             need(cfg.num_hidden_layers % self.pp == 0,
                  f"num_hidden_layers {cfg.num_hidden_layers} is not divisible by --pipeline-model-parallel-size "
@@ -148,18 +189,17 @@ class ParallelDims:
                               "--num-layers-per-virtual-pipeline-stage (or virtual stages in "
                               "--pipeline-model-parallel-layout)")
         if cfg.shares_top_k and self.pp > 1:
-            self._validate_index_share(cfg)
+            self._validate_index_share(cfg, depths)
         need(seq_length <= cfg.max_position_embeddings,
              f"--seq-length {seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
 
-    def _validate_pipeline_layout(self, cfg: GLM5Config) -> None:
+    def _validate_pipeline_layout(self, cfg: GLM5Config, depths: int) -> None:
         """megatron-core's own checks of the layout (embedding first, loss last, every decoder layer once, the
         MTP layer after them in a last virtual stage), as a LayoutError naming the flag; and ours: the MTP
         layer on the last pipeline stage, where the loss function computes its loss."""
         from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
         flag = f"--pipeline-model-parallel-layout {self.pipeline_layout!r}"
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         try:
             layout = PipelineParallelLayerLayout(self.pipeline_layout, self.pp)
             standalone_mtp = layout.validate_layer_layout(cfg.num_hidden_layers, depths or None)
@@ -170,8 +210,8 @@ class ParallelDims:
             raise LayoutError(f"{flag}: put the MTP layer ('m') in the last pipeline stage, beside the loss ('L') "
                               "(an MTP stage of its own is not supported here yet)")
 
-
-    def validate_hybrid_pattern(self, cfg: GLM5Config) -> None:
+    def validate_hybrid_pattern(self, cfg: GLM5Config, depths: int) -> None:
+        """--hybrid-layer-pattern against `cfg` with `depths` MTP depths, and alone in marking the stages."""
         from model import layer_pattern
 
         flag = f"--hybrid-layer-pattern {self.hybrid_pattern!r}"
@@ -179,7 +219,6 @@ class ParallelDims:
                              ("--num-layers-per-virtual-pipeline-stage", self.layers_per_virtual_stage)]:
             if given is not None:
                 raise LayoutError(f"{flag} marks the (virtual) pipeline stages itself ('|'): drop {other}")
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         try:
             layer_pattern.check(self.hybrid_pattern, cfg, depths, self.pp)
         except ValueError as e:
@@ -195,7 +234,7 @@ class ParallelDims:
         return (layer_pattern.pipeline_stages(num_layers, self.pp, self.vpp(num_layers), self.pipeline_layout)
                 or [list(range(num_layers))])
 
-    def _validate_index_share(self, cfg: GLM5Config) -> None:
+    def _validate_index_share(self, cfg: GLM5Config, depths: int) -> None:
         """IndexShare: a shared layer takes its top-k from the full layer before it within its own
         stage (the indices do not travel between stages: docs/MODEL.md, "IndexShare")."""
         from model import index_share
@@ -211,7 +250,6 @@ class ParallelDims:
                 f"--pipeline-model-parallel-size {self.pp}" + (f" with --num-layers-per-virtual-pipeline-stage "
                                                                 f"{self.layers_per_virtual_stage}"
                                                                 if self.layers_per_virtual_stage else ""))
-        depths = self.mtp_num_layers if self.mtp_num_layers is not None else cfg.num_nextn_predict_layers
         raise LayoutError(
             f"{flag} puts layer {layer} in another pipeline stage than layer {source}, whose DSA top-k it "
             f"shares (indexer_types: {len(split)} shared layer(s) cut off from their full layer, e.g. "

@@ -70,10 +70,6 @@ class RecipeConfig:
     dsa_warmup_lr: float | None = None
     dsa_sparse_loss: bool = True  # in the sparse stage, the indexer loss on the selected keys only
 
-    @staticmethod
-    def keep_indexer_loss_scale(megatron_scale) -> None:
-        """megatron's per-micro-batch call: the scale set by scale_indexer_loss stands."""
-
     def in_dsa_warmup(self, iteration: int) -> bool:
         return iteration < self.dsa_warmup_iters
 

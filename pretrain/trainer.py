@@ -66,7 +66,7 @@ class Trainer:
         reset_loss_trackers()
         self.data = self._build_data()  # first: it checks the manifests, tokenizer and vocabulary
         self._check_shards()
-        self.tconfig = to_transformer_config(cfg.model, cfg.model_options)
+        self.tconfig = to_transformer_config(cfg.model, cfg.model_options, cfg.dims)
 
         chunks = build_model(cfg.model, self.tconfig, cfg.model_options.use_te)
         for chunk in chunks:

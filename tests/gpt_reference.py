@@ -13,7 +13,6 @@ from megatron.core.transformer.multi_token_prediction import (
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from model import index_share
-from model.mcore_config import padded_vocab_size
 from model.specs import get_backend, layer_spec
 
 
@@ -49,7 +48,7 @@ def build_gpt_model(cfg, tconfig, use_te: bool):
     return GPTModel(
         config=tconfig,
         transformer_layer_spec=TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.layer_norm(rms_norm=True)),
-        vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
+        vocab_size=tconfig.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings, pre_process=True, post_process=True,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta), mtp_block_spec=mtp)

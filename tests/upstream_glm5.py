@@ -68,13 +68,14 @@ def build_upstream_model(cfg, tconfig):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from model.mcore_config import padded_vocab_size
+    from model.config import DEFAULT_VOCAB_DIVISIBLE_BY, padded_vocab_size
 
     specs = upstream_layer_specs(tconfig)
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=LocalProviderWithLinear().layer_norm(True))
     mtp = get_gpt_mtp_block_spec(tconfig, specs[-1], use_transformer_engine=False) if tconfig.mtp_num_layers else None
     return GPTModel(config=tconfig, transformer_layer_spec=block,
-                    vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
+                    vocab_size=padded_vocab_size(cfg.vocab_size, divisible_by=DEFAULT_VOCAB_DIVISIBLE_BY,
+                                                 tp=tconfig.tensor_model_parallel_size),
                     max_sequence_length=cfg.max_position_embeddings, pre_process=True, post_process=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
                     rotary_base=int(cfg.rope_theta), mtp_block_spec=mtp)

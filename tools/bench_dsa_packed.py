@@ -80,10 +80,11 @@ def main(argv=None) -> None:
                                      num_nextn_predict_layers=0)
     runtime = rt.init_distributed()
     try:
-        rt.init_model_parallel(ParallelDims(world_size=runtime.world_size, cp=cp), 1, seed=1234)
+        dims = ParallelDims(world_size=runtime.world_size, cp=cp)
+        rt.init_model_parallel(dims, 1, seed=1234)
         tconfig = to_transformer_config(cfg, ModelOptions(
-            context_parallel_size=cp, dsa_indexer_topk=args.topk, dsa_indexer_loss_coeff=1.0,
-            dsa_indexer_use_sparse_loss=True, dsa_kernel_backend="blockwise"))
+            dsa_indexer_topk=args.topk, dsa_indexer_loss_coeff=1.0,
+            dsa_indexer_use_sparse_loss=True, dsa_kernel_backend="blockwise"), dims)
         layer = build(args, tconfig)
         rank = dist.get_rank()
         tokens = documents(seq, args.mean_document)

@@ -158,7 +158,7 @@ def _init(args, cfg: GLM5Config):
 
 def import_hf(args) -> Path:
     from model.builder import build_model
-    from model.mcore_config import ModelOptions, padded_vocab_size, to_transformer_config
+    from model.mcore_config import ModelOptions, to_transformer_config
     from pretrain.checkpoint import checkpointer as ck
     from pretrain.checkpoint.run_state import Progress, layout_of
 
@@ -173,14 +173,11 @@ def import_hf(args) -> Path:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --force to replace it")
 
     runtime, dims = _init(args, cfg)
-    options = ModelOptions(
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
-        virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers), expert_model_parallel_size=dims.ep,
-        expert_tensor_parallel_size=dims.expert_tp, sequence_parallel=dims.sequence_parallel,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16)
-    chunks = build_model(cfg, to_transformer_config(cfg, options), use_te=False)
+    options = ModelOptions(params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16)
+    tconfig = to_transformer_config(cfg, options, dims)
+    chunks = build_model(cfg, tconfig, use_te=False)
     by_name = {c.megatron: c for c in convs}
-    tdims = hf_mapping.Dims.of(cfg, padded_vocab_size=padded_vocab_size(cfg.vocab_size, dims.tp))
+    tdims = hf_mapping.Dims.of(cfg, padded_vocab_size=tconfig.padded_vocab_size)
     for chunk in chunks:
         fill_chunk(chunk, hf, by_name, tdims, ck.SHARDING_METADATA)
 

@@ -123,6 +123,13 @@ class SavedTensorCounter:
             h.remove()
 
 
+def layer_dims(tp: int):
+    """The measured layout: `tp` ranks of tensor (and sequence) parallelism, experts whole on each."""
+    from parallel.dims import ParallelDims
+
+    return ParallelDims(world_size=tp, tp=tp, etp=1, sequence_parallel=tp > 1)
+
+
 def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, device: torch.device):
     """One decoder layer in a one-layer TransformerBlock, as rank 0 of a `tp`-rank (fake) world."""
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -131,11 +138,10 @@ def build_layer(cfg, tp: int, granularity: str, modules: list[str] | None, devic
     from model.modules.topk_share import IndexShareState
     from model.specs import get_backend, layer_spec
 
-    options = ModelOptions(tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_tensor_parallel_size=1,
-                           params_dtype=torch.bfloat16,
+    options = ModelOptions(params_dtype=torch.bfloat16,
                            bf16=True, recompute_granularity=None if granularity == "none" else granularity,
                            recompute_modules=modules, dsa_indexer_loss_coeff=1.0, dsa_indexer_use_sparse_loss=True)
-    tconfig = to_transformer_config(cfg, options)
+    tconfig = to_transformer_config(cfg, options, layer_dims(tp))
     tconfig.perform_initialization = False  # megatron's CPU init builds fp32 masters: seconds per layer
     spec = layer_spec(get_backend(False), tconfig, moe=cfg.first_k_dense_replace == 0, grouped_gemm=False,
                       index_share_state=IndexShareState.for_config(tconfig))
@@ -210,7 +216,6 @@ def cases(layers, tps, granularities, modules):
 
 def run_case(layer: str, tp: int, granularity: str, modules, args, device) -> dict:
     from parallel import runtime as rt
-    from parallel.dims import ParallelDims
     from tools.simulate_layout import fake_world
 
     cfg = glm5_layer_config(layer == "moe", args.num_experts)
@@ -218,8 +223,7 @@ def run_case(layer: str, tp: int, granularity: str, modules, args, device) -> di
     start = time.time()
     torch.manual_seed(0)
     with fake_world(0, tp):
-        rt.init_model_parallel(ParallelDims(world_size=tp, tp=tp, etp=1, sequence_parallel=tp > 1), 1, 1234,
-                               gloo_groups=False)
+        rt.init_model_parallel(layer_dims(tp), 1, 1234, gloo_groups=False)
         block = build_layer(cfg, tp, granularity, modules, device)
         parts = measure(block, tokens, args.micro_batch_size, tp, device, args.details)
         del block

@@ -71,7 +71,7 @@ def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, in
 
 
 def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
-    from pretrain.config.arguments import build_parser
+    from pretrain.config.arguments import build_parser, with_vocab_size
     from tools.lib.recipe_file import RecipeError, read_recipe
 
     try:
@@ -79,25 +79,24 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
     except RecipeError as e:
         parser.error(str(e))
     args = build_parser().parse_args([*flags, *overrides])
-    cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
+    cfg = with_vocab_size(GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset),
+                          args)
+    depths = cfg.mtp_depths(args.mtp_num_layers)
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    dims = ParallelDims.from_args(args, world)
+    tp, pp, cp, etp = dims.tp, dims.pp, dims.cp, dims.expert_tp
     if world % (tp * pp * cp):
         parser.error(f"--recipe {path}: world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
-    dp = world // (tp * pp * cp)
-    etp = args.expert_tensor_parallel_size or tp
-    dims = ParallelDims(world_size=world, pp=pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-                        pipeline_layout=args.pipeline_model_parallel_layout, hybrid_pattern=args.hybrid_layer_pattern,
-                        mtp_num_layers=args.mtp_num_layers)
-    if args.hybrid_layer_pattern is not None:  # its '|' may cut a GLM layer: the plan counts each stage's halves
+    dp = dims.dp
+    if dims.hybrid_pattern is not None:  # its '|' may cut a GLM layer: the plan counts each stage's halves
         try:
-            dims.validate_hybrid_pattern(cfg)
+            dims.validate_hybrid_pattern(cfg, depths)
         except ValueError as e:
             parser.error(f"--recipe {path}: {e}")
-    layout, vpp = args.hybrid_layer_pattern or args.pipeline_model_parallel_layout, dims.vpp(cfg.num_hidden_layers)
+    layout, vpp = dims.hybrid_pattern or dims.pipeline_layout, dims.vpp(cfg.num_hidden_layers)
     # Every pipeline stage (they differ: embedding first, head + MTP last); Transformer Engine's
     # layer layout (a GPU run's). tools/simulate_layout.py checks these against the built model.
-    stages = [memory_per_gpu(cfg, tp=tp, pp=pp, ep=args.expert_model_parallel_size, etp=etp, dp=dp, cp=cp,
+    stages = [memory_per_gpu(cfg, tp=tp, pp=pp, ep=dims.ep, etp=etp, dp=dp, cp=cp,
                              seq_length=seq // cp, micro_batch_size=args.micro_batch_size,
                              distributed_optimizer=args.use_distributed_optimizer,
                              recompute_granularity=args.recompute_granularity,
@@ -105,9 +104,10 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
                              zero_stage=args.zero_stage if args.dp_engine == "deepspeed" else 0,
                              offload_optimizer=args.zero_offload_optimizer, pp_rank=stage, vpp=vpp,
                              bf16=args.bf16, num_microbatches=args.global_batch_size // (args.micro_batch_size * dp),
-                             microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-                             layout=layout, mtp_depths=args.mtp_num_layers, optimizer=args.optimizer,
-                             mtp_loss_type=args.mtp_loss_type)
+                             microbatch_group_size=dims.microbatch_group_size,
+                             layout=layout, mtp_depths=depths, optimizer=args.optimizer,
+                             mtp_loss_type=args.mtp_loss_type,
+                             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
               for stage in range(pp)]
     for m in stages:
         m["memory_gb_total_estimate"] = sum(
@@ -117,10 +117,10 @@ def recipe_info(path: str, parser, overrides: list[str] = ()) -> dict:
     engine = "megatron" if args.dp_engine == "megatron" else (
         f"deepspeed zero-{args.zero_stage}" + ("+offload" if args.zero_offload_optimizer else ""))
     return {"recipe": path, "world_size": world, "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
-            "ep": args.expert_model_parallel_size, "etp": etp}, "seq_length": seq, "dp_engine": engine,
-            "optimizer": args.optimizer, "mtp_depths": args.mtp_num_layers or cfg.num_nextn_predict_layers,
+            "ep": dims.ep, "etp": etp}, "seq_length": seq, "dp_engine": engine,
+            "optimizer": args.optimizer, "mtp_depths": depths,
             "mtp_loss_type": args.mtp_loss_type,
-            "flops_per_token": flops_per_token(cfg, seq, mtp_depths=args.mtp_num_layers),
+            "flops_per_token": flops_per_token(cfg, seq, mtp_depths=depths),
             "train_iters": args.train_iters, "total_tokens": samples * seq, "ramp_tokens": ramp * seq,
             **memory, "stages": stages}
 

@@ -62,7 +62,7 @@ def build_rank(cfg, rank: int, world_size: int) -> dict:
 
     with fake_world(rank, world_size):
         rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, gloo_groups=False)
-        tconfig = to_transformer_config(cfg.model, cfg.model_options)
+        tconfig = to_transformer_config(cfg.model, cfg.model_options, cfg.dims)
         with on_meta():
             chunks = build_model(cfg.model, tconfig, cfg.model_options.use_te)
             params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
@@ -114,7 +114,8 @@ def estimate(cfg, pp_rank: int) -> dict:
         replicated_down_projection=cfg.model_options.use_te, num_microbatches=cfg.num_microbatches,
         microbatch_group_size=d.microbatch_group_size, layout=d.hybrid_pattern or d.pipeline_layout,
         mtp_depths=cfg.model_options.mtp_num_layers, optimizer=cfg.optimizer,
-        mtp_loss_type=cfg.model_options.mtp_loss_type)
+        mtp_loss_type=cfg.model_options.mtp_loss_type,
+        make_vocab_size_divisible_by=cfg.model_options.make_vocab_size_divisible_by)
 
 
 def simulate(cfg, rank: int, world_size: int) -> dict:

@@ -21,6 +21,8 @@ old blend's position is never applied to a new one.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,10 @@ class LoadOptions:
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("stage changes (with --load)")
+    g = p.add_argument_group("loading a checkpoint, and stage changes")
+    g.add_argument("--load", default=None)
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop if it holds no checkpoint instead of starting from random weights")
     g.add_argument("--finetune", action="store_true",
                    help="load the checkpoint's weights only: iteration 0, fresh optimizer, schedule, data and RNG")
     g.add_argument("--no-load-optim", action="store_true",
@@ -55,8 +60,29 @@ def add_arguments(p) -> None:
                    help="load this iteration of --load instead of the latest (e.g. the one before a damaged one)")
 
 
+def _is_one_iteration(path: str) -> bool:
+    """An `iter_N` directory (ours or Megatron-Bridge's) rather than the checkpoint root above it."""
+    from pretrain.checkpoint import bridge_format
+    from pretrain.checkpoint.run_state import RUN_STATE, TRACKER
+
+    d = Path(path)
+    return not (d / TRACKER).exists() and any((d / f).is_file() for f in (RUN_STATE, bridge_format.RUN_CONFIG,
+                                                                          ".metadata"))
+
+
 def check_arguments(args) -> None:
-    """Before any work: each flag needs --load, and none may contradict another."""
+    """Before any work: --load names a checkpoint root, each flag needs --load, and none may contradict another."""
+    from pretrain.checkpoint.run_state import TRACKER
+
+    if args.load and _is_one_iteration(args.load):  # e.g. the path Bridge's load_megatron_model takes
+        raise ValueError(f"--load {args.load} is one iteration of a checkpoint: give the directory above it "
+                         "(the one holding latest_checkpointed_iteration.txt)")
+    if args.exit_on_missing_checkpoint:
+        if not args.load:
+            raise ValueError("--exit-on-missing-checkpoint needs --load DIR")
+        if not os.path.exists(os.path.join(args.load, TRACKER)):
+            raise ValueError(f"--load {args.load} holds no checkpoint (no {TRACKER}) and --exit-on-missing-checkpoint "
+                             "is set: check the path, or drop the flag to start from random weights")
     given = [flag for flag, on in (("--finetune", args.finetune), ("--no-load-optim", args.no_load_optim),
                                    ("--no-load-rng", args.no_load_rng),
                                    (f"--ckpt-step {args.ckpt_step}", args.ckpt_step is not None)) if on]

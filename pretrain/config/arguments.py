@@ -8,19 +8,19 @@ import importlib.util
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from data.batch_ramp import check_rampup_batch_size
 from model import transformer_impl
-from model.config import GLM5Config
+from model.config import DEFAULT_VOCAB_DIVISIBLE_BY, GLM5Config, padded_vocab_size
 from model.mcore_config import DSA_KERNEL_BACKENDS, FP8_RECIPES, ModelOptions, check_dsa_kernel_backend
 from model.modules.mtp_objective import MTP_LOSS_TYPES
 from model.presets import DEFAULT_SEQ_LENGTH, PRESETS, get_preset
+from parallel import dims as parallel_dims
 from parallel.dims import ParallelDims
 from pretrain.checkpoint import bridge_format, stages
-from pretrain.engine import muon
+from pretrain.engine import muon, optimizer
 from pretrain.metrics import config as observability
 from pretrain.config.train_config import TrainConfig
 from pretrain.recipe import RecipeConfig, TokenSchedule
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="your tokenizer's vocabulary size: the model's vocab_size becomes this, padded to a "
                         "multiple of --make-vocab-size-divisible-by x TP (Megatron-LM's rule)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=DEFAULT_VOCAB_DIVISIBLE_BY,
                    help="pad --vocab-size to a multiple of this x --tensor-model-parallel-size")
     g.add_argument("--seq-length", type=int, default=None, help="default: the preset's")
     g.add_argument("--dsa-indexer-topk", type=int, default=None, help="override index_topk")
@@ -103,25 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-modules", nargs="+", default=None,
                    help="with selective: megatron-core's module names (default core_attn)")
 
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--pipeline-model-parallel-layout", default=None,
-                   help="megatron-core's per-stage layer lists, stages split by '|' in virtual-stage-major "
-                        "order: E embedding, t decoder layer, m MTP layer, L loss; (..)*N repeats, e.g. "
-                        "'Et|(tt|)*3,ttmL' (sets the virtual stages itself; translated into the hybrid "
-                        "layer pattern's stages)")
-    g.add_argument("--hybrid-layer-pattern", default=None,
-                   help="Megatron-LM's hybrid layer pattern, checked against the model config: each GLM layer "
-                        "'D' (DSA attention) then '-' (dense MLP) or 'E' (MoE), '|' between pipeline stages "
-                        "(virtual-stage-major), '/DE' per MTP depth, e.g. 'D-DE|DEDE/DE' (default: the config's)")
-    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved schedule: consecutive micro-batches per virtual stage (default: PP)")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1)
+    g = parallel_dims.add_arguments(p)  # the layout's flags; this group's others are the engine's
     g.add_argument("--cp-comm-type", default=None,
                    help="context parallelism's collective: DSA all-gathers the keys, so allgather (the default) only")
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather", "flex"], default="alltoall",
@@ -134,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Transformer Engine's fused token permutation (needs TE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared expert beside the token dispatch (alltoall or flex dispatcher)")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--overlap-p2p-comm", action="store_true")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
     g.add_argument("--dp-engine", choices=["megatron", "deepspeed"], default="megatron",
@@ -160,20 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
                    help="grow the global batch from START by INCREMENT over RAMPUP_SAMPLES sequences")
     g.add_argument("--train-iters", type=int, default=20)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
-    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
-                   help="on --load, this run's LR/WD schedule flags win over the checkpoint's (extending a run)")
-    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
-                   action="store_true", help="on --load, the checkpoint's LR/WD schedule wins over the flags")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--max-consecutive-skipped-iters", type=int, default=5,
                    help="stop after this many consecutive steps skipped for non-finite gradients")
@@ -209,15 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
-                   help="with --load: stop if it holds no checkpoint instead of starting from random weights")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training continues")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     observability.add_arguments(p)
+    optimizer.add_arguments(p)
     muon.add_arguments(p)
     stages.add_arguments(p)
     return p
@@ -225,19 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_config(args) -> GLM5Config:
     if args.model_config:
-        return GLM5Config.load_hf_json(args.model_config)
-    if args.load and (bridge := bridge_model_config(args.load)) is not None:
-        return bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)
-    return get_preset(args.preset)
+        cfg = GLM5Config.load_hf_json(args.model_config)
+    elif args.load and (bridge := bridge_model_config(args.load)) is not None:
+        cfg = bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)
+    else:
+        cfg = get_preset(args.preset)
+    return with_vocab_size(cfg, args)
 
 
-def _is_one_iteration(path: str) -> bool:
-    """An `iter_N` directory (ours or Megatron-Bridge's) rather than the checkpoint root above it."""
-    from pretrain.checkpoint.run_state import RUN_STATE, TRACKER
-
-    d = Path(path)
-    return not (d / TRACKER).exists() and any((d / f).is_file() for f in (RUN_STATE, bridge_format.RUN_CONFIG,
-                                                                          ".metadata"))
+def with_vocab_size(cfg: GLM5Config, args) -> GLM5Config:
+    """`cfg` with --vocab-size (the tokenizer's), padded to a multiple of --make-vocab-size-divisible-by x TP."""
+    if args.vocab_size is None:
+        return cfg
+    return dataclasses.replace(cfg, vocab_size=padded_vocab_size(
+        args.vocab_size, divisible_by=args.make_vocab_size_divisible_by, tp=args.tensor_model_parallel_size))
 
 
 def bridge_model_config(root: str) -> GLM5Config | None:
@@ -276,9 +240,6 @@ def _check_run_inputs(args) -> None:
 
 def config_from_args(args, world_size: int) -> TrainConfig:
     cfg = _model_config(args)
-    if args.vocab_size is not None:
-        cfg = dataclasses.replace(cfg, vocab_size=padded_vocab_size(
-            args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size))
     if args.seq_length is not None and args.seq_length <= 0:
         raise ValueError(f"--seq-length {args.seq_length} must be positive (leave it out for the preset's "
                          f"{DEFAULT_SEQ_LENGTH.get(args.preset, 4096)})")
@@ -288,21 +249,9 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --mock-data and --data-path")
     _check_document_flags(args)
-    if args.overlap_param_gather and not args.use_distributed_optimizer:  # Megatron-LM's rule
-        raise ValueError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: "
-                         "add --use-distributed-optimizer, or drop it")
+    optimizer.check_arguments(args)
     _check_evaluation(args)
-    if args.load and _is_one_iteration(args.load):  # e.g. the path Bridge's load_megatron_model takes
-        raise ValueError(f"--load {args.load} is one iteration of a checkpoint: give the directory above it "
-                         "(the one holding latest_checkpointed_iteration.txt)")
-    if args.exit_on_missing_checkpoint:
-        from pretrain.checkpoint.checkpointer import TRACKER
-
-        if not args.load:
-            raise ValueError("--exit-on-missing-checkpoint needs --load DIR")
-        if not os.path.exists(os.path.join(args.load, TRACKER)):
-            raise ValueError(f"--load {args.load} holds no checkpoint (no {TRACKER}) and --exit-on-missing-checkpoint "
-                             "is set: check the path, or drop the flag to start from random weights")
+    stages.check_arguments(args)
     if args.fp8_recipe and not (torch.cuda.is_available() and transformer_impl.te_available()):
         raise ValueError(f"--fp8-recipe {args.fp8_recipe} needs a GPU with Transformer Engine; "
                          f"{'Transformer Engine is not installed' if torch.cuda.is_available() else 'no GPU is present'}")
@@ -314,28 +263,11 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability() < (10, 0):
         raise ValueError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
                          f"{torch.cuda.get_device_name()} is {torch.cuda.get_device_capability()}: use blockwise")
-    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict "
-                         "each other: give one (the flags win, or the checkpoint does)")
-    decay_iters = max(1, args.lr_decay_iters or args.train_iters)  # as pretrain/optim.build_scheduler
-    if args.lr_warmup_iters and args.lr_warmup_iters >= decay_iters:  # megatron's scheduler asserts it
-        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
-                         f"{decay_iters} (--lr-decay-iters, default --train-iters)")
-    if not 0 <= args.min_lr <= args.lr:
-        raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if (args.save_interval is not None or args.async_save) and not args.save:
         raise ValueError(f"{'--save-interval' if args.save_interval is not None else '--async-save'} needs --save DIR")
     _check_mtp(args, cfg)
-    dims = ParallelDims(
-        world_size=world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-        cp=args.context_parallel_size, ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-        microbatch_group_size=args.microbatch_group_size_per_virtual_pipeline_stage,
-        pipeline_layout=args.pipeline_model_parallel_layout, mtp_num_layers=args.mtp_num_layers,
-        hybrid_pattern=args.hybrid_layer_pattern,
-    )
-    dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size)
+    dims = ParallelDims.from_args(args, world_size)
+    dims.validate(cfg, seq_length, args.micro_batch_size, args.global_batch_size, args.mtp_num_layers)
     mtp_schedule = TokenSchedule.parse(args.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor")
     bias_schedule = TokenSchedule.parse(args.moe_router_bias_update_rate, "--moe-router-bias-update-rate")
     if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
@@ -346,18 +278,12 @@ def config_from_args(args, world_size: int) -> TrainConfig:
     if args.rampup_batch_size:  # before any work; megatron-core would assert later, mid start-up
         check_rampup_batch_size(args.rampup_batch_size, args.global_batch_size, unit=args.micro_batch_size * dims.dp)
     muon.check_arguments(args)
-    stages.check_arguments(args)
     _check_dp_engine(args, dims)
     _check_moe_and_cp_engine(args, dims, use_te)
     observed = observability.from_args(args, world_size)
     options = ModelOptions(
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
-        virtual_pipeline_model_parallel_size=dims.vpp(cfg.num_hidden_layers),
-        pipeline_model_parallel_layout=dims.pipeline_layout, hybrid_layer_pattern=dims.hybrid_pattern,
-        expert_model_parallel_size=dims.ep, expert_tensor_parallel_size=dims.expert_tp,
-        context_parallel_size=dims.cp, sequence_parallel=dims.sequence_parallel,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
-        fp8_recipe=args.fp8_recipe, use_te=use_te,
+        fp8_recipe=args.fp8_recipe, use_te=use_te, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         dsa_indexer_topk=args.dsa_indexer_topk, dsa_indexer_loss_coeff=args.dsa_indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=args.dsa_indexer_use_sparse_loss, dsa_kernel_backend=args.dsa_kernel_backend,
         mtp_loss_scaling_factor=mtp_schedule(0),
@@ -370,11 +296,9 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         moe_permute_fusion=args.moe_permute_fusion, moe_shared_expert_overlap=args.moe_shared_expert_overlap,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules,
-        overlap_p2p_comm=args.overlap_p2p_comm,
-        microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_virtual_pipeline_stage,
-        batch_p2p_comm=torch.cuda.is_available(),
+        overlap_p2p_comm=args.overlap_p2p_comm, batch_p2p_comm=torch.cuda.is_available(),
     )
-    check_dsa_kernel_backend(options)  # a refusal names the flag before any work
+    check_dsa_kernel_backend(options, dims)  # a refusal names the flag before any work
     train_config = TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
         recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,
@@ -382,20 +306,14 @@ def config_from_args(args, world_size: int) -> TrainConfig:
                             dsa_sparse_loss=args.dsa_indexer_use_sparse_loss),
         rampup_batch_size=args.rampup_batch_size,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        train_iters=args.train_iters, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, muon=muon.MuonOptions.from_args(args),
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather, dp_engine=args.dp_engine, zero_stage=args.zero_stage,
+        train_iters=args.train_iters, **optimizer.from_args(args), muon=muon.MuonOptions.from_args(args),
+        dp_engine=args.dp_engine, zero_stage=args.zero_stage,
         zero_offload_optimizer=args.zero_offload_optimizer, seed=args.seed, mock_data=args.mock_data,
         data_path=args.data_path, tokenizer=args.tokenizer, num_workers=args.num_workers,
         skip_bad_shards=args.skip_bad_shards, data_allow_pipe=args.data_allow_pipe, log_interval=args.log_interval,
         valid_data_path=args.valid_data_path, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         eod_mask_loss=args.eod_mask_loss, reset_attention_mask=args.reset_attention_mask,
-        reset_position_ids=args.reset_position_ids, exit_on_missing_checkpoint=args.exit_on_missing_checkpoint,
+        reset_position_ids=args.reset_position_ids,
         tensorboard_dir=args.tensorboard_dir, observability=observed, save=args.save, load=args.load,
         load_options=stages.LoadOptions.from_args(args),
         save_interval=args.save_interval,
@@ -408,15 +326,6 @@ def config_from_args(args, world_size: int) -> TrainConfig:
 
     check_validation_set(train_config)
     return train_config
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's padding: the next multiple of divisible_by x TP (each TP rank gets whole rows)."""
-    if vocab_size <= 0 or divisible_by <= 0:
-        raise ValueError(f"--vocab-size {vocab_size} and --make-vocab-size-divisible-by {divisible_by} "
-                         "must be positive")
-    unit = divisible_by * tp
-    return -(-vocab_size // unit) * unit
 
 
 def _check_mtp(args, cfg: GLM5Config) -> None:

@@ -72,7 +72,6 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     load_options: LoadOptions = field(default_factory=LoadOptions)  # --finetune, --no-load-optim, --no-load-rng
-    exit_on_missing_checkpoint: bool = False
     save_interval: int | None = None
     async_save: bool = False
     exit_interval: int | None = None

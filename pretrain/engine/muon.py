@@ -55,10 +55,8 @@ class MuonOptions:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimizer (Muon: Megatron-LM's flags)")
-    g.add_argument("--optimizer", choices=["adam", "muon"], default="adam",
-                   help="adam: AdamW for every parameter; muon: Muon for the matrices, AdamW for the rest "
-                        "(printed at start-up; docs/MUON.md)")
+    """--muon-* (--optimizer itself: pretrain/engine/optimizer.py)."""
+    g = p.add_argument_group("Muon (with --optimizer muon; Megatron-LM's flags)")
     g.add_argument("--muon-momentum", type=float, default=0.95)
     g.add_argument("--muon-use-nesterov", action="store_true", help="Nesterov-style momentum")
     g.add_argument("--muon-num-ns-steps", type=int, default=5, help="Newton-Schulz iterations")

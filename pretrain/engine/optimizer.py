@@ -1,6 +1,9 @@
-"""Wrap model chunks in megatron-core's DDP and build its optimizer and LR/WD scheduler."""
+"""Wrap model chunks in megatron-core's DDP and build its optimizer and LR/WD scheduler; their flags
+(Megatron-LM's names; Muon's own --muon-* in pretrain/engine/muon.py)."""
 
 from __future__ import annotations
+
+import argparse
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -8,6 +11,60 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from data.batch_ramp import BatchRamp
 from pretrain.config.train_config import TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning-rate schedule")
+    g.add_argument("--optimizer", choices=["adam", "muon"], default="adam",
+                   help="adam: AdamW for every parameter; muon: Muon for the matrices, AdamW for the rest "
+                        "(printed at start-up; docs/MUON.md)")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   help="on --load, this run's LR/WD schedule flags win over the checkpoint's (extending a run)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", help="on --load, the checkpoint's LR/WD schedule wins over the flags")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+
+
+def check_arguments(args) -> None:
+    """Before any work: the optimizer's and the schedule's flags against each other."""
+    if args.overlap_param_gather and not args.use_distributed_optimizer:  # Megatron-LM's rule
+        raise ValueError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: "
+                         "add --use-distributed-optimizer, or drop it")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict "
+                         "each other: give one (the flags win, or the checkpoint does)")
+    decay_iters = decay_iterations(args.lr_decay_iters, args.train_iters)
+    if args.lr_warmup_iters and args.lr_warmup_iters >= decay_iters:  # megatron's scheduler asserts it
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
+                         f"{decay_iters} (--lr-decay-iters, default --train-iters)")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
+
+
+def from_args(args) -> dict:
+    """The TrainConfig fields these flags set."""
+    names = ("optimizer", "lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style",
+             "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "weight_decay", "adam_beta1",
+             "adam_beta2", "adam_eps", "clip_grad", "use_distributed_optimizer", "overlap_grad_reduce",
+             "overlap_param_gather")
+    return {name: getattr(args, name) for name in names}
+
+
+def decay_iterations(lr_decay_iters: int | None, train_iters: int) -> int:
+    """The iterations the LR decays over: --lr-decay-iters, default --train-iters (0 saves the initial model)."""
+    return max(1, lr_decay_iters or train_iters)
 
 
 def wrap_precision(chunks, tconfig):
@@ -92,7 +149,7 @@ def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     --lr-warmup-iters / --lr-decay-iters / --train-iters are iterations, also under a batch ramp
     (converted with `samples_after`). On --load, a schedule that differs from the checkpoint's is
     refused unless --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler says which wins."""
-    decay_iters = max(1, cfg.lr_decay_iters or cfg.train_iters)  # --train-iters 0 saves the initial model
+    decay_iters = decay_iterations(cfg.lr_decay_iters, cfg.train_iters)
     decay_samples = samples_after(decay_iters, cfg)
     return OptimizerParamScheduler(
         optimizer,

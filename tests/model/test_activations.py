@@ -115,15 +115,13 @@ def test_saved_tensor_count_matches_cuda_memory(layer, tp, granularity, modules)
     """seq 4096, bf16, the local backend on CUDA (no Transformer Engine): the growth of
     torch.cuda.max_memory_allocated per application of the layer equals the saved-tensor count."""
     from parallel import runtime as rt
-    from parallel.dims import ParallelDims
     from tools.simulate_layout import fake_world
 
     seq, device = 4096, torch.device("cuda")
     cfg = tool.glm5_layer_config(layer == "moe", 8)
     torch.manual_seed(0)
     with fake_world(0, tp):
-        rt.init_model_parallel(ParallelDims(world_size=tp, tp=tp, etp=1, sequence_parallel=tp > 1), 1, 1234,
-                               gloo_groups=False)
+        rt.init_model_parallel(tool.layer_dims(tp), 1, 1234, gloo_groups=False)
         block = tool.build_layer(cfg, tp, granularity, modules, device)
         counted = sum(tool.measure(block, seq, 1, tp, device).values())
         grown = tool.cuda_growth_per_layer(block, seq, 1, tp, device)

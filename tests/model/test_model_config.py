@@ -88,3 +88,32 @@ def test_hf_config_written_by_transformers_loads(tmp_path):
     AutoConfig.from_pretrained(tmp_path).save_pretrained(tmp_path / "hf")
     c = GLM5Config.load_hf_json(tmp_path / "hf")
     assert c == get_preset("tiny").replace(rope_theta=5e5)
+
+
+@pytest.mark.parametrize("flags, tp, rows", [
+    (["--make-vocab-size-divisible-by", "64"], 1, 1088),
+    (["--make-vocab-size-divisible-by", "64"], 2, 1152),  # a multiple of 64 x TP 2
+    ([], 2, 1280),  # the default 128 x TP: the rows every earlier run (and its checkpoint) has
+])
+def test_vocab_rows_are_padded_to_make_vocab_size_divisible_by_times_tp(flags, tp, rows):
+    """Megatron-LM's rule, once (model/config.py's padded_vocab_size): the config, the built embedding and
+    the output layer hold --vocab-size padded to a multiple of --make-vocab-size-divisible-by x TP."""
+    from model.builder import build_model
+    from model.mcore_config import to_transformer_config
+    from parallel import runtime as rt
+    from parallel.compat import megatron_cpu
+    from parallel.compat.megatron_meta import on_meta
+    from pretrain.config.arguments import build_parser, config_from_args
+    from tools.simulate_layout import fake_world
+
+    megatron_cpu.activate()  # as every in-process world of the tests (tests/helpers.py)
+    args = build_parser().parse_args(["--preset", "tiny", "--mock-data", "--vocab-size", "1050", *flags,
+                                      "--tensor-model-parallel-size", str(tp), "--sequence-parallel"][:-1 if tp == 1 else None])
+    cfg = config_from_args(args, world_size=tp)
+    assert cfg.model.vocab_size == rows
+    with fake_world(0, tp):
+        rt.init_model_parallel(cfg.dims, cfg.model.num_hidden_layers, cfg.seed, gloo_groups=False)
+        with on_meta():
+            (chunk,) = build_model(cfg.model, to_transformer_config(cfg.model, cfg.model_options, cfg.dims), False)
+    assert chunk.embedding.word_embeddings.weight.shape[0] * tp == rows
+    assert chunk.output_layer.weight.shape[0] * tp == rows

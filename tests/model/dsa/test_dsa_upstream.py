@@ -70,10 +70,11 @@ def test_gpu_backends_are_refused_without_a_gpu_by_name(backend, monkeypatch):
 
 def test_upstream_backend_limits_are_named():
     from model.mcore_config import ModelOptions, check_dsa_kernel_backend
+    from parallel.dims import ParallelDims
 
     with pytest.raises(ValueError, match="--sequence-parallel"):
-        check_dsa_kernel_backend(ModelOptions(dsa_kernel_backend="none", tensor_model_parallel_size=2))
+        check_dsa_kernel_backend(ModelOptions(dsa_kernel_backend="none"), ParallelDims(world_size=2, tp=2))
     with pytest.raises(ValueError, match="--dsa-indexer-loss-coeff"):
-        check_dsa_kernel_backend(ModelOptions(dsa_kernel_backend="none", tensor_model_parallel_size=2,
-                                              sequence_parallel=True, dsa_indexer_loss_coeff=0.1))
+        check_dsa_kernel_backend(ModelOptions(dsa_kernel_backend="none", dsa_indexer_loss_coeff=0.1),
+                                 ParallelDims(world_size=2, tp=2, sequence_parallel=True))
     assert check_dsa_kernel_backend(ModelOptions()) == "blockwise"  # this CPU's default

@@ -114,3 +114,37 @@ def test_three_stages_each_continue_where_the_last_ended(text_shards, short_docu
     for name, last, first in (("longer context", short[10], long_lm[11]), ("DSA", long_lm[16], sparse_lm[17])):
         assert first < last + 0.4, f"{name}: first loss {first} after {last}"
         assert first < short[1] - 0.6, f"{name}: first loss {first}, a fresh model's {short[1]}"
+
+
+def test_a_checkpoint_with_the_earlier_vocab_padding_loads(tmp_path, monkeypatch):
+    """Before --make-vocab-size-divisible-by reached the model, its embedding and output layer were padded to
+    128 x TP whatever the flag said (--vocab-size 1050 --make-vocab-size-divisible-by 64: a 1088-token config in
+    1152 rows). Such a checkpoint loads into today's 1088 rows: megatron-core saves both tensors with
+    allow_shape_mismatch, so the config's rows load and the padding rows are dropped (the default, 128, pads
+    as before: tests/model/test_model_config.py)."""
+    import torch
+
+    from model import mcore_config
+    from tests.helpers import one_rank_gloo_world
+    from tests.inprocess import trainer
+
+    run = [*TINY_RUN, "--train-iters", "1", "--lr-warmup-iters", "0", "--vocab-size", "1050",
+           "--make-vocab-size-divisible-by", "64"]
+    earlier = mcore_config.padded_vocab_size
+
+    def weights(t) -> dict:
+        chunk = t.model[0].module
+        return {"embedding": chunk.embedding.word_embeddings.weight.detach().clone(),
+                "output": chunk.output_layer.weight.detach().clone()}
+
+    with monkeypatch.context() as m:
+        m.setattr(mcore_config, "padded_vocab_size", lambda v, divisible_by, tp: earlier(v, divisible_by=128, tp=tp))
+        with one_rank_gloo_world(), trainer([*run, "--save", str(tmp_path)]) as t:
+            t.train()
+            saved = weights(t)
+    with one_rank_gloo_world(), trainer([*run, "--load", str(tmp_path)]) as t:
+        assert t.iteration == 1
+        loaded = weights(t)
+    for name, rows in saved.items():
+        assert rows.shape[0] == 1152 and loaded[name].shape[0] == 1088
+        torch.testing.assert_close(loaded[name], rows[:1088], rtol=0, atol=0)
