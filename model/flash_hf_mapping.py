@@ -172,3 +172,57 @@ def hybrid_to_hf(sd: dict, cfg) -> dict:
         out |= _prefixed(moe_to_hf(ffn) if cfg.is_moe_layer(i) else mlp_to_hf(ffn), "mlp.")
         hf |= _prefixed(out, f"layers.{i}.")
     return hf
+
+
+# --- transformers' files <-> its modules: save_pretrained writes `glm5_next` under other names than its
+# modules' (transformers' conversion_mapping.py "glm5_next": hc_attn_fn, f_a_proj, per-expert and per-q/k/v
+# tensors); the two maps above speak the modules' names, the files are read and written through these ----
+_FILE_RENAMES = [(f"hc_{blk}_{p}", f"{blk}_hc.{p}") for blk in ("attn", "ffn") for p in ("fn", "base", "scale")] + [
+    (f"self_attn.{p}", f"self_attn.forget_gate.{p}") for p in ("f_a_proj.weight", "f_b_proj.weight", "dt_bias", "A_log")]
+_CONVS = ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")
+
+
+def text_from_files(sd: dict) -> dict:
+    """Text tensors as save_pretrained stores them (relative to `model.language_model.`) -> the modules' names."""
+    out, experts = {}, {}
+    for k, v in sd.items():
+        layer, _, rest = k.partition(".mlp.experts.")
+        if rest:  # "{e}.{gate,up,down}_proj.weight"
+            e, proj = rest.split(".", 1)
+            experts.setdefault(layer, {})[(int(e), proj)] = v
+            continue
+        for theirs, ours in _FILE_RENAMES:
+            if k.endswith("." + theirs):
+                k = k[: -len(theirs)] + ours
+        out[k] = v
+    for layer, tensors in experts.items():
+        n = 1 + max(e for e, _ in tensors)
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[(e, "gate_proj.weight")], tensors[(e, "up_proj.weight")]]) for e in range(n)])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([tensors[(e, "down_proj.weight")] for e in range(n)])
+    for k in [k for k in out if k.endswith("self_attn." + _CONVS[0])]:
+        prefix = k[: -len(_CONVS[0])]
+        out[prefix + "conv1d.weight"] = torch.cat([out.pop(prefix + c) for c in _CONVS])
+    return out
+
+
+def text_to_files(sd: dict) -> dict:
+    """The inverse of `text_from_files`: the modules' names -> save_pretrained's."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            layer = k[: -len(".gate_up_proj")]
+            for e, (gate, up) in enumerate(t.chunk(2) for t in v):
+                out[f"{layer}.{e}.gate_proj.weight"], out[f"{layer}.{e}.up_proj.weight"] = gate, up
+        elif k.endswith(".mlp.experts.down_proj"):
+            layer = k[: -len(".down_proj")]
+            out |= {f"{layer}.{e}.down_proj.weight": t for e, t in enumerate(v)}
+        elif k.endswith("self_attn.conv1d.weight"):
+            prefix = k[: -len("conv1d.weight")]
+            out |= {prefix + c: t for c, t in zip(_CONVS, v.chunk(3))}
+        else:
+            for theirs, ours in _FILE_RENAMES:
+                if k.endswith("." + ours):
+                    k = k[: -len(ours)] + theirs
+            out[k] = v
+    return out
