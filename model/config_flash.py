@@ -83,6 +83,9 @@ class GLM5FlashConfig:
     layer_types: tuple[str, ...] | None = None
     mlp_layer_types: tuple[str, ...] | None = None
     indexer_types: tuple[str, ...] | None = None
+    # a glm5_next config.json's vision_config, carried as read (not trained here), so that a checkpoint
+    # imported from it and its export describe the same model; None: transformers' defaults
+    vision_config: dict | None = None
 
     model_type = "glm5_next"
     text_model_type = "glm5_next_text"
@@ -104,6 +107,15 @@ class GLM5FlashConfig:
     @property
     def linear_qkv_dim(self) -> int:
         return self.linear_num_heads * self.linear_head_dim
+
+    @property
+    def layer_indexer_types(self) -> tuple[str, ...]:
+        """GLM5Config's name for the per-layer IndexShare list (the layout checks read it by that name)."""
+        return self.indexer_types
+
+    @property
+    def shares_top_k(self) -> bool:
+        return index_share.SHARED in self.indexer_types
 
     def is_linear_layer(self, i: int) -> bool:
         return self.layer_types[i] == LINEAR
@@ -159,6 +171,7 @@ class GLM5FlashConfig:
     def to_hf_text_dict(self) -> dict:
         """The `text_config` transformers' Glm5NextTextConfig reads (and writes) for this config."""
         d = dataclasses.asdict(self)
+        d.pop("vision_config")
         d.update(model_type=self.text_model_type, head_dim=self.qk_rope_head_dim, qk_head_dim=self.qk_head_dim,
                  layer_types=list(self.layer_types), mlp_layer_types=list(self.mlp_layer_types),
                  indexer_types=list(self.indexer_types))
@@ -166,14 +179,16 @@ class GLM5FlashConfig:
 
     def to_hf_dict(self) -> dict:
         """A `glm5_next` config.json with this text config (transformers fills its vision defaults)."""
-        return {"model_type": self.model_type, "architectures": list(self.architectures),
-                "text_config": self.to_hf_text_dict(), "tie_word_embeddings": False}
+        d = {"model_type": self.model_type, "architectures": list(self.architectures),
+             "text_config": self.to_hf_text_dict(), "tie_word_embeddings": False}
+        return d | ({"vision_config": self.vision_config} if self.vision_config is not None else {})
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "GLM5FlashConfig":
         model_type = d.get("model_type", cls.model_type)
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json has model_type={model_type!r}, expected one of {MODEL_TYPES}")
+        vision = d.get("vision_config") if model_type == cls.model_type else None
         if model_type == cls.model_type and d.get("text_config") is not None:
             d = d["text_config"]
         known = {f.name for f in dataclasses.fields(cls)}
@@ -194,7 +209,8 @@ class GLM5FlashConfig:
         if d.get("mlp_layer_types") is not None:
             kwargs["mlp_layer_types"] = tuple(d["mlp_layer_types"])
         kwargs["indexer_types"] = tuple(index_share.hf_indexer_types(d, n))
-        return cls(**kwargs)
+        kwargs.pop("vision_config", None)
+        return cls(**kwargs, vision_config=vision)
 
     @classmethod
     def load_hf_json(cls, path: str | Path) -> "GLM5FlashConfig":

@@ -150,6 +150,10 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
     hybrid layers, two per GLM layer (model/layer_pattern.py), so `num_layers` is twice the GLM count
     (megatron-core sizes its indexer-loss and MoE trackers by it) and IndexShare's topk_freq /
     skip_topk_offset count hybrid layers. `hybrid_layer_pattern` and `glm_num_layers` are set on it."""
+    if getattr(c, "model_type", None) == "glm5_next":  # GLM-5.3-Flash: model/mcore_config_flash.py
+        from model.mcore_config_flash import to_flash_transformer_config
+
+        return to_flash_transformer_config(c, o)
     dsa_backend = check_dsa_kernel_backend(o)
     pattern = hybrid_pattern(c, o)
     topk_freq, skip_topk_offset = layer_pattern.hybrid_topk_schedule(*upstream_index_share(c, dsa_backend))
@@ -285,7 +289,9 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions) -> MLATransformerConfi
 def mtp_depths(c: GLM5Config, o: ModelOptions) -> int:
     """How many future tokens the MTP module predicts: --mtp-num-layers, else one per MTP layer of the
     config. The parameters (and the checkpoint) hold `c.num_nextn_predict_layers` layers either way:
-    with `mtp_use_repeated_layer` the one layer is applied at every depth."""
+    with `mtp_use_repeated_layer` the one layer is applied at every depth. GLM-5.3-Flash: none built yet."""
+    if getattr(c, "model_type", None) == "glm5_next":
+        return 0  # model/mcore_config_flash.py refuses --mtp-num-layers by name
     return o.mtp_num_layers if o.mtp_num_layers is not None else c.num_nextn_predict_layers
 
 

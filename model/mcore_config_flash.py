@@ -27,8 +27,13 @@ def flash_pattern(cfg: GLM5FlashConfig) -> str:
                    for i in range(cfg.num_hidden_layers))
 
 
-def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions, mtp_depths: int = 0) -> None:
+MTP_NOTE = ("GLM-5.3-Flash: the config's MTP layer (num_nextn_predict_layers={n}) is not built yet: the model "
+            "trains its main next-token objective only, and a checkpoint of it holds no MTP layer")
+
+
+def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> None:
     """A ValueError naming the flag and the reason for every layout GLM-5.3-Flash does not run yet."""
+    mtp_depths = o.mtp_num_layers or 0
     refusals = [
         (o.tensor_model_parallel_size > 1, f"--tensor-model-parallel-size {o.tensor_model_parallel_size}",
          "KDA's fused in_proj / conv and the pooled indexer are not yet split over TP ranks"),
@@ -42,7 +47,8 @@ def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions, mtp_depths: int =
         (o.use_te, "--transformer-impl transformer_engine",
          "the Flash spec is built from the local backend only so far"),
         (mtp_depths > 0, f"--mtp-num-layers {mtp_depths}",
-         "GLM-5.3-Flash's MTP layer (with its own mHC) is not built yet; pass --mtp-num-layers 0"),
+         "GLM-5.3-Flash's MTP layer (with its own mHC) is not built yet: leave the flag out to train without it"),
+        (o.mtp_use_repeated_layer, "--mtp-use-repeated-layer", "GLM-5.3-Flash's MTP layer is not built yet"),
         (o.dsa_indexer_loss_coeff > 0, f"--dsa-indexer-loss-coeff {o.dsa_indexer_loss_coeff}",
          "the pooled indexer's KL loss is not implemented (transformers has no reference: its indexer runs "
          "under no_grad)"),

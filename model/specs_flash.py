@@ -165,7 +165,12 @@ def build_flash_model(cfg, tconfig, vp_stage: int | None = None):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from model.mcore_config import padded_vocab_size
+    from model.mcore_config_flash import MTP_NOTE
     from model.specs import get_backend
+
+    if cfg.num_nextn_predict_layers and parallel_state.get_data_parallel_rank() == 0 \
+            and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        print(MTP_NOTE.format(n=cfg.num_nextn_predict_layers), flush=True)
 
     model = HybridModel(
         config=tconfig, hybrid_stack_spec=flash_stack_spec(tconfig, get_backend(False)),

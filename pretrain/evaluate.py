@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from model.mcore_config import mtp_depths
 from data.loader import PretrainingData, build_valid_data
 from pretrain.config.train_config import TrainConfig
 from pretrain.step import split_microbatches, take_mtp_loss
@@ -113,7 +114,7 @@ class Evaluator:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         loss = float(totals[0] / totals[1])
         out = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(20.0, loss))}
-        if cfg.model.num_nextn_predict_layers:
+        if mtp_depths(cfg.model, cfg.model_options):
             out.update(take_mtp_loss(num_microbatches, " validation"))  # the average over data parallel
         return out
 

@@ -26,7 +26,7 @@ from data.loader import build_train_data
 from model.accounting import flops_per_token
 from model.builder import build_model
 from model.initialization import init_weights
-from model.mcore_config import to_transformer_config
+from model.mcore_config import mtp_depths, to_transformer_config
 from parallel import runtime as rt
 from pretrain.checkpoint import checkpointer as checkpointing
 from pretrain.resilience import faults
@@ -253,7 +253,7 @@ class Trainer:
             total = torch.stack([d["lm loss"] for d in losses]).sum(0)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             out["lm loss"] = float(total[0] / total[1])
-            if self.cfg.model.num_nextn_predict_layers:
+            if mtp_depths(self.cfg.model, self.cfg.model_options):
                 out.update(take_mtp_loss(num_microbatches))
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))

@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_config(args) -> GLM5Config:
     if args.model_config:
+        from model.config import read_hf_json
+        from model.config_flash import MODEL_TYPES, GLM5FlashConfig
+
+        if read_hf_json(args.model_config).get("model_type") in MODEL_TYPES:  # GLM-5.3-Flash
+            return GLM5FlashConfig.load_hf_json(args.model_config)
         return GLM5Config.load_hf_json(args.model_config)
     if args.load and (bridge := bridge_model_config(args.load)) is not None:
         return bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)

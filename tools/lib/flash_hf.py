@@ -112,9 +112,8 @@ def import_flash(args, hf_config: dict) -> tuple[Path, dict]:
     if save.exists():
         shutil.rmtree(save)  # --force
     parts = ck.CheckpointParts(model=[model], progress=Progress())
-    # the source's vision config rides along (not its weights), so the export describes the same model
-    model_config = cfg.to_hf_dict() | ({"vision_config": hf_config["vision_config"]} if "vision_config" in hf_config else {})
-    run_info = dict(model_config=model_config, layout=layout_of(ParallelDims(world_size=1)), weights_only=True,
+    # the config carries the source's vision_config (not its weights): the export describes the same model
+    run_info = dict(model_config=cfg.to_hf_dict(), layout=layout_of(ParallelDims(world_size=1)), weights_only=True,
                     distributed_optimizer=False, source={"hf": str(Path(args.hf).resolve())})
     final = ck.save(str(save), parts, run_info, runtime.device)
     return final, {"vision_tensors_left_out": len(skipped), "note": VISION_NOTE if skipped else None}
@@ -134,7 +133,7 @@ def load_our_model(load: str, iteration: int | None):
     loaded = extra_state.load({"model": model.sharded_state_dict(metadata=SHARDING_METADATA)},
                               iter_dir(load, iteration))
     model.load_state_dict(loaded["model"])
-    return model.eval(), cfg, iteration, state["model_config"].get("vision_config")
+    return model.eval(), cfg, iteration
 
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor):
@@ -162,7 +161,7 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--output {out} exists and is not empty; pass --force to replace it")
-    model, cfg, iteration, vision_config = load_our_model(load, iteration)
+    model, cfg, iteration = load_our_model(load, iteration)
     store = torch.float32 if dtype == "fp32" else torch.bfloat16
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("_extra_state", "local_tokens_per_expert"))}
     hf = {(k if k == HEAD else TEXT_PREFIX + k): v.to(store).contiguous() for k, v in text_to_files(hybrid_to_hf(state, cfg)).items()}
@@ -171,8 +170,6 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
         partial.mkdir(parents=True)
         save_file(hf, str(partial / "model.safetensors"), metadata={"format": "pt"})
         config = cfg.replace(torch_dtype="float32" if dtype == "fp32" else "bfloat16").to_hf_dict()
-        if vision_config is not None:
-            config["vision_config"] = vision_config
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in tokenizer_files:
             shutil.copy2(f, partial / f.name)
