@@ -7,8 +7,8 @@ pooled-key DSA indexer, mHC residual streams, a clamped SwiGLU), and GLM5Config'
 `glm5_next` config.json (its `text_config`, or the flat text-only form), a `glm5_next_text` one, and
 transformers' legacy spellings (`linear_attn_config`, `index_topk_pattern`, `index_topk_freq`).
 
-The model itself is not built yet (it needs the HybridModel layer specs, issue 41): `refuse_to_build`
-says so by name wherever a run would start.
+The model is built on HybridModel by model/specs_flash.py (model/mcore_config_flash.py refuses by name the
+layouts not built yet); `refuse_to_build` names GLM-5.3-Flash where a GLM-5-only path is handed its config.
 """
 
 from __future__ import annotations
@@ -222,9 +222,8 @@ class GLM5FlashConfig:
         return dataclasses.replace(self, **changes)
 
 
-NOT_YET = ("GLM-5.3-Flash (glm5_next) is read by model/config_flash.py, but its model cannot be built or "
-           "trained yet: its KDA, mHC and pooled-DSA layers (model/modules/) await the HybridModel layer specs "
-           "(issue 41)")
+NOT_YET = ("GLM-5.3-Flash (glm5_next) is read by model/config_flash.py (GLM5FlashConfig) and built by "
+           "model/specs_flash.py; this GLM-5 path (GLM5Config, glm_moe_dsa) does not take it")
 
 
 def refuse_to_build(where: str) -> ValueError:
