@@ -19,12 +19,28 @@ from model.config_flash import GLM5FlashConfig
 from model.mcore_config import ModelOptions
 from model.modules.clamped_swiglu import mcore_settings
 
-KDA, DSA, DENSE, MOE = "G", "D", "-", "E"
+KDA, DSA, DENSE, MOE, PIPE = "G", "D", "-", "E", "|"
 
 
-def flash_pattern(cfg: GLM5FlashConfig) -> str:
-    return "".join((KDA if cfg.is_linear_layer(i) else DSA) + (MOE if cfg.is_moe_layer(i) else DENSE)
-                   for i in range(cfg.num_hidden_layers))
+def flash_pattern(cfg: GLM5FlashConfig, stages: list[list[int]] | None = None) -> str:
+    """The config's pattern; `stages`: the GLM layers (0-based) of each pipeline segment, joined by '|'."""
+    stages = stages or [list(range(cfg.num_hidden_layers))]
+    return PIPE.join("".join((KDA if cfg.is_linear_layer(i) else DSA) + (MOE if cfg.is_moe_layer(i) else DENSE)
+                             for i in layers) for layers in stages)
+
+
+def check_flash_pattern(pattern: str, cfg: GLM5FlashConfig, pp: int, flag: str = "--hybrid-layer-pattern") -> None:
+    """A ValueError naming `flag` unless `pattern` is the config's layers (MTP none), cut by '|' into PP
+    segments (one per stage: virtual stages are not built for GLM-5.3-Flash yet)."""
+    want = flash_pattern(cfg)
+    if "/" in pattern:
+        raise ValueError(f"{flag} {pattern!r}: GLM-5.3-Flash's MTP layer is not built yet (no '/' part)")
+    if pattern.replace(PIPE, "") != want:
+        raise ValueError(f"{flag} {pattern!r}: the config's {cfg.num_hidden_layers} GLM-5.3-Flash layers are "
+                         f"{want!r} ('G' KDA or 'D' MLA + pooled DSA, then '-' MLP or 'E' MoE; '|' between stages)")
+    if pattern.count(PIPE) + 1 != pp:
+        raise ValueError(f"{flag} {pattern!r}: {pattern.count(PIPE) + 1} segment(s) for --pipeline-model-parallel-size "
+                         f"{pp}: one per stage (virtual pipeline stages are not built for GLM-5.3-Flash yet)")
 
 
 MTP_NOTE = ("GLM-5.3-Flash: the config's MTP layer (num_nextn_predict_layers={n}) is not built yet: the model "
@@ -37,9 +53,9 @@ def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> None:
     refusals = [
         (o.tensor_model_parallel_size > 1, f"--tensor-model-parallel-size {o.tensor_model_parallel_size}",
          "KDA's fused in_proj / conv and the pooled indexer are not yet split over TP ranks"),
-        (o.pipeline_model_parallel_size > 1, f"--pipeline-model-parallel-size {o.pipeline_model_parallel_size}",
-         "the residual between stages is hc_mult streams [s, b, hc_mult x hidden], and megatron-core's "
-         "schedules size their p2p buffers from hidden_size"),
+        (o.virtual_pipeline_model_parallel_size is not None or o.pipeline_model_parallel_layout is not None,
+         "--num-layers-per-virtual-pipeline-stage / --pipeline-model-parallel-layout",
+         "virtual pipeline stages are not built for GLM-5.3-Flash yet; give its stages as --hybrid-layer-pattern"),
         (o.context_parallel_size > 1, f"--context-parallel-size {o.context_parallel_size}",
          "the KDA state and convolution window are not yet carried across CP ranks"),
         (o.sequence_parallel, "--sequence-parallel", "needs TP > 1, not supported yet"),
@@ -52,8 +68,6 @@ def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> None:
         (o.dsa_indexer_loss_coeff > 0, f"--dsa-indexer-loss-coeff {o.dsa_indexer_loss_coeff}",
          "the pooled indexer's KL loss is not implemented (transformers has no reference: its indexer runs "
          "under no_grad)"),
-        (o.hybrid_layer_pattern is not None, "--hybrid-layer-pattern", "GLM-5.3-Flash's pattern comes from its "
-         "config (model/mcore_config_flash.py flash_pattern)"),
         (o.recompute_granularity == "selective", "--recompute-granularity selective",
          "no selective recompute modules are defined for KDA / mHC"),
     ]
@@ -69,7 +83,17 @@ def to_flash_transformer_config(cfg: GLM5FlashConfig, o: ModelOptions) -> MLATra
     """megatron-core's config for the Flash HybridModel: two hybrid layers per GLM layer (num_layers is
     their count, as for GLM-5), NoPE MLA (qk_pos_emb_head_dim 0), the clamped SwiGLU, sigmoid routing."""
     check_flash_options(cfg, o)
-    pattern = flash_pattern(cfg)
+    pp = o.pipeline_model_parallel_size
+    if o.hybrid_layer_pattern is not None:
+        check_flash_pattern(o.hybrid_layer_pattern, cfg, pp)
+        pattern = o.hybrid_layer_pattern
+    else:
+        if cfg.num_hidden_layers % pp:
+            raise ValueError(f"--pipeline-model-parallel-size {pp}: GLM-5.3-Flash's {cfg.num_hidden_layers} layers do "
+                             "not split evenly; give the stages as --hybrid-layer-pattern (e.g. "
+                             f"{flash_pattern(cfg, [list(range(cfg.num_hidden_layers // 2)), list(range(cfg.num_hidden_layers // 2, cfg.num_hidden_layers))])!r})")
+        per = cfg.num_hidden_layers // pp
+        pattern = flash_pattern(cfg, [list(range(k * per, (k + 1) * per)) for k in range(pp)])
     moe_pattern = [m for i in range(cfg.num_hidden_layers) for m in (0, int(cfg.is_moe_layer(i)))]
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     tconfig = MLATransformerConfig(
@@ -129,6 +153,9 @@ def to_flash_transformer_config(cfg: GLM5FlashConfig, o: ModelOptions) -> MLATra
            if o.recompute_granularity == "full" else {}),
         transformer_impl="local",
     )
+    # the p2p messages between stages are the mHC streams, [s, b, hc_mult x hidden], not megatron's
+    # [s, b, hidden]: its schedules then send each message's shape first (p2p_communication.py)
+    tconfig.variable_seq_lengths = pp > 1
     tconfig.hybrid_layer_pattern = pattern
     tconfig.glm_num_layers = cfg.num_hidden_layers
     tconfig.flash = cfg  # read by model/specs_flash.py's modules (KDA, mHC, the pooled indexer)

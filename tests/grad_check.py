@@ -35,8 +35,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if sys.path[0] != str(ROOT):  # first: run as a script, this file's folder (tests/, whose parallel/ is the
+    sys.path.insert(0, str(ROOT))  # tests') comes first and would shadow the project's parallel package
 
 from tests.helpers import child_env, free_port, read_scalars  # noqa: E402
 

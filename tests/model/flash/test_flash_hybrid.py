@@ -94,7 +94,7 @@ def test_hybrid_flash_equals_transformers_per_weight():
 
 @pytest.mark.parametrize("options, flag", [
     (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2"),
-    (dict(pipeline_model_parallel_size=2), "--pipeline-model-parallel-size 2"),
+    (dict(virtual_pipeline_model_parallel_size=2), "--num-layers-per-virtual-pipeline-stage"),
     (dict(context_parallel_size=2), "--context-parallel-size 2"),
     (dict(dsa_indexer_loss_coeff=0.1), "--dsa-indexer-loss-coeff 0.1"),
 ])
