@@ -12,8 +12,8 @@
   launch/recipes/glm5.2-bridge-416xh100.args sets them (docs/MODEL.md, "GLM-5.2's MTP objective").
 - `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
 - `glm5.3-flash`, `glm5.3-flash-tiny` (FLASH_PRESETS, model/config_flash.py): GLM-5.3-Flash's released
-  text config (transformers' `Glm5NextTextConfig` defaults) and a tiny one with odd dimensions. They are
-  described, not buildable yet: `get_preset` refuses them by name.
+  text config (transformers' `Glm5NextTextConfig` defaults) and a tiny one with odd dimensions, built by
+  model/specs_flash.py (model/mcore_config_flash.py refuses by name the layouts not built yet).
 - `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
   experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.
 """
