@@ -1,7 +1,7 @@
 """GLM-5.3-Flash at parallel layouts, per weight against one process (tests/grad_check.py's harness: real
 torchrun workers of the Trainer, every rank's gradient of every weight after step 1, the losses and grad norm):
-EP 2 (the routed experts of its mHC-wrapped MoE layers split over two ranks, with DP 2 for the rest) and PP 2
-(the [s, b, hc_mult x hidden] streams sent between stages)."""
+EP 2 (the routed experts of its mHC-wrapped MoE layers split over two ranks, with DP 2 and the distributed
+optimizer for the rest), PP 2 (the [s, b, hc_mult x hidden] streams sent between stages) and full recompute."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, nproc, extra", [
-    ("ep2", 2, ["--expert-model-parallel-size", "2"]),
+    # DP 2 for the dense weights with the distributed optimizer, EP 2 for the routed experts
+    ("ep2-distopt", 2, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
     # two stages cut at a GLM layer's end (the tiny model's 5 layers: 3 + 2); the mHC streams cross between them
     ("pp2", 2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "G-GEGE|DEGE"]),
+    # full recompute of every hybrid layer (megatron-core's checkpointed_forward over FlashLayers), in this process
+    ("recompute-full", 1, ["--recompute-granularity", "full"]),
 ])
 def test_flash_layout_matches_single_process(name, nproc, extra, reference, tmp_path):
     want, want_grads = reference
