@@ -13,6 +13,9 @@ TransformerLayer: its bias-dropout-add adds one residual, where mHC mixes N stre
   empty) and `PooledSparseAttention` as its core attention -- the pooled-key DSA indexer
   (model/modules/pooled_indexer.py) picks the keys, softmax runs over them;
 - `-` / `E`: megatron-core's MLP / MoELayer with the clamped SwiGLU (model/modules/clamped_swiglu.py).
+Packed documents (--reset-attention-mask) arrive as model/modules/documents.py's `attention_mask`: KDA's state and
+convolution and the pooled indexer's selection stay inside each document (no RoPE: positions are unused).
+The sparse attention here is a dense masked torch path (O(s^2) scores): no fused pooled-DSA kernel yet.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from model.modules.documents import unpack
 from model.modules.hybrid import GLMHybridStack
 from model.modules.hyper_connection import HyperConnection, collapse_streams
 from model.modules.kda import KimiDeltaAttention
@@ -53,9 +57,10 @@ class PooledSparseAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("GLM-5.3-Flash's pooled DSA takes no packed_seq_params (THD) yet")
         s = key.shape[0]
-        mask = selection_mask(self.indexer(x, qr), s)  # [b, sq, s]
+        doc_starts, _ = unpack(attention_mask)  # packed documents: each indexed alone, its selection inside it
+        mask = selection_mask(self.indexer(x, qr, doc_starts), s)  # [b, sq, s]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        scores = (q @ k.transpose(-1, -2)).float() * self.softmax_scale
+        scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * self.softmax_scale
         probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).to(v.dtype)
         return (probs @ v).permute(2, 0, 1, 3).flatten(-2)
 
@@ -67,7 +72,7 @@ class KDAMixer(KimiDeltaAttention):
         super().__init__(config.flash, backend=getattr(config, "kda_backend", "auto"))
 
     def forward(self, hidden_states, attention_mask=None, **_unused):
-        return super().forward(hidden_states)
+        return super().forward(hidden_states, doc_starts=unpack(attention_mask)[0])
 
 
 @dataclass

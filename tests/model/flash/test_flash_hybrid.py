@@ -104,3 +104,35 @@ def test_unbuilt_layouts_refused_by_name(options, flag):
 
     with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
         check_flash_options(TINY, ModelOptions(**options))
+
+
+def test_packed_documents_equal_each_document_alone():
+    """--reset-attention-mask: two documents packed in one row give the logits each gives alone (KDA's state and
+    convolution, the pooled indexer's selection and so the attention stay inside each document)."""
+    from megatron.core import parallel_state
+
+    from model.modules.documents import document_layout
+
+    eod = 0
+    gen = torch.Generator().manual_seed(11)
+    first, second = torch.randint(1, TINY.vocab_size, (1, 13), generator=gen), torch.randint(1, TINY.vocab_size, (1, 10), generator=gen)
+    first[0, -1] = eod  # the first document ends with its EOD
+    packed = torch.cat([first, second], dim=1)
+    with one_rank_gloo_world():
+        try:
+            model, _ = build_tiny_flash()
+            with torch.no_grad():
+                for p in model.parameters():  # non-trivial norms and maps
+                    p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+            model.eval()
+
+            def logits(tokens, mask=None):
+                positions = torch.arange(tokens.shape[1])[None]
+                return model(input_ids=tokens, position_ids=positions, attention_mask=mask)
+
+            together = logits(packed, document_layout(packed, eod, True, True))
+            alone = torch.cat([logits(first), logits(second)], dim=1)
+            assert_fp32_close(together, alone, "packed")  # the router's scores are fp32 (moe_router_dtype)
+            assert not torch.allclose(logits(packed)[:, 13:], alone[:, 13:])  # without the mask they differ
+        finally:
+            parallel_state.destroy_model_parallel()
