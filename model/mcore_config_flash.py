@@ -47,8 +47,23 @@ MTP_NOTE = ("GLM-5.3-Flash: the config's MTP layer (num_nextn_predict_layers={n}
             "trains its main next-token objective only, and a checkpoint of it holds no MTP layer")
 
 
-def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> None:
-    """A ValueError naming the flag and the reason for every layout GLM-5.3-Flash does not run yet."""
+def run_pattern(cfg: GLM5FlashConfig, o: ModelOptions) -> str:
+    """--hybrid-layer-pattern checked against the config, else the config's layers split evenly over PP."""
+    pp = o.pipeline_model_parallel_size
+    if o.hybrid_layer_pattern is not None:
+        check_flash_pattern(o.hybrid_layer_pattern, cfg, pp)
+        return o.hybrid_layer_pattern
+    n = cfg.num_hidden_layers
+    if n % pp:
+        example = flash_pattern(cfg, [list(range(n // 2)), list(range(n // 2, n))])
+        raise ValueError(f"--pipeline-model-parallel-size {pp}: GLM-5.3-Flash's {n} layers do not split evenly; "
+                         f"give the stages as --hybrid-layer-pattern (two stages, e.g. {example!r})")
+    return flash_pattern(cfg, [list(range(k * (n // pp), (k + 1) * (n // pp))) for k in range(pp)])
+
+
+def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> str:
+    """A ValueError naming the flag and the reason for every layout GLM-5.3-Flash does not run yet; else the
+    run's hybrid layer pattern."""
     mtp_depths = o.mtp_num_layers or 0
     refusals = [
         (o.tensor_model_parallel_size > 1, f"--tensor-model-parallel-size {o.tensor_model_parallel_size}",
@@ -77,23 +92,14 @@ def check_flash_options(cfg: GLM5FlashConfig, o: ModelOptions) -> None:
     if index_share.SHARED in cfg.indexer_types:
         raise ValueError("GLM-5.3-Flash: indexer_types with 'shared' layers (IndexShare) are not built yet on "
                          "HybridModel; this config has " + ",".join(cfg.indexer_types))
+    return run_pattern(cfg, o)
 
 
 def to_flash_transformer_config(cfg: GLM5FlashConfig, o: ModelOptions) -> MLATransformerConfig:
     """megatron-core's config for the Flash HybridModel: two hybrid layers per GLM layer (num_layers is
     their count, as for GLM-5), NoPE MLA (qk_pos_emb_head_dim 0), the clamped SwiGLU, sigmoid routing."""
-    check_flash_options(cfg, o)
+    pattern = check_flash_options(cfg, o)
     pp = o.pipeline_model_parallel_size
-    if o.hybrid_layer_pattern is not None:
-        check_flash_pattern(o.hybrid_layer_pattern, cfg, pp)
-        pattern = o.hybrid_layer_pattern
-    else:
-        if cfg.num_hidden_layers % pp:
-            raise ValueError(f"--pipeline-model-parallel-size {pp}: GLM-5.3-Flash's {cfg.num_hidden_layers} layers do "
-                             "not split evenly; give the stages as --hybrid-layer-pattern (e.g. "
-                             f"{flash_pattern(cfg, [list(range(cfg.num_hidden_layers // 2)), list(range(cfg.num_hidden_layers // 2, cfg.num_hidden_layers))])!r})")
-        per = cfg.num_hidden_layers // pp
-        pattern = flash_pattern(cfg, [list(range(k * per, (k + 1) * per)) for k in range(pp)])
     moe_pattern = [m for i in range(cfg.num_hidden_layers) for m in (0, int(cfg.is_moe_layer(i)))]
     load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     tconfig = MLATransformerConfig(

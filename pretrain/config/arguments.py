@@ -380,6 +380,10 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         batch_p2p_comm=torch.cuda.is_available(),
     )
     check_dsa_kernel_backend(options)  # a refusal names the flag before any work
+    if getattr(cfg, "model_type", None) == "glm5_next":  # GLM-5.3-Flash: what is not built yet, by name
+        from model.mcore_config_flash import check_flash_options
+
+        check_flash_options(cfg, options)
     train_config = TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
         recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.flash_reference import TINY
@@ -37,6 +38,7 @@ def run(tool: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_flash_import_export_verify(tmp_path):
     from safetensors.torch import load_file
 

@@ -136,3 +136,12 @@ def test_packed_documents_equal_each_document_alone():
             assert not torch.allclose(logits(packed)[:, 13:], alone[:, 13:])  # without the mask they differ
         finally:
             parallel_state.destroy_model_parallel()
+
+
+def test_the_trainer_refuses_before_any_work(capsys):
+    """launch/pretrain.py's argument check names what GLM-5.3-Flash does not run yet, before anything is built."""
+    from pretrain.config.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "glm5.3-flash-tiny", "--mock-data", "--context-parallel-size", "2"], world_size=2)
+    assert "GLM-5.3-Flash: --context-parallel-size 2 is not supported yet" in capsys.readouterr().err
