@@ -1,6 +1,6 @@
 """GLM-5.3-Flash through the HF tools: a transformers-made tiny Glm5NextForConditionalGeneration (odd sizes,
 random weights, saved by save_pretrained) imports with tools/import_hf.py (the vision tower left out, said so),
-exports with tools/export_hf.py --verify (transformers loads it in Glm5NextForConditionalGeneration and its
+trains from the import (--model-config the HF directory's config.json, --load the checkpoint), exports with tools/export_hf.py --verify (transformers loads it in Glm5NextForConditionalGeneration and its
 logits equal our model's), and the exported text tensors are the original ones bit for bit."""
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def test_flash_import_export_verify(tmp_path):
     imported = run("import_hf.py", "--hf", tmp_path / "hf", "--save", tmp_path / "ck")
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert "vision tower (model.visual.*) is not trained here" in imported.stderr
+    # the imported checkpoint is what training starts from (its config: the HF directory's)
+    from tests.inprocess import train_here
+
+    lm = train_here(["--model-config", str(tmp_path / "hf" / "config.json"), "--load", str(tmp_path / "ck"),
+                     "--mock-data", "--seq-length", "32", "--train-iters", "2", "--global-batch-size", "2",
+                     "--micro-batch-size", "1", "--lr", "1e-3"])["lm loss"]
+    assert sorted(lm) == [1, 2] and all(v == v for v in lm.values())
     exported = run("export_hf.py", "--load", tmp_path / "ck", "--output", tmp_path / "out", "--dtype", "fp32",
                    "--verify")
     assert exported.returncode == 0, exported.stderr[-3000:]

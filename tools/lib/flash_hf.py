@@ -192,7 +192,7 @@ def verify_flash(model, cfg, hf_dir: str, store: torch.dtype, num_tokens: int = 
 
     if store != torch.float32:
         for p in model.state_dict().values():
-            if p.is_floating_point():
+            if torch.is_tensor(p) and p.is_floating_point():
                 p.copy_(p.to(store).to(p.dtype))
     tokens = torch.randint(1, cfg.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(0))
     device = model.output_layer.weight.device
