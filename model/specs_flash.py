@@ -162,26 +162,3 @@ def flash_stack_spec(tconfig, backend) -> ModuleSpec:
     return ModuleSpec(module=FlashHybridStack, params={"final_norm": norm}, submodules=HybridStackSubmodules(
         gdn_layer=layer(KDAMixer, True), dsa_layer=layer(mla, True),
         mlp_layer=layer(dense, False), moe_layer=layer(moe, False)))
-
-
-def build_flash_model(cfg, tconfig, vp_stage: int | None = None):
-    """This rank's GLM-5.3-Flash HybridModel (one chunk: PP 1)."""
-    from megatron.core import parallel_state
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
-
-    from model.mcore_config import padded_vocab_size
-    from model.mcore_config_flash import MTP_NOTE
-    from model.specs import get_backend
-
-    if cfg.num_nextn_predict_layers and parallel_state.get_data_parallel_rank() == 0 \
-            and parallel_state.get_pipeline_model_parallel_rank() == 0:
-        print(MTP_NOTE.format(n=cfg.num_nextn_predict_layers), flush=True)
-
-    model = HybridModel(
-        config=tconfig, hybrid_stack_spec=flash_stack_spec(tconfig, get_backend(False)),
-        vocab_size=padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size),
-        max_sequence_length=cfg.max_position_embeddings, hybrid_layer_pattern=tconfig.hybrid_layer_pattern,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=False, position_embedding_type="none", vp_stage=vp_stage)
-    return model.to(tconfig.params_dtype)  # our modules (KDA, mHC, the indexer) are made in fp32

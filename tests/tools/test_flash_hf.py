@@ -1,7 +1,8 @@
 """GLM-5.3-Flash through the HF tools: a transformers-made tiny Glm5NextForConditionalGeneration (odd sizes,
 random weights, saved by save_pretrained) imports with tools/import_hf.py (the vision tower left out, said so),
-trains from the import (--model-config the HF directory's config.json, --load the checkpoint), exports with tools/export_hf.py --verify (transformers loads it in Glm5NextForConditionalGeneration and its
-logits equal our model's), and the exported text tensors are the original ones bit for bit."""
+trains from the import (--model-config the HF directory's config.json, --load the checkpoint), exports with
+tools/export_hf.py --verify (transformers loads it in Glm5NextForConditionalGeneration and its logits equal our
+model's), and the exported text tensors are the original ones bit for bit."""
 
 from __future__ import annotations
 

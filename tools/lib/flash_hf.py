@@ -51,7 +51,7 @@ def _one_process(cfg, flag_values: dict):
 def _build(cfg, dtype: torch.dtype, device):
     from model.mcore_config import ModelOptions
     from model.mcore_config_flash import to_flash_transformer_config
-    from model.specs_flash import build_flash_model
+    from model.builder_flash import build_flash_model
 
     tconfig = to_flash_transformer_config(cfg, ModelOptions(params_dtype=dtype, bf16=dtype == torch.bfloat16))
     return build_flash_model(cfg, tconfig).to(device)
@@ -164,7 +164,8 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
     model, cfg, iteration = load_our_model(load, iteration)
     store = torch.float32 if dtype == "fp32" else torch.bfloat16
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("_extra_state", "local_tokens_per_expert"))}
-    hf = {(k if k == HEAD else TEXT_PREFIX + k): v.to(store).contiguous() for k, v in text_to_files(hybrid_to_hf(state, cfg)).items()}
+    files = text_to_files(hybrid_to_hf(state, cfg))
+    hf = {(k if k == HEAD else TEXT_PREFIX + k): v.to(store).contiguous() for k, v in files.items()}
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     try:
         partial.mkdir(parents=True)

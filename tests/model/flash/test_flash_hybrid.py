@@ -16,7 +16,7 @@ from tests.helpers import one_rank_gloo_world
 def build_tiny_flash(cfg=TINY, **options):
     from model.mcore_config import ModelOptions
     from model.mcore_config_flash import to_flash_transformer_config
-    from model.specs_flash import build_flash_model
+    from model.builder_flash import build_flash_model
     from parallel import runtime as rt
     from parallel.dims import ParallelDims
 
@@ -115,7 +115,8 @@ def test_packed_documents_equal_each_document_alone():
 
     eod = 0
     gen = torch.Generator().manual_seed(11)
-    first, second = torch.randint(1, TINY.vocab_size, (1, 13), generator=gen), torch.randint(1, TINY.vocab_size, (1, 10), generator=gen)
+    first = torch.randint(1, TINY.vocab_size, (1, 13), generator=gen)
+    second = torch.randint(1, TINY.vocab_size, (1, 10), generator=gen)
     first[0, -1] = eod  # the first document ends with its EOD
     packed = torch.cat([first, second], dim=1)
     with one_rank_gloo_world():
