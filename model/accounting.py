@@ -92,6 +92,10 @@ def flops_per_token(c: GLM5Config, seq_length: int, sparse: bool = True, mtp_dep
     output head, shared or not (--mtp-use-repeated-layer); with MTP on, the main head also runs once more,
     forward only, for the draft's target p (model/modules/mtp_objective.py: acceptance log, e2e_tv).
     """
+    if getattr(c, "model_type", None) == "glm5_next":  # GLM-5.3-Flash (KDA linear in the sequence; no MTP built)
+        from model import accounting_flash
+
+        return accounting_flash.flops_per_token(c, seq_length)
     p = count_parameters(c)
     depths = c.mtp_depths(mtp_depths)
     mtp_layer_active = p["params_active_with_mtp"] - p["params_active"]

@@ -32,6 +32,10 @@ def build_model_chunk(cfg: GLM5Config, tconfig, use_te: bool, vp_stage: int | No
 
 def build_model(cfg: GLM5Config, tconfig, use_te: bool) -> list[HybridModel]:
     """One chunk per virtual pipeline stage (a single chunk without interleaving)."""
+    if getattr(tconfig, "flash", None) is not None:  # GLM-5.3-Flash: model/specs_flash.py
+        from model.builder_flash import build_flash_model
+
+        return [build_flash_model(cfg, tconfig)]
     vpp = tconfig.virtual_pipeline_model_parallel_size
     if vpp is None:
         return [build_model_chunk(cfg, tconfig, use_te)]

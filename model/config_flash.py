@@ -7,8 +7,8 @@ pooled-key DSA indexer, mHC residual streams, a clamped SwiGLU), and GLM5Config'
 `glm5_next` config.json (its `text_config`, or the flat text-only form), a `glm5_next_text` one, and
 transformers' legacy spellings (`linear_attn_config`, `index_topk_pattern`, `index_topk_freq`).
 
-The model itself is not built yet (it needs the HybridModel layer specs, issue 41): `refuse_to_build`
-says so by name wherever a run would start.
+The model is built on HybridModel by model/specs_flash.py (model/mcore_config_flash.py refuses by name the
+layouts not built yet); `refuse_to_build` names GLM-5.3-Flash where a GLM-5-only path is handed its config.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ class GLM5FlashConfig:
     layer_types: tuple[str, ...] | None = None
     mlp_layer_types: tuple[str, ...] | None = None
     indexer_types: tuple[str, ...] | None = None
+    # a glm5_next config.json's vision_config, carried as read (not trained here), so that a checkpoint
+    # imported from it and its export describe the same model; None: transformers' defaults
+    vision_config: dict | None = None
 
     model_type = "glm5_next"
     text_model_type = "glm5_next_text"
@@ -104,6 +107,20 @@ class GLM5FlashConfig:
     @property
     def linear_qkv_dim(self) -> int:
         return self.linear_num_heads * self.linear_head_dim
+
+    @property
+    def layer_indexer_types(self) -> tuple[str, ...]:
+        """GLM5Config's name for the per-layer IndexShare list (the layout checks read it by that name)."""
+        return self.indexer_types
+
+    @property
+    def shares_top_k(self) -> bool:
+        return index_share.SHARED in self.indexer_types
+
+    def mtp_depths(self, mtp_num_layers: int | None = None) -> int:
+        """GLM5Config.mtp_depths' contract; GLM-5.3-Flash's MTP layer is not built yet
+        (model/mcore_config_flash.py refuses --mtp-num-layers by name), so no depth is trained."""
+        return 0
 
     def is_linear_layer(self, i: int) -> bool:
         return self.layer_types[i] == LINEAR
@@ -159,6 +176,7 @@ class GLM5FlashConfig:
     def to_hf_text_dict(self) -> dict:
         """The `text_config` transformers' Glm5NextTextConfig reads (and writes) for this config."""
         d = dataclasses.asdict(self)
+        d.pop("vision_config")
         d.update(model_type=self.text_model_type, head_dim=self.qk_rope_head_dim, qk_head_dim=self.qk_head_dim,
                  layer_types=list(self.layer_types), mlp_layer_types=list(self.mlp_layer_types),
                  indexer_types=list(self.indexer_types))
@@ -166,14 +184,16 @@ class GLM5FlashConfig:
 
     def to_hf_dict(self) -> dict:
         """A `glm5_next` config.json with this text config (transformers fills its vision defaults)."""
-        return {"model_type": self.model_type, "architectures": list(self.architectures),
-                "text_config": self.to_hf_text_dict(), "tie_word_embeddings": False}
+        d = {"model_type": self.model_type, "architectures": list(self.architectures),
+             "text_config": self.to_hf_text_dict(), "tie_word_embeddings": False}
+        return d | ({"vision_config": self.vision_config} if self.vision_config is not None else {})
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "GLM5FlashConfig":
         model_type = d.get("model_type", cls.model_type)
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json has model_type={model_type!r}, expected one of {MODEL_TYPES}")
+        vision = d.get("vision_config") if model_type == cls.model_type else None
         if model_type == cls.model_type and d.get("text_config") is not None:
             d = d["text_config"]
         known = {f.name for f in dataclasses.fields(cls)}
@@ -194,7 +214,8 @@ class GLM5FlashConfig:
         if d.get("mlp_layer_types") is not None:
             kwargs["mlp_layer_types"] = tuple(d["mlp_layer_types"])
         kwargs["indexer_types"] = tuple(index_share.hf_indexer_types(d, n))
-        return cls(**kwargs)
+        kwargs.pop("vision_config", None)
+        return cls(**kwargs, vision_config=vision)
 
     @classmethod
     def load_hf_json(cls, path: str | Path) -> "GLM5FlashConfig":
@@ -206,9 +227,8 @@ class GLM5FlashConfig:
         return dataclasses.replace(self, **changes)
 
 
-NOT_YET = ("GLM-5.3-Flash (glm5_next) is read by model/config_flash.py, but its model cannot be built or "
-           "trained yet: its KDA, mHC and pooled-DSA layers (model/modules/) await the HybridModel layer specs "
-           "(issue 41)")
+NOT_YET = ("GLM-5.3-Flash (glm5_next) is read by model/config_flash.py (GLM5FlashConfig) and built by "
+           "model/specs_flash.py; this GLM-5 path (GLM5Config, glm_moe_dsa) does not take it")
 
 
 def refuse_to_build(where: str) -> ValueError:

@@ -102,3 +102,7 @@ def init_weights(chunks, vocab_size: int, seed: int) -> None:
                 parts = full.chunk(2, dim=0) if glu else [full]
                 full = torch.cat([part.chunk(tp_size, dim=dim)[tp_rank] for part in parts], dim=dim)
             p.copy_(full.to(p.dtype))
+        if getattr(config, "flash", None) is not None:  # GLM-5.3-Flash's KDA, mHC and pooled indexer
+            from model.initialization_flash import init_flash_modules
+
+            init_flash_modules(chunk, seed, _global_name)

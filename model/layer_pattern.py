@@ -47,6 +47,11 @@ def check(pattern: str, cfg: GLM5Config, mtp_depths: int, pp: int, flag: str = "
     ValueError naming `flag` when the pattern is not this config's (layers, dense/MoE split, MTP depths) or its
     segments do not fit --pipeline-model-parallel-size `pp`. A '|' may cut a GLM layer between its attention
     and its MLP."""
+    if getattr(cfg, "model_type", None) == "glm5_next":  # GLM-5.3-Flash: model/mcore_config_flash.py
+        from model.mcore_config_flash import check_flash_pattern
+
+        check_flash_pattern(pattern, cfg, pp, flag)
+        return segment_layers(pattern)
     where = f"{flag} {pattern!r}"
     try:
         parsed = parse_hybrid_pattern(pattern)

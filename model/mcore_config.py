@@ -143,6 +143,10 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions, dims: ParallelDims = S
     skip_topk_offset count hybrid layers. `hybrid_layer_pattern`, `glm_num_layers` and
     `padded_vocab_size` (the embedding's and output layer's rows) are set on it. The parallel layout is
     `dims`'s (default: one process)."""
+    if getattr(c, "model_type", None) == "glm5_next":  # GLM-5.3-Flash: model/mcore_config_flash.py
+        from model.mcore_config_flash import to_flash_transformer_config
+
+        return to_flash_transformer_config(c, o, dims)
     dsa_backend = check_dsa_kernel_backend(o, dims)
     pattern = hybrid_pattern(c, o, dims)
     topk_freq, skip_topk_offset = layer_pattern.hybrid_topk_schedule(*upstream_index_share(c, dsa_backend))

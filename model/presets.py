@@ -12,8 +12,8 @@
   launch/recipes/glm5.2-bridge-416xh100.args sets them (docs/MODEL.md, "GLM-5.2's MTP objective").
 - `glm5-proxy`: a one-GPU benchmark model with GLM-5's head dimensions, DSA and MTP.
 - `glm5.3-flash`, `glm5.3-flash-tiny` (FLASH_PRESETS, model/config_flash.py): GLM-5.3-Flash's released
-  text config (transformers' `Glm5NextTextConfig` defaults) and a tiny one with odd dimensions. They are
-  described, not buildable yet: `get_preset` refuses them by name.
+  text config (transformers' `Glm5NextTextConfig` defaults) and a tiny one with odd dimensions, built by
+  model/specs_flash.py (model/mcore_config_flash.py refuses by name the layouts not built yet).
 - `tiny`: every feature (MLA, DSA with top-k < sequence, dense first layer, shared + sigmoid-routed
   experts with bias, MTP) at sizes that train in seconds on a CPU; the test model.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from model import index_share
 from model.config import GLM5Config
-from model.config_flash import GLM5FlashConfig, refuse_to_build
+from model.config_flash import GLM5FlashConfig
 
 PRESETS: dict[str, GLM5Config] = {
     "glm5": GLM5Config(),
@@ -71,8 +71,8 @@ FLASH_PRESETS: dict[str, GLM5FlashConfig] = {
 
 
 def get_preset(name: str) -> GLM5Config:
-    if name in FLASH_PRESETS:
-        raise refuse_to_build(f"--preset {name!r}")
+    if name in FLASH_PRESETS:  # GLM-5.3-Flash (model/mcore_config_flash.py refuses what is not built yet)
+        return FLASH_PRESETS[name]
     try:
         return PRESETS[name]
     except KeyError:

@@ -113,7 +113,7 @@ class Evaluator:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         loss = float(totals[0] / totals[1])
         out = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(20.0, loss))}
-        if cfg.model.num_nextn_predict_layers:
+        if cfg.model.mtp_depths(cfg.model_options.mtp_num_layers):
             out.update(take_mtp_loss(num_microbatches, " validation"))  # the average over data parallel
         return out
 

@@ -251,7 +251,7 @@ class Trainer:
             total = torch.stack([d["lm loss"] for d in losses]).sum(0)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             out["lm loss"] = float(total[0] / total[1])
-            if self.cfg.model.num_nextn_predict_layers:
+            if self.cfg.model.mtp_depths(self.cfg.model_options.mtp_num_layers):
                 out.update(take_mtp_loss(num_microbatches))
         if self.tconfig.moe_aux_loss_coeff > 0:  # collective: every rank calls it
             out.update(aux_loss_scalars(self.tconfig, num_microbatches))

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     try:
         flash = flash_config(args)
-        if flash is not None:  # GLM-5.3-Flash: counted, not buildable yet (model/accounting_flash.py)
+        if flash is not None:  # GLM-5.3-Flash: its own counts (model/accounting_flash.py)
             print(json.dumps({"preset": None if args.model_config else args.preset, **flash_info(flash, seq)}))
             return
         cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)

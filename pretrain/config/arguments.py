@@ -188,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_config(args) -> GLM5Config:
     if args.model_config:
-        cfg = GLM5Config.load_hf_json(args.model_config)
+        from model.config import read_hf_json
+        from model.config_flash import MODEL_TYPES, GLM5FlashConfig
+
+        if read_hf_json(args.model_config).get("model_type") in MODEL_TYPES:  # GLM-5.3-Flash
+            cfg = GLM5FlashConfig.load_hf_json(args.model_config)
+        else:
+            cfg = GLM5Config.load_hf_json(args.model_config)
     elif args.load and (bridge := bridge_model_config(args.load)) is not None:
         cfg = bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)
     else:
@@ -299,6 +305,10 @@ def config_from_args(args, world_size: int) -> TrainConfig:
         overlap_p2p_comm=args.overlap_p2p_comm, batch_p2p_comm=torch.cuda.is_available(),
     )
     check_dsa_kernel_backend(options, dims)  # a refusal names the flag before any work
+    if getattr(cfg, "model_type", None) == "glm5_next":  # GLM-5.3-Flash: what is not built yet, by name
+        from model.mcore_config_flash import check_flash_options
+
+        check_flash_options(cfg, options, dims)
     train_config = TrainConfig(
         model=cfg, model_options=options, dims=dims, preset=args.preset, seq_length=seq_length,
         recipe=RecipeConfig(mtp_loss_scaling=mtp_schedule, bias_update_rate=bias_schedule,

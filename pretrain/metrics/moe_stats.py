@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from model.specs_flash import FlashLayer  # GLM-5.3-Flash's mHC-wrapped MLP / MoE layers
 
 
 def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
@@ -13,10 +14,10 @@ def routers(chunks) -> list[tuple[int, torch.nn.Module]]:
     found = []
     for chunk in chunks:
         for module in chunk.modules():
-            if isinstance(module, TransformerLayer) and hasattr(module.mlp, "router"):
+            if isinstance(module, (TransformerLayer, FlashLayer)) and hasattr(getattr(module, "mlp", None), "router"):
                 # HybridModel numbers GLM layer i's MoE half 2i + 2 (model/layer_pattern.py), and the MTP
                 # layer's inner layers from 1 (is_mtp_layer): counted after the decoder's GLM layers
-                mtp_offset = module.config.glm_num_layers if module.is_mtp_layer else 0
+                mtp_offset = module.config.glm_num_layers if getattr(module, "is_mtp_layer", False) else 0
                 found.append((mtp_offset + (module.layer_number - 1) // 2, module.mlp.router))
     return found
 
