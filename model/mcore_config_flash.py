@@ -17,8 +17,8 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from model import index_share
 from model.config_flash import GLM5FlashConfig
 from model.config import padded_vocab_size
-from model.mcore_config import ModelOptions
-from parallel.dims import SINGLE_PROCESS, ParallelDims
+from model.mcore_config import SINGLE_PROCESS, ModelOptions
+from parallel.dims import ParallelDims
 from model.modules.clamped_swiglu import mcore_settings
 
 KDA, DSA, DENSE, MOE, PIPE = "G", "D", "-", "E", "|"
