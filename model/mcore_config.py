@@ -136,6 +136,34 @@ def hybrid_pattern(c: GLM5Config, o: ModelOptions, dims: ParallelDims) -> str:
     return layer_pattern.derive(c, depths, stages)
 
 
+def moe_settings(c, o: ModelOptions) -> dict:
+    """megatron-core's MoE settings of a GLM-5 family config (GLM5Config or GLM5FlashConfig): sigmoid routing
+    with the aux-loss-free expert bias, the shared expert, the `E` layers of the hybrid pattern."""
+    return dict(
+        num_moe_experts=c.n_routed_experts,
+        moe_layer_freq=[m for i in range(c.num_hidden_layers) for m in (0, int(c.is_moe_layer(i)))],  # the `E` layers
+        moe_ffn_hidden_size=c.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=c.n_shared_experts * c.moe_intermediate_size,
+        moe_router_topk=c.num_experts_per_tok,
+        moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=c.routed_scaling_factor,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=o.moe_router_bias_update_rate,
+        moe_router_dtype=o.moe_router_dtype,
+        moe_router_load_balancing_type="seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=o.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=o.moe_expert_capacity_factor,
+        moe_token_dispatcher_type=o.moe_token_dispatcher_type,
+        moe_flex_dispatcher_backend=o.moe_flex_dispatcher_backend or "deepep",
+        moe_permute_fusion=o.moe_permute_fusion,
+        moe_shared_expert_overlap=o.moe_shared_expert_overlap,
+        moe_grouped_gemm=o.moe_grouped_gemm,
+        # FP8 GEMMs need each expert's token count padded to a multiple of 16 (32 for MXFP8): done
+        # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
+        moe_router_padding_for_quantization=bool(o.fp8_recipe),
+    )
+
+
 def to_transformer_config(c: GLM5Config, o: ModelOptions, dims: ParallelDims = SINGLE_PROCESS) -> MLATransformerConfig:
     """megatron-core's config of the GLM-5 model on HybridModel (model/builder.py): its layers are
     hybrid layers, two per GLM layer (model/layer_pattern.py), so `num_layers` is twice the GLM count
@@ -150,8 +178,6 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions, dims: ParallelDims = S
     dsa_backend = check_dsa_kernel_backend(o, dims)
     pattern = hybrid_pattern(c, o, dims)
     topk_freq, skip_topk_offset = layer_pattern.hybrid_topk_schedule(*upstream_index_share(c, dsa_backend))
-    moe_pattern = [m for i in range(c.num_hidden_layers) for m in (0, int(c.is_moe_layer(i)))]  # the `E` layers
-    load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     kwargs = dict(
         # parallel layout
         tensor_model_parallel_size=dims.tp,
@@ -219,28 +245,7 @@ def to_transformer_config(c: GLM5Config, o: ModelOptions, dims: ParallelDims = S
         hidden_dropout=0.0,
         attention_dropout=c.attention_dropout,
         init_method_std=c.initializer_range,
-        # MoE
-        num_moe_experts=c.n_routed_experts,
-        moe_layer_freq=moe_pattern,
-        moe_ffn_hidden_size=c.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=c.n_shared_experts * c.moe_intermediate_size,
-        moe_router_topk=c.num_experts_per_tok,
-        moe_router_score_function="sigmoid",
-        moe_router_topk_scaling_factor=c.routed_scaling_factor,
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=o.moe_router_bias_update_rate,
-        moe_router_dtype=o.moe_router_dtype,
-        moe_router_load_balancing_type=load_balancing,
-        moe_aux_loss_coeff=o.moe_aux_loss_coeff,
-        moe_expert_capacity_factor=o.moe_expert_capacity_factor,
-        moe_token_dispatcher_type=o.moe_token_dispatcher_type,
-        moe_flex_dispatcher_backend=o.moe_flex_dispatcher_backend or "deepep",
-        moe_permute_fusion=o.moe_permute_fusion,
-        moe_shared_expert_overlap=o.moe_shared_expert_overlap,
-        moe_grouped_gemm=o.moe_grouped_gemm,
-        # FP8 GEMMs need each expert's token count padded to a multiple of 16 (32 for MXFP8): done
-        # once on the routing map by the dispatcher rather than by copies around every expert GEMM.
-        moe_router_padding_for_quantization=bool(o.fp8_recipe),
+        **moe_settings(c, o),
         # MTP
         mtp_num_layers=c.mtp_depths(o.mtp_num_layers) or None,
         mtp_use_repeated_layer=o.mtp_use_repeated_layer,

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from model import index_share
 from model.config_flash import GLM5FlashConfig
 from model.config import padded_vocab_size
-from model.mcore_config import SINGLE_PROCESS, ModelOptions
+from model.mcore_config import SINGLE_PROCESS, ModelOptions, moe_settings
 from parallel.dims import ParallelDims
 from model.modules.clamped_swiglu import mcore_settings
 
@@ -103,8 +103,6 @@ def to_flash_transformer_config(cfg: GLM5FlashConfig, o: ModelOptions,
     their count, as for GLM-5), NoPE MLA (qk_pos_emb_head_dim 0), the clamped SwiGLU, sigmoid routing."""
     pattern = check_flash_options(cfg, o, dims)
     pp = dims.pp
-    moe_pattern = [m for i in range(cfg.num_hidden_layers) for m in (0, int(cfg.is_moe_layer(i)))]
-    load_balancing = "seq_aux_loss" if o.moe_aux_loss_coeff > 0 else "none"
     tconfig = MLATransformerConfig(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
@@ -139,21 +137,7 @@ def to_flash_transformer_config(cfg: GLM5FlashConfig, o: ModelOptions,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.initializer_range,
         **mcore_settings(cfg.swiglu_limit),
-        num_moe_experts=cfg.n_routed_experts,
-        moe_layer_freq=moe_pattern,
-        moe_ffn_hidden_size=cfg.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_intermediate_size,
-        moe_router_topk=cfg.num_experts_per_tok,
-        moe_router_score_function="sigmoid",
-        moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=o.moe_router_bias_update_rate,
-        moe_router_dtype=o.moe_router_dtype,
-        moe_router_load_balancing_type=load_balancing,
-        moe_aux_loss_coeff=o.moe_aux_loss_coeff,
-        moe_expert_capacity_factor=o.moe_expert_capacity_factor,
-        moe_token_dispatcher_type=o.moe_token_dispatcher_type,
-        moe_grouped_gemm=o.moe_grouped_gemm,
+        **moe_settings(cfg, o),
         calculate_per_token_loss=True,
         perform_initialization=True,
         use_cpu_initialization=True,
