@@ -178,6 +178,9 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
                    "tokenizer_files": [f.name for f in tokenizer_files], "note": VISION_NOTE}
         if verify:
             summary["verify"] = verify_flash(model, cfg, str(partial), store)
+        from pretrain.checkpoint.output_guard import check_output
+
+        check_output("--output", out, {"--load": load})  # as tools/export_hf.py: again, before replacing
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(partial, out)
