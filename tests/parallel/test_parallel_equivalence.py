@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from tests import grad_check
+from tests.conftest import gpu_only
+from tests.helpers import TE
 
 LAYOUTS = {
     # the production recipe's overlap: grad reduce-scatter started by DDP's hooks, param all-gather by
@@ -102,3 +104,16 @@ def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_referen
     grad_check.check_layout("pp2-split-shared", 2, [*SHARED, "--pipeline-model-parallel-size", "2",
                                                     "--hybrid-layer-pattern", "D-DEDED|E/DE",
                                                     "--recompute-granularity", "full"], shared_reference, tmp_path)
+
+
+@gpu_only
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the flex dispatcher needs TP x EP > 1: two GPUs")
+@pytest.mark.parametrize("backend", ["deepep", "hybridep"])
+def test_flex_dispatcher_matches_one_process(backend, te_reference, tmp_path):
+    """--moe-token-dispatcher-type flex (DeepEP / HybridEP, the deep_ep package) at EP 2, per weight."""
+    pytest.importorskip("deep_ep")
+    scalars, ranks = grad_check.train(tmp_path, 2, [*grad_check.RUN, *TE, "--expert-model-parallel-size", "2",
+                                                    "--moe-token-dispatcher-type", "flex",
+                                                    "--moe-flex-dispatcher-backend", backend])
+    grad_check.assert_same_scalars(backend, te_reference[0], scalars)
+    grad_check.assert_same_gradients(backend, te_reference[1][0], ranks, tol=1e-3)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from model import fp8_blocks
 from model.presets import get_preset
 from tests.helpers import ROOT, child_env, torchrun
+from tests.pretrain.checkpoint.test_upgrade import MCORE016
 from tools import export_hf
 
 TINY = get_preset("tiny")
@@ -225,3 +226,17 @@ def test_refusals_name_the_path(tmp_path, ckpt, capsys):
     assert str(out) in msg and "--force" in msg and (out / "keep.txt").exists()
     assert export_hf.main(["--load", str(ckpt), "--output", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
+    """The 0.16.1 checkpoint is in GPTModel's key layout (model/key_layout.py): tools/export_hf.py reads it by
+    its keys, and transformers' model of the export computes the fixture's logits."""
+    from tools.lib.hf_verify import load_hf
+    from tools import export_hf
+
+    want = torch.load(MCORE016 / "logits.pt", weights_only=True)
+    export_hf.export(str(MCORE016 / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = hf(input_ids=want["tokens"]).logits.float()
+    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-4), (got - want["logits"]).abs().max()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import gpu_only
+from tests.helpers import TE, assert_loss_falls, gpu_tiny_args, run_logged
 from tests.inprocess import train_here, trainer
 
 QUINTIC = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
@@ -192,3 +194,12 @@ def test_layer_wise_distributed_optimizer_resumes_exactly_and_from_one_process(t
     from_one = read_scalars(tmp_path / "from_one")["lm loss"]
     for it in (4, 5):
         assert from_one[it] == pytest.approx(full[it], rel=2e-3), it
+
+
+@gpu_only
+def test_muon_with_the_layer_wise_distributed_optimizer_trains_in_bf16_with_te(tmp_path, fp8_tiny_config):
+    """`--optimizer muon --use-distributed-optimizer` under bf16 and TE: megatron-core's layer-wise optimizer wraps
+    its optimizers itself there (the CPU suite proves the fp32 path per weight)."""
+    _, scalars = run_logged(tmp_path, "muon", [*gpu_tiny_args(fp8_tiny_config), *TE, "--optimizer", "muon",
+                                               "--use-distributed-optimizer"])
+    assert_loss_falls(scalars["lm loss"], "muon + distributed optimizer")

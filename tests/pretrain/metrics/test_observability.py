@@ -1,6 +1,6 @@
 """Timers, memory, norms, the profiler, Weights & Biases and the pictures (docs/OBSERVABILITY.md), each read
 back from what it wrote: TensorBoard event files, the log lines, the trace file's events, the W&B offline
-run's history, the PNG. The CUDA-only parts (CUDA memory, nsys ranges) are in tests/pretrain/test_gpu.py."""
+run's history, the PNG. The CUDA-only parts (CUDA memory, nsys ranges) are `gpu`-marked, at the end."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pretrain.config.arguments import parse_args
 from pretrain.metrics.heatmap import LOG2_RANGE, LUT
 from pretrain.metrics.timing import TIMERS_TO_LOG
 from tests import collective_devices
-from tests.conftest import TINY_RUN
-from tests.helpers import ROOT, child_env, one_rank_gloo_world, read_scalars, read_wandb_history, torchrun
+from tests.conftest import TINY_RUN, gpu_only
+from tests.helpers import ROOT, child_env, one_rank_gloo_world, read_scalars, read_wandb_history, run_logged, torchrun
 from tests.inprocess import trainer
 
 ITERS = 4
@@ -306,3 +306,44 @@ def test_wandb_not_installed_names_the_extra(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args([*RUN, "--wandb-project", "p", "--wandb-save-dir", "w"], world_size=1)
     assert "pip install -e .[wandb]" in capsys.readouterr().err
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------
+@gpu_only
+def test_cuda_memory_tags_and_level_2_timers(tmp_path):
+    """--log-memory-to-tensorboard on CUDA: Megatron-LM's mem-* tags from torch.cuda.memory_stats (not the
+    CPU's resident-set tags), and level-2 timers with the device synchronised at each start and stop."""
+    _, s = run_logged(tmp_path, "memory", ["--preset", "tiny", "--mock-data", "--train-iters", "3",
+                                           "--global-batch-size", "4", "--log-memory-to-tensorboard",
+                                           "--timing-log-level", "2", "--log-timers-to-tensorboard"])
+    assert not [tag for tag in s if tag.startswith("mem-cpu")]
+    for it in (1, 2, 3):
+        allocated = s["mem-allocated-bytes"][it]
+        assert 1e6 < allocated <= s["mem-max-allocated-bytes"][it] and allocated <= s["mem-reserved-bytes"][it]
+        assert s["mem-allocated-count"][it] > 0
+        assert s["mem-peak-max-over-ranks-bytes"][it] == s["mem-max-allocated-bytes"][it]
+        assert 0 < s["forward-backward-time"][it] < s["iteration-time"][it]
+
+
+@gpu_only
+def test_nsys_ranges_start_before_and_stop_after_the_profiled_iterations(monkeypatch):
+    """--profile without --use-pytorch-profiler: cudaProfilerStart before iteration start+1 and cudaProfilerStop
+    after iteration end (Megatron-LM's nsys range), with NVTX ranges between, on the chosen rank only."""
+    from pretrain.metrics.config import ObservabilityConfig
+    from pretrain.metrics.profiling import StepProfiler
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append(("start", done)))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append(("stop", done)))
+    obs = ObservabilityConfig(profile=True, profile_step_start=2, profile_step_end=4, profile_ranks=(1,))
+    chosen, other = StepProfiler(obs, 1, None), StepProfiler(obs, 0, None)
+    for done in range(6):
+        for profiler in (chosen, other):
+            profiler.before_step(done)
+        nvtx = chosen._nvtx is not None
+        assert nvtx == (2 <= done < 4), done
+        torch.ones(4, device="cuda").sum()  # an operator inside or outside the range
+        done += 1
+        for profiler in (chosen, other):
+            profiler.after_step(done)
+    assert calls == [("start", 2), ("stop", 4)]
