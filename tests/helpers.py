@@ -51,13 +51,25 @@ def child_env() -> dict:
     return env
 
 
+def launcher(warm: bool = True) -> list[str]:
+    """The torchrun command: `python -m torch.distributed.run`, or tests/warm_torchrun.py (the same launcher with
+    the workers forked from a process that has imported the trainer: seconds of imports less per rank).
+    GLM5_TESTS_REAL_TORCHRUN=1 makes every launch the real command."""
+    if warm and not os.environ.get("GLM5_TESTS_REAL_TORCHRUN"):
+        return [sys.executable, str(ROOT / "tests" / "warm_torchrun.py")]
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 600, check: bool = True,
-             env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           script or str(ROOT / "launch" / "pretrain.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+             env: dict | None = None, script: str | None = None, warm: bool = True) -> subprocess.CompletedProcess:
+    """A torchrun of launch/pretrain.py (or `script`). `warm=False` for a test of the launch itself (signals, a
+    rank's death, start-up errors): the real `python -m torch.distributed.run` and an interpreter per rank."""
+    env = {**child_env(), **(env or {})}
+    if "GLM5_CHECK_COLLECTIVE_DEVICES" in env:
+        warm = False  # the collective-device check reports at interpreter exit (tests/collective_devices.py)
+    cmd = [*launcher(warm), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), script or str(ROOT / "launch" / "pretrain.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -81,7 +81,7 @@ def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path, capsys):
 
 
 def test_startup_error_is_one_line_naming_the_fix(shards):
-    proc = torchrun(2, ["--preset", "tiny", "--data-path", shards, "--train-iters", "1"], check=False)
+    proc = torchrun(2, ["--preset", "tiny", "--data-path", shards, "--train-iters", "1"], check=False, warm=False)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 only

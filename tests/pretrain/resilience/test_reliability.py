@@ -1,5 +1,6 @@
 """Faults injected for real: SIGKILL, a crash inside a checkpoint write, a full or unusable disk,
-non-finite losses, loss spikes, a rank that stops answering. Each test fails if its guarantee breaks."""
+non-finite losses, loss spikes, a rank that stops answering. Each test fails if its guarantee breaks. Every
+run is the real torchrun command (`warm=False`): how the processes end is part of what is tested."""
 
 import signal
 import subprocess
@@ -55,7 +56,7 @@ def test_sigkill_after_a_checkpoint_loses_only_work_since_it(tmp_path, uninterru
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert latest_iteration(ck) == 4
-    torchrun(nproc, [*BASE, *extra, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "tb")])
+    torchrun(nproc, [*BASE, *extra, "--load", str(ck), "--tensorboard-dir", str(tmp_path / "tb")], warm=False)
     resumed = read_scalars(tmp_path / "tb")["lm loss"]
     assert sorted(resumed) == [5, 6, 7, 8]
     for it in resumed:
@@ -64,7 +65,7 @@ def test_sigkill_after_a_checkpoint_loses_only_work_since_it(tmp_path, uninterru
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
     ck = tmp_path / "ck"
-    proc = torchrun(1, [*BASE, "--save", str(ck), "--save-interval", "4"], check=False,
+    proc = torchrun(1, [*BASE, "--save", str(ck), "--save-interval", "4"], check=False, warm=False,
                     env={"GLM5_INJECT_FAULT": "kill@save-shards-8"})  # SIGKILL inside the second save
     assert proc.returncode != 0
     assert latest_iteration(ck) == 4 and (ck / "iter_0000008.partial").exists()
@@ -76,6 +77,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
 def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     proc = torchrun(1, [*BASE, "--train-iters", "4", "--save", str(ck), "--save-interval", "2"], check=False,
+                    warm=False,
                     env={"GLM5_INJECT_FAULT": "enospc@save-shards"})
     assert proc.returncode != 0
     assert "No space left on device" in proc.stderr and f"--save {ck}" in proc.stderr
@@ -85,7 +87,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_
 def test_unusable_save_dir_is_refused_before_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = torchrun(1, [*BASE, "--save", str(blocker / "ck")], check=False)
+    proc = torchrun(1, [*BASE, "--save", str(blocker / "ck")], check=False, warm=False)
     assert proc.returncode != 0 and f"--save {blocker / 'ck'} is not a writable directory" in proc.stderr
     assert "iteration" not in proc.stdout
 
@@ -94,7 +96,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded_and_spikes_logged(tmp_
     tb, ck = tmp_path / "tb", tmp_path / "ck"
     proc = torchrun(1, [*BASE, "--max-consecutive-skipped-iters", "2", "--loss-spike-factor", "0.5",
                         "--save", str(ck), "--save-interval", "1", "--tensorboard-dir", str(tb)],
-                    check=False, env={"GLM5_INJECT_FAULT": "nan-loss@2,nan-loss@5,nan-loss@6"})
+                    check=False, warm=False, env={"GLM5_INJECT_FAULT": "nan-loss@2,nan-loss@5,nan-loss@6"})
     s = read_scalars(tb)
     assert [s["skipped-iterations"][i] for i in range(1, 6)] == [0, 1, 0, 0, 1]
     assert s["skipped-iterations-total"][5] == 2 and s["lm loss"][4] == s["lm loss"][4]  # finite again
@@ -106,7 +108,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded_and_spikes_logged(tmp_
 def test_a_rank_that_stops_answering_makes_the_others_fail_with_a_timeout(tmp_path):
     began = time.time()
     proc = torchrun(2, [*BASE, "--expert-model-parallel-size", "2", "--distributed-timeout-minutes", "0.15"],
-                    check=False, timeout=240, env={"GLM5_INJECT_FAULT": "hang@2:rank1"})
+                    check=False, warm=False, timeout=240, env={"GLM5_INJECT_FAULT": "hang@2:rank1"})
     assert proc.returncode != 0
     assert "timed out after 9s" in proc.stderr and "iteration 2" in proc.stderr
     assert time.time() - began < 200
