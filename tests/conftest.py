@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:  # `slow` is integration's former name
+        if item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
+
 DOC_ID_BASE = 1000  # synthetic document i starts with token DOC_ID_BASE + i; its other tokens are in [1, 100)
 
 

@@ -235,6 +235,7 @@ def _gather_worker(rank, path, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_global_state_dict_gathers_every_rank(data_synthetic, tmp_path):
     path, _ = data_synthetic()
     torch.multiprocessing.spawn(_gather_worker, args=(path, str(tmp_path)), nprocs=2)

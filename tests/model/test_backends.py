@@ -232,6 +232,7 @@ def te_bf16(tmp_path_factory, fp8_tiny_config):
 
 
 @gpu_only
+@pytest.mark.integration
 def test_te_bf16_trains(te_bf16):
     stdout, scalars = te_bf16
     assert "linear: TE" in stdout, stdout[-2000:]  # the implementation report
@@ -240,6 +241,7 @@ def test_te_bf16_trains(te_bf16):
 
 @gpu_only
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+@pytest.mark.integration
 def test_fp8_recipe_trains_like_bf16(recipe, te_bf16, tmp_path, fp8_tiny_config):
     _, scalars = run_logged(tmp_path, recipe, [*gpu_tiny_args(fp8_tiny_config), *TE, "--fp8-recipe", recipe])
     lm, ref = scalars["lm loss"], te_bf16[1]["lm loss"]
@@ -248,6 +250,7 @@ def test_fp8_recipe_trains_like_bf16(recipe, te_bf16, tmp_path, fp8_tiny_config)
 
 
 @gpu_only
+@pytest.mark.integration
 def test_grouped_gemm_starts_from_the_same_model_as_sequential_experts(te_reference, tmp_path):
     """Same initial weights (model/initialization.py names TE's weight0..N like local_experts.i), so the same
     step-1 loss and per-expert gradients."""
@@ -257,6 +260,7 @@ def test_grouped_gemm_starts_from_the_same_model_as_sequential_experts(te_refere
 
 
 @gpu_only
+@pytest.mark.integration
 def test_moe_permute_fusion_matches_unfused(te_reference, tmp_path):
     """--moe-permute-fusion (TE's fused token permutation, megatron-core 0.19.2): same step, same gradients."""
     scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, "--moe-permute-fusion"])

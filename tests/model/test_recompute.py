@@ -18,7 +18,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_recompute_matches_no_recompute(name, grad_reference, tmp_path):
     want_scalars, want_grads = grad_reference
@@ -45,6 +45,7 @@ def test_bad_recompute_flags_are_refused(argv, message, capsys):
 
 @gpu_only
 @pytest.mark.parametrize("variant", ["selective", "full-uniform"])
+@pytest.mark.integration
 def test_recompute_with_te_matches_no_recompute(variant, te_reference, tmp_path):
     scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, *VARIANTS[variant]])
     grad_check.assert_same_scalars(variant, te_reference[0], scalars)

@@ -137,6 +137,7 @@ def test_arguments_refuse_before_work(capsys):
     assert "--mock-data" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_torchrun_with_impossible_layout_fails_fast_and_says_so_once(tmp_path):
     """Every rank finds the flag error; rank 1 first here: it must not exit before rank 0 has said it
     (torchrun ends rank 0 as soon as rank 1 exits). Rank 0 is made slower by a wrapper that sleeps

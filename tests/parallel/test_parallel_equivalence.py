@@ -48,7 +48,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, grad_reference, tmp_path):
     grad_check.check_layout(name, *LAYOUTS[name], grad_reference, tmp_path)
@@ -89,14 +89,14 @@ def shared_reference(tmp_path_factory):
     return scalars, grads
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_index_share_layout_matches_single_process(shared_reference, tmp_path):
     """PP 2 x VPP (an empty virtual chunk) x TP 2 + SP x CP 2 x EP 2, full recompute: 8 ranks. With the
     recompute's replay switched off it fails (measured: the indexer loss at iteration 2 differs)."""
     grad_check.check_layout("shared-pp2-vpp-tp2-cp2-ep2", 8, [*SHARED, *SHARED_LAYOUT], shared_reference, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_reference, tmp_path):
     """PP 2 from --hybrid-layer-pattern 'D-DEDED|E/DE': the first stage ends on layer 3's attention (a shared
     layer, beside its full layer 2), the second runs layer 3's MoE and the MTP layer; full recompute, one
@@ -109,6 +109,7 @@ def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_referen
 @gpu_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the flex dispatcher needs TP x EP > 1: two GPUs")
 @pytest.mark.parametrize("backend", ["deepep", "hybridep"])
+@pytest.mark.integration
 def test_flex_dispatcher_matches_one_process(backend, te_reference, tmp_path):
     """--moe-token-dispatcher-type flex (DeepEP / HybridEP, the deep_ep package) at EP 2, per weight."""
     pytest.importorskip("deep_ep")

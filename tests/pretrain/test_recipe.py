@@ -19,6 +19,7 @@ def test_token_schedules_parse():
         TokenSchedule.parse("0.3,oops", "--mtp-loss-scaling-factor")
 
 
+@pytest.mark.integration
 def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance():
     from tests.inprocess import train_here
 
@@ -40,6 +41,7 @@ def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance():
     assert set(s0["moe/dropped-tokens-fraction"].values()) == {0.0}  # dropless by default
 
 
+@pytest.mark.integration
 def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
     # Capacity 0.5 x the balanced load per expert keeps at most half of the assignments.
     torchrun(2, [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2",
@@ -67,6 +69,7 @@ def initial_weights(tmp_path_factory):
 
 @pytest.mark.parametrize("nproc, engine", [(1, []), (2, ["--dp-engine", "deepspeed", "--zero-stage", "2"])],
                          ids=["megatron", "deepspeed-zero2"])
+@pytest.mark.integration
 def test_dsa_warmup_trains_only_the_indexer(tmp_path, initial_weights, single_process_group, nproc, engine):
     from megatron.core.dist_checkpointing import load_plain_tensors
 

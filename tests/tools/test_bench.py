@@ -9,6 +9,7 @@ from tests.conftest import gpu_only
 from tests.helpers import ROOT, child_env
 
 
+@pytest.mark.integration
 def test_bench_runs_on_cpu_and_prints_one_json_line():
     proc = subprocess.run([sys.executable, "tools/bench.py", "--preset", "tiny", "--iters", "2", "--warmup", "1"],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300, check=True)
@@ -28,6 +29,7 @@ def test_fp8_without_a_gpu_is_refused_before_work(capsys):
     assert "--fp8-recipe blockwise needs a GPU" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_bench_dsa_runs_megatron_cores_path_beside_ours_in_one_run():
     proc = subprocess.run(
         [sys.executable, "tools/bench_dsa.py", "--seq-lengths", "256", "--topk", "32", "--heads", "2",
@@ -43,6 +45,7 @@ def test_bench_dsa_runs_megatron_cores_path_beside_ours_in_one_run():
         assert rows["triton"]["unavailable"] == "triton needs a CUDA device"
 
 
+@pytest.mark.integration
 def test_bench_dsa_refuses_an_unknown_path_by_name():
     proc = subprocess.run([sys.executable, "tools/bench_dsa.py", "--paths", "none,flash"], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=120)
@@ -51,6 +54,7 @@ def test_bench_dsa_refuses_an_unknown_path_by_name():
 
 @gpu_only
 @pytest.mark.parametrize("precision", [["--bf16"], ["--bf16", "--fp8-recipe", "blockwise"]], ids=["bf16", "fp8"])
+@pytest.mark.integration
 def test_bench_glm5_proxy(precision):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "tools/bench.py",

@@ -60,6 +60,7 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+@pytest.mark.integration
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, tokenizer_dir, dtype):
     out = tmp_path / "hf"
     proc = run_cli("--load", ckpt, "--output", out, "--dtype", dtype, "--verify", "--tokenizer", tokenizer_dir)
@@ -93,6 +94,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, token
         assert (have - want).norm() <= 0.06 * want.norm()
 
 
+@pytest.mark.integration
 def test_shards_index_and_tensor_formats(tmp_path, ckpt):
     out = tmp_path / "hf"
     limit = 100_000
@@ -129,6 +131,7 @@ def test_shards_index_and_tensor_formats(tmp_path, ckpt):
     assert config["architectures"] == ["GlmMoeDsaForCausalLM"] and "quantization_config" not in config
 
 
+@pytest.mark.integration
 def test_fp8_blocks_are_within_e4m3_error_of_the_source(tmp_path, ckpt):
     export_hf.export(str(ckpt), str(tmp_path / "fp32"), dtype="fp32", progress=False)
     export_hf.export(str(ckpt), str(tmp_path / "fp8"), dtype="fp8", progress=False)
@@ -170,6 +173,7 @@ def test_fp8_quantize_handles_ragged_and_zero_blocks():
     assert (back - w).abs().max() <= w.abs().max() * 2**-4
 
 
+@pytest.mark.integration
 def test_interrupted_export_leaves_nothing_complete_looking(tmp_path, ckpt):
     out = tmp_path / "hf"
     # A hard kill (no cleanup runs) after the first shard is written.
@@ -203,6 +207,7 @@ def test_interrupted_export_leaves_nothing_complete_looking(tmp_path, ckpt):
     assert (out / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_refusals_name_the_path(tmp_path, ckpt, capsys):
     def error(*args) -> str:
         assert export_hf.main([str(a) for a in args]) == 2

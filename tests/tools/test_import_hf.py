@@ -22,6 +22,8 @@ from tests.tools.test_export_hf import tiny_checkpoint
 from tools import export_hf
 from tools import import_hf as tools_import_hf
 
+pytestmark = pytest.mark.integration  # every test here runs torchrun or trains end to end
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

@@ -167,6 +167,7 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(saved, tmp_pat
 
 
 @gpu_only
+@pytest.mark.integration
 def test_an_fp8_checkpoint_resumes_its_fp8_state_passing_the_allowlist(tmp_path, fp8_tiny_config):
     """TE's FP8 extra state is a pickled byte tensor; a load unpickles it first with megatron-core's allowlist
     (pretrain/checkpoint/extra_state.py) and refuses anything else: a real FP8 run's state must pass."""

@@ -201,6 +201,7 @@ def test_both_schedule_flags_are_refused(capsys):
 
 
 @gpu_only
+@pytest.mark.integration
 def test_resume_is_exact_with_te_fused_adam_and_the_distributed_optimizer(tmp_path):
     common = [*grad_check.RUN, *TE, "--bf16", "--use-distributed-optimizer", "--train-iters", "6"]  # last wins
     stdout, whole = run_logged(tmp_path, "whole", common)

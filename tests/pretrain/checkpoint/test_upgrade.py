@@ -35,6 +35,7 @@ def test_megatron_core_016_checkpoint_gives_the_same_logits():
     assert torch.allclose(got, want["logits"], rtol=0, atol=1e-5), (got - want["logits"]).abs().max()
 
 
+@pytest.mark.integration
 def test_megatron_core_016_checkpoint_resumes_training():
     """Optimizer state, data position and RNG of the 0.16.1 checkpoint: the resumed step 3 computes the
     0.16.1 run's losses (its forward only reads what was loaded); step 4 follows 0.19.2's MTP weighting

@@ -46,6 +46,7 @@ def _assert_same(ours, reference, iterations):
             assert ours[tag][it] == pytest.approx(reference[tag][it], rel=RTOL), (tag, it)
 
 
+@pytest.mark.integration
 def test_zero2_with_experts_matches_the_distributed_optimizer_and_resumes_exactly(
         distributed_optimizer, tmp_path):
     ck = tmp_path / "ck"
@@ -73,6 +74,7 @@ def test_zero2_with_experts_matches_the_distributed_optimizer_and_resumes_exactl
         pass
 
 
+@pytest.mark.integration
 def test_zero1_with_tensor_and_sequence_parallel_and_offload_matches(distributed_optimizer, tmp_path):
     # Norm and router weights see different tokens on each TP rank: their grads are summed over TP.
     _, ours = _train(tmp_path, "tp", ["--tensor-model-parallel-size", "2", "--sequence-parallel",

@@ -87,6 +87,7 @@ def test_every_timer_megatron_core_starts_is_logged():
     assert len(names) > 15 and names <= set(TIMERS_TO_LOG), sorted(names - set(TIMERS_TO_LOG))
 
 
+@pytest.mark.integration
 def test_level_2_timers_are_plausible_in_tensorboard_and_the_log(full):
     s = full["scalars"]
     for name in ("forward-backward", "forward-compute", "backward-compute", "batch-generator", "all-grads-sync",
@@ -108,6 +109,7 @@ def test_level_2_timers_are_plausible_in_tensorboard_and_the_log(full):
     assert "elapsed time per iteration (ms):" in full["stdout"]
 
 
+@pytest.mark.integration
 def test_cpu_memory_is_the_resident_set_under_its_own_tags(full):
     s = full["scalars"]
     assert not [tag for tag in s if tag.startswith(("mem-allocated", "mem-reserved", "mem-max-allocated"))]
@@ -120,6 +122,7 @@ def test_cpu_memory_is_the_resident_set_under_its_own_tags(full):
         assert s["mem-peak-argmax-rank"][it] == 0
 
 
+@pytest.mark.integration
 def test_params_norm_and_zeros_in_grad_are_the_models(full):
     s, measured = full["scalars"], full["measured"]
     assert sorted(s["params-norm"]) == list(range(1, ITERS + 1))
@@ -130,6 +133,7 @@ def test_params_norm_and_zeros_in_grad_are_the_models(full):
     assert f"params norm: {s['params-norm'][ITERS]:.3f}" in last and "num zeros:" in last
 
 
+@pytest.mark.integration
 def test_throughput_and_validation_ppl(full):
     s = full["scalars"]
     tokens = 8 * 64  # global batch x sequence
@@ -140,6 +144,7 @@ def test_throughput_and_validation_ppl(full):
     assert s["lm loss validation ppl"][4] == pytest.approx(math.exp(s["lm loss validation"][4]), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_wandb_offline_run_holds_the_tensorboard_scalars(full):
     history, tb = read_wandb_history(full["dir"] / "wandb"), full["scalars"]
     assert set(history) == set(tb)  # the same tags, from the same rank
@@ -148,6 +153,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(full):
     assert sorted(history["lm loss"]) == list(range(1, ITERS + 1))
 
 
+@pytest.mark.integration
 def test_pytorch_profiler_trace_holds_the_profiled_iteration(full):
     (trace,) = (full["dir"] / "tb" / "profile").glob("rank0.*.pt.trace.json")
     events = json.loads(trace.read_text())["traceEvents"]
@@ -158,6 +164,7 @@ def test_pytorch_profiler_trace_holds_the_profiled_iteration(full):
     assert len(ops) > 1000 and {"aten::mm", "aten::add_"} & {e["name"] for e in ops}
 
 
+@pytest.mark.integration
 def test_expert_load_heatmap_matches_the_load_imbalance(full):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -198,6 +205,7 @@ def level_0(tmp_path_factory):
     return tb, stdout, started
 
 
+@pytest.mark.integration
 def test_level_0_runs_no_timer_in_a_step(level_0):
     tb, stdout, started = level_0
     assert started == []  # megatron's DummyTimer everywhere: no device sync, barrier or gather per step
@@ -209,6 +217,7 @@ def test_level_0_runs_no_timer_in_a_step(level_0):
     assert "lm loss PPL:" in stdout
 
 
+@pytest.mark.integration
 def test_plot_run_overlays_two_runs(full, level_0, tmp_path):
     from PIL import Image
 
@@ -231,6 +240,7 @@ def test_plot_run_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_pa
     assert "pip install -e .[plot]" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_two_ranks_report_min_max_over_ranks_and_one_params_norm(full, tmp_path):
     proc = torchrun(2, [*RUN, "--train-iters", "3", *LOGGED, "--timing-log-option", "all",
                         "--expert-model-parallel-size", "2", "--tensorboard-dir", str(tmp_path)],
@@ -310,6 +320,7 @@ def test_wandb_not_installed_names_the_extra(monkeypatch, capsys):
 
 # --- on a GPU -------------------------------------------------------------------------------------------
 @gpu_only
+@pytest.mark.integration
 def test_cuda_memory_tags_and_level_2_timers(tmp_path):
     """--log-memory-to-tensorboard on CUDA: Megatron-LM's mem-* tags from torch.cuda.memory_stats (not the
     CPU's resident-set tags), and level-2 timers with the device synchronised at each start and stop."""
