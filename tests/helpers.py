@@ -65,8 +65,6 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600, check: bool = Tr
     """A torchrun of launch/pretrain.py (or `script`). `warm=False` for a test of the launch itself (signals, a
     rank's death, start-up errors): the real `python -m torch.distributed.run` and an interpreter per rank."""
     env = {**child_env(), **(env or {})}
-    if "GLM5_CHECK_COLLECTIVE_DEVICES" in env:
-        warm = False  # the collective-device check reports at interpreter exit (tests/collective_devices.py)
     cmd = [*launcher(warm), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), script or str(ROOT / "launch" / "pretrain.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -6,6 +6,7 @@ torchrun command."""
 
 from __future__ import annotations
 
+import atexit
 import runpy
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ if __name__ == "__main__":  # run as a script, sys.path[0] is tests/, whose fold
 
 def _worker(script: str, argv: list[str]) -> None:
     sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # as an interpreter's exit would (a forked worker ends with os._exit)
 
 
 def main(argv: list[str]) -> None:
