@@ -41,6 +41,18 @@ def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance():
     assert set(s0["moe/dropped-tokens-fraction"].values()) == {0.0}  # dropless by default
 
 
+def test_indexer_loss_keeps_the_recipes_scale():  # in its own world: before single_process_group's is up
+    """0.19.2's schedule sets DSAIndexerLossAutoScaler's scale on every micro-batch (to grad_scale_func(1))
+    unless `experimental_attention_variant_loss_scale_func` says who does: the recipe's token weight stands."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+    from tests.inprocess import train_here
+
+    train_here(["--preset", "tiny", "--mock-data", "--global-batch-size", "2", "--micro-batch-size", "1",
+                "--seq-length", "64", "--lr", "3e-3", "--train-iters", "1", "--dsa-indexer-loss-coeff", "1.0"])
+    assert float(DSAIndexerLossAutoScaler.main_loss_backward_scale) == 64.0  # tokens per micro-batch
+
+
 @pytest.mark.integration
 def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
     # Capacity 0.5 x the balanced load per expert keeps at most half of the assignments.
@@ -155,15 +167,3 @@ def test_stage_recipes_fit_an_h100_and_chain():
         if args.dsa_warmup_iters:
             assert previous.train_iters < args.dsa_warmup_iters < args.train_iters  # absolute iterations
         previous = args
-
-
-def test_indexer_loss_keeps_the_recipes_scale():
-    """0.19.2's schedule sets DSAIndexerLossAutoScaler's scale on every micro-batch (to grad_scale_func(1))
-    unless `experimental_attention_variant_loss_scale_func` says who does: the recipe's token weight stands."""
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
-    from tests.inprocess import train_here
-
-    train_here(["--preset", "tiny", "--mock-data", "--global-batch-size", "2", "--micro-batch-size", "1",
-                "--seq-length", "64", "--lr", "3e-3", "--train-iters", "1", "--dsa-indexer-loss-coeff", "1.0"])
-    assert float(DSAIndexerLossAutoScaler.main_loss_backward_scale) == 64.0  # tokens per micro-batch
