@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: every test marked `gpu` (tests/pretrain/test_gpu.py: TE in bf16 and each FP8 recipe, the local
+# The GPU check: every test marked `gpu` (each beside the code it tests: TE in bf16 and each FP8 recipe, the local
 # backend on CUDA, resume with TE's fused Adam and the distributed optimizer, HF import -> TE run and
 # back, export --verify with the model on CUDA, recompute and grouped GEMM with TE, tools/bench.py on
 # glm5-proxy at seq 4096 in bf16 and FP8 blockwise, the CUDA memory tags and nsys profiler ranges) on one
@@ -64,7 +64,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 # start-up bound (imports, CPU), so five groups share the GPU at once.
 logs=runs/gpu_check; mkdir -p "$logs"; rm -f "$logs"/bench-*.json
 status=0
-"$PYTHON" -m pytest -q -m gpu tests/pretrain/test_gpu.py -k bench -p no:cacheprovider -rfEs "$@" > "$logs/bench.log" 2>&1 \
+"$PYTHON" -m pytest -q -m gpu tests/ -k bench -p no:cacheprovider -rfEs "$@" > "$logs/bench.log" 2>&1 \
   || status=1
 tail -1 "$logs/bench.log"; grep -E "^(FAILED|ERROR)" "$logs/bench.log" || true
 cat "$logs"/bench-*.json 2>/dev/null || true
@@ -78,11 +78,11 @@ echo "gpu_check: benchmarks done in $((SECONDS - start)) s; tests"
 groups=("te_bf16 or fp8_recipe" "resume" "export" "recompute or grouped")
 pids=()
 for i in "${!groups[@]}"; do
-  "$PYTHON" -m pytest -q -m gpu tests/pretrain/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider -rfEs \
+  "$PYTHON" -m pytest -q -m gpu tests/ -k "${groups[$i]}" -p no:cacheprovider -rfEs \
     --basetemp "$(mktemp -d)/t" "$@" > "$logs/group$i.log" 2>&1 &
   pids+=($!)
 done
-# test_gpu.py's tests in none of the groups above, and every other file's gpu tests (NCCL collectives
+# the gpu tests in none of the groups above (NCCL collectives
 # and saves, the DSA kernels and backends, the activation measurement), found by the marker
 rest="not (te_bf16 or fp8_recipe or resume or export or recompute or grouped or bench)"
 i=${#groups[@]}; groups+=("the other gpu tests")

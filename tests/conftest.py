@@ -10,10 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:  # `slow` is integration's former name
+        if item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
 
 DOC_ID_BASE = 1000  # synthetic document i starts with token DOC_ID_BASE + i; its other tokens are in [1, 100)
 
@@ -120,3 +129,29 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+# --- GPU tests (marked `gpu`: launch/gpu_check.sh runs them; skipped without CUDA) ------------------
+def gpu_only(test):
+    """Mark a test `gpu` and skip it without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@pytest.fixture(scope="session")
+def fp8_tiny_config(tmp_path_factory):
+    """config.json of tests.helpers.fp8_tiny(): the tiny model that TE's FP8 GEMMs accept."""
+    from tests.helpers import fp8_tiny
+
+    d = tmp_path_factory.mktemp("fp8_tiny")
+    fp8_tiny().save_hf_json(d / "config.json")
+    return d / "config.json"
+
+
+@pytest.fixture(scope="session")
+def te_reference(tmp_path_factory):
+    """(scalars, per-rank gradient dumps) of tests/grad_check.py's RUN with Transformer Engine, one process:
+    the reference of the TE variants (recompute, grouped GEMM, permute fusion, the flex dispatcher)."""
+    from tests import grad_check
+    from tests.helpers import TE
+
+    return grad_check.train(tmp_path_factory.mktemp("te_ref"), 1, [*grad_check.RUN, *TE])

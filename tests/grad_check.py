@@ -35,11 +35,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts tests/ first on the path, where tests/parallel/ (the mirrored tests) would
-# shadow the repository's parallel/ package: the repository root goes first instead.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if p not in (str(ROOT), str(ROOT / "tests"))]
+if __name__ == "__main__":  # run as a script, sys.path[0] is tests/, whose folders would shadow the packages they mirror
+    sys.path[0] = str(ROOT)
 
-from tests.helpers import child_env, free_port, read_scalars  # noqa: E402
+from tests.helpers import child_env, free_port, launcher, read_scalars  # noqa: E402
 
 RUN = ["--preset", "tiny", "--mock-data", "--seq-length", "128", "--dsa-indexer-topk", "16",
        "--dsa-indexer-loss-coeff", "1.0", "--global-batch-size", "4", "--micro-batch-size", "1",
@@ -50,8 +49,8 @@ GRAD_TOL = 1e-4  # every gradient after step 1, relative to its norm (fp32 noise
 
 
 def train(out: Path, nproc: int, args: list[str], timeout: float = 900) -> tuple[dict, list[dict]]:
-    """Run this file as a torchrun worker (one process: in this one, which needs no launch); returns
-    (TensorBoard scalars, per-rank step-1 gradient dumps)."""
+    """Run this file as a torchrun worker (tests/warm_torchrun.py; one process: in this one, which needs no
+    launch); returns (TensorBoard scalars, per-rank step-1 gradient dumps)."""
     tb, dump = out / "tb", out / "grads"
     dump.mkdir(parents=True)
     if nproc == 1:
@@ -59,7 +58,7 @@ def train(out: Path, nproc: int, args: list[str], timeout: float = 900) -> tuple
 
         scalars = train_here(args, prepare=lambda t: _dump_at_first_step(t, dump / "rank0.pt"))
         return scalars, [torch.load(dump / "rank0.pt")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    cmd = [*launcher(), "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--dump-grads", str(dump), *args, "--tensorboard-dir", str(tb)]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)

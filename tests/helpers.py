@@ -51,13 +51,23 @@ def child_env() -> dict:
     return env
 
 
+def launcher(warm: bool = True) -> list[str]:
+    """The torchrun command: `python -m torch.distributed.run`, or tests/warm_torchrun.py (the same launcher with
+    the workers forked from a process that has imported the trainer: seconds of imports less per rank).
+    GLM5_TESTS_REAL_TORCHRUN=1 makes every launch the real command."""
+    if warm and not os.environ.get("GLM5_TESTS_REAL_TORCHRUN"):
+        return [sys.executable, str(ROOT / "tests" / "warm_torchrun.py")]
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 600, check: bool = True,
-             env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           script or str(ROOT / "launch" / "pretrain.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**child_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+             env: dict | None = None, script: str | None = None, warm: bool = True) -> subprocess.CompletedProcess:
+    """A torchrun of launch/pretrain.py (or `script`). `warm=False` for a test of the launch itself (signals, a
+    rank's death, start-up errors): the real `python -m torch.distributed.run` and an interpreter per rank."""
+    env = {**child_env(), **(env or {})}
+    cmd = [*launcher(warm), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), script or str(ROOT / "launch" / "pretrain.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -115,3 +125,46 @@ def read_wandb_history(save_dir: str | Path) -> dict[str, dict[int, float]]:
                     if not key.startswith("_"):
                         history.setdefault(key, {})[record.history.step.num] = json.loads(item.value_json)
     return history
+
+
+# --- GPU runs (tests marked `gpu`, which launch/gpu_check.sh runs) -------------------------------------
+TE = ["--transformer-impl", "transformer_engine"]
+GPU_ITERS = 50  # the tiny GPU runs' length: long enough for a clear fall of the loss
+
+
+def fp8_tiny():
+    """The tiny model with every FP8 GEMM dimension a multiple of 16 (TE's FP8 requirement): kv latent +
+    rope, the indexer's heads and head dim."""
+    from model.presets import get_preset
+
+    return get_preset("tiny").replace(hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                                      qk_rope_head_dim=16, index_n_heads=16, index_head_dim=32)
+
+
+def gpu_tiny_args(config) -> list[str]:
+    """A bf16 run of the model of `config` (an HF config.json) for GPU_ITERS iterations."""
+    return ["--model-config", str(config), "--mock-data", "--seq-length", "128", "--global-batch-size", "8",
+            "--micro-batch-size", "2", "--lr", "3e-3", "--lr-warmup-iters", "5", "--train-iters", str(GPU_ITERS),
+            "--bf16", "--seed", "1234"]
+
+
+def run_logged(tmp_path, name: str, args: list[str]) -> tuple[str, dict]:
+    """(stdout, TensorBoard scalars) of a one-process torchrun of launch/pretrain.py."""
+    tb = Path(tmp_path) / name / "tb"
+    proc = torchrun(1, [*args, "--tensorboard-dir", str(tb)], timeout=300)
+    return proc.stdout, read_scalars(tb)
+
+
+def assert_loss_falls(lm: dict, name: str) -> None:
+    import math
+
+    assert all(math.isfinite(v) for v in lm.values()), name
+    assert lm[GPU_ITERS] < lm[1] - 0.5, f"{name}: {lm[1]} -> {lm[GPU_ITERS]}"
+
+
+def run_tool(*args) -> str:
+    """stdout of `python ARGS...` (a tool) run from the repository root; it must succeed."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

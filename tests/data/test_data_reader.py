@@ -235,6 +235,7 @@ def _gather_worker(rank, path, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_global_state_dict_gathers_every_rank(data_synthetic, tmp_path):
     path, _ = data_synthetic()
     torch.multiprocessing.spawn(_gather_worker, args=(path, str(tmp_path)), nprocs=2)
@@ -277,6 +278,18 @@ def test_batch_ramp_is_megatrons_schedule():
             assert ramp.size(step) == gbs
         finally:
             destroy_num_microbatches_calculator()
+
+
+def test_ramp_is_ignored_without_a_step_schedule():
+    """0.19.2's init_num_microbatches_calculator drops rampup_batch_size silently (the trainer passes the
+    ramp as a step schedule, tests/data/test_data_reader.py::test_batch_ramp_is_megatrons_schedule)."""
+    from megatron.core import num_microbatches_calculator as nmc
+
+    nmc.init_num_microbatches_calculator(0, [4, 4, 64], 16, 1, 1)
+    try:
+        assert nmc.get_current_global_batch_size() == 16
+    finally:
+        nmc.destroy_num_microbatches_calculator()
 
 
 def test_ramped_batches_are_rank_independent_and_resume_exactly(data_synthetic):

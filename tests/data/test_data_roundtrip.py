@@ -71,6 +71,7 @@ def test_manifest_and_shards_are_as_specified(stdlib_dataset, data_tokenizer_dir
         assert sum(len(s["tokens"]) for s in samples) == 2 * info.tokens
 
 
+@pytest.mark.integration
 def test_same_bytes_for_same_input_from_the_cli(stdlib_dataset, data_stdlib_files, data_tokenizer_dir, tmp_path):
     out = tmp_path / "again"
     cmd = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", *map(str, data_stdlib_files),

@@ -188,6 +188,7 @@ def interpreted_indexer_documents() -> None:
     assert torch.equal(got, dsa_blockwise.indexer_topk(q, w, k, rows, 6, q_start=starts))
 
 
+@pytest.mark.integration
 def test_indexer_kernel_masks_documents_interpreted():
     """Score tiles of a CP rank's queries in two sequences of different documents, and the top-k on them."""
     pytest.importorskip("triton")
@@ -252,6 +253,7 @@ def hf_packed_case(work: str) -> None:
     print("max |logit difference|", diff)
 
 
+@pytest.mark.integration
 def test_packed_logits_equal_transformers_per_document(tmp_path):
     proc = subprocess.run([sys.executable, __file__, "hf_packed_case", str(tmp_path)], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -296,7 +298,7 @@ def packed_run_args(d: Path) -> list[str]:
                   "--reset-attention-mask", "--reset-position-ids"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
 def test_packed_documents_match_single_process_per_weight(name, packed_run, tmp_path):
     from tests import grad_check

@@ -55,6 +55,7 @@ def _agree(rank: int, world_size: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_stop_signal_all_ranks_agree(tmp_path):
     """One rank gets the signal; every rank stops after the same iteration."""
     mp.spawn(_agree, args=(2, str(tmp_path)), nprocs=2, join=True)
@@ -100,7 +101,7 @@ def check_scalars(run: Path, steps: range) -> None:
     assert all(math.isfinite(v) for v in scalars["lm loss"].values())
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sbatch_runs_to_completion(slurm, tmp_path):
     run = tmp_path
     # The config asks for 50 iterations; the flag after it on the command line wins.
@@ -127,7 +128,7 @@ def test_sbatch_runs_to_completion(slurm, tmp_path):
     print(f"sbatch --wait of a 3-iteration run: {elapsed:.0f} s")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_preempted_job_saves_requeues_and_resumes(slurm, tmp_path):
     run = tmp_path
     train_iters = 24

@@ -20,6 +20,7 @@ SCALED = ["--seq-length", "64", "--tensor-model-parallel-size", "2", "--recomput
           "full", "--recompute-modules", "core_attn", "layernorm", "mlp", "moe"]
 
 
+@pytest.mark.integration
 def test_estimate_within_ten_percent_of_the_measurement(tmp_path, capsys):
     """TP 2 with sequence parallel (the recipe's), dense and MoE, no / selective / full recompute."""
     out = tmp_path / "cases.json"
@@ -35,6 +36,7 @@ def test_estimate_within_ten_percent_of_the_measurement(tmp_path, capsys):
     assert core["measured_bytes"] < none["measured_bytes"]  # recomputing the DSA core attention saves memory
 
 
+@pytest.mark.integration
 def test_one_process_layer_at_tp1(tmp_path, capsys):
     out = tmp_path / "cases.json"
     assert tool.main(["--seq-length", "64", "--tensor-model-parallel-size", "1", "--layers", "moe",
@@ -43,6 +45,7 @@ def test_one_process_layer_at_tp1(tmp_path, capsys):
     assert row["ratio"] == pytest.approx(1.0, abs=0.10), row
 
 
+@pytest.mark.integration
 def test_a_wrong_estimate_fails(monkeypatch, capsys):
     """A formula that forgets the routed experts' intermediates must fail the check, naming the case."""
     def forgetful(*args, **kwargs):

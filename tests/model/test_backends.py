@@ -1,6 +1,7 @@
 """The GPU paths that a CPU can check: backend choice and megatron-core's TE stand-ins (keyed on TE's
 absence, not on CUDA), FP8 token padding for MoE, grouped-expert init, checkpoints across backends,
-the implementation report. What only a GPU shows is in tests/pretrain/test_gpu.py."""
+the implementation report. What only a GPU shows (`gpu`-marked, at the end): TE trains in bf16 and each FP8
+recipe like bf16, grouped GEMM and TE's permute fusion start from the same model per weight."""
 
 import math
 import types
@@ -8,7 +9,10 @@ import types
 import pytest
 import torch
 
+from tests import grad_check
+from tests.conftest import gpu_only
 from tests.fixtures_dist import single_process_group  # noqa: F401 (fixture)
+from tests.helpers import GPU_ITERS, TE, assert_loss_falls, gpu_tiny_args, run_logged
 
 
 # --- defect 3: a GPU without TE ------------------------------------------------------------------
@@ -219,3 +223,46 @@ def test_implementation_report_names_the_dsa_path(single_process_group):  # noqa
             self.core_attention.indexer = torch.nn.Linear(2, 2)
 
     assert core_attention([Indexed()]) == "torch (DSA)"
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def te_bf16(tmp_path_factory, fp8_tiny_config):
+    return run_logged(tmp_path_factory.mktemp("te_bf16"), "bf16", [*gpu_tiny_args(fp8_tiny_config), *TE])
+
+
+@gpu_only
+@pytest.mark.integration
+def test_te_bf16_trains(te_bf16):
+    stdout, scalars = te_bf16
+    assert "linear: TE" in stdout, stdout[-2000:]  # the implementation report
+    assert_loss_falls(scalars["lm loss"], "TE bf16")
+
+
+@gpu_only
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+@pytest.mark.integration
+def test_fp8_recipe_trains_like_bf16(recipe, te_bf16, tmp_path, fp8_tiny_config):
+    _, scalars = run_logged(tmp_path, recipe, [*gpu_tiny_args(fp8_tiny_config), *TE, "--fp8-recipe", recipe])
+    lm, ref = scalars["lm loss"], te_bf16[1]["lm loss"]
+    assert_loss_falls(lm, recipe)
+    assert lm[GPU_ITERS] == pytest.approx(ref[GPU_ITERS], rel=0.02), f"{recipe}: {lm[GPU_ITERS]} vs bf16 {ref[GPU_ITERS]}"
+
+
+@gpu_only
+@pytest.mark.integration
+def test_grouped_gemm_starts_from_the_same_model_as_sequential_experts(te_reference, tmp_path):
+    """Same initial weights (model/initialization.py names TE's weight0..N like local_experts.i), so the same
+    step-1 loss and per-expert gradients."""
+    scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, "--moe-grouped-gemm"])
+    grad_check.assert_same_scalars("grouped gemm", te_reference[0], scalars, tags=("lm loss", "mtp loss"))
+    grad_check.assert_same_gradients("grouped gemm", te_reference[1][0], ranks, tol=1e-3)
+
+
+@gpu_only
+@pytest.mark.integration
+def test_moe_permute_fusion_matches_unfused(te_reference, tmp_path):
+    """--moe-permute-fusion (TE's fused token permutation, megatron-core 0.19.2): same step, same gradients."""
+    scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, "--moe-permute-fusion"])
+    grad_check.assert_same_scalars("permute fusion", te_reference[0], scalars)
+    grad_check.assert_same_gradients("permute fusion", te_reference[1][0], ranks, tol=1e-3)

@@ -167,3 +167,40 @@ def test_index_share_schedule_counts_hybrid_layers():
     built = [not is_dsa_skip_topk_layer(layer_pattern.hybrid_layer_number(i), hoffset, hfreq) for i in range(78)]
     assert built == [t == index_share.FULL for t in types] and sum(built) == 21
     assert layer_pattern.hybrid_topk_schedule(1, 0) == (1, 0)
+
+
+def test_mtp_layer_numbering_and_checkpoint_names(caplog):
+    """0.19.2's HybridModel numbers GLM layer i's two hybrid layers 2i + 1 and 2i + 2, the MTP layer's inner
+    layers 1 and 2 (`is_mtp_layer`), and keeps the MTP inner stack's name `mtp_model_layer` in checkpoints:
+    our MoE statistics and indexer-loss tracker count the MTP layer after the decoder's GLM layers, and the
+    sharded keys are the module names (model/hf_mapping.py's logical names)."""
+    from megatron.core import parallel_state
+
+    from model.builder import build_model
+    from model.mcore_config import ModelOptions, to_transformer_config
+    from model.modules.dsa import GLMSparseAttention
+    from model.presets import get_preset
+    from parallel import runtime as rt
+    from parallel.dims import ParallelDims
+    from pretrain.checkpoint.checkpointer import SHARDING_METADATA
+    from pretrain.metrics.moe_stats import routers
+    from tests.helpers import one_rank_gloo_world
+
+    cfg = get_preset("tiny")
+    with one_rank_gloo_world():
+        rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
+        try:
+            with caplog.at_level("WARNING"):
+                (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
+            assert type(chunk).__name__ == "HybridModel" and "IS DEPRECATED" not in caplog.text, caplog.text
+            inner = chunk.mtp.layers[0].mtp_model_layer.layers
+            assert [(m.is_mtp_layer, m.layer_number) for m in inner] == [(True, 1), (True, 2)]
+            assert [i for i, _ in routers([chunk])] == [1, 2, 3, 4]
+            numbers = [m.layer_number for m in chunk.modules() if isinstance(m, GLMSparseAttention)]
+            assert numbers == [1, 3, 5, 7, 2 * cfg.num_hidden_layers + 1]
+            sharded = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+            for name, _ in chunk.named_parameters():
+                if name.startswith("mtp.") and ".experts." not in name:
+                    assert sharded[name].key == name
+        finally:
+            parallel_state.destroy_model_parallel()

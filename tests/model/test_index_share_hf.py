@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pretrain.checkpoint import checkpointer as checkpointing
@@ -44,6 +45,7 @@ def transformers_model(path):
     return json.loads((path / "config.json").read_text())
 
 
+@pytest.mark.integration
 def test_transformers_model_with_shared_layers_round_trips_and_trains(tmp_path, capsys):
     hf = tmp_path / "hf"
     written = transformers_model(hf)

@@ -6,6 +6,8 @@ single-process reference of tests/grad_check.py (indexer KL loss on, MTP, MoE wi
 import pytest
 
 from tests import grad_check
+from tests.conftest import gpu_only
+from tests.helpers import TE
 
 VARIANTS = {
     # megatron's checkpointed core attention passes no x/qr: DSA needs both (model/modules/attention_recompute.py)
@@ -16,7 +18,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_recompute_matches_no_recompute(name, grad_reference, tmp_path):
     want_scalars, want_grads = grad_reference
@@ -39,3 +41,12 @@ def test_bad_recompute_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--mock-data", *argv], world_size=1)
     assert message in capsys.readouterr().err
+
+
+@gpu_only
+@pytest.mark.parametrize("variant", ["selective", "full-uniform"])
+@pytest.mark.integration
+def test_recompute_with_te_matches_no_recompute(variant, te_reference, tmp_path):
+    scalars, ranks = grad_check.train(tmp_path, 1, [*grad_check.RUN, *TE, *VARIANTS[variant]])
+    grad_check.assert_same_scalars(variant, te_reference[0], scalars)
+    grad_check.assert_same_gradients(variant, te_reference[1][0], ranks, tol=1e-3)

@@ -20,6 +20,7 @@ RUN = ["--preset", "tiny", "--mock-data", "--train-iters", "2", "--global-batch-
        "--dsa-indexer-loss-coeff", "0.1", "--moe-aux-loss-coeff", "1e-4"]
 
 
+@pytest.mark.integration
 def test_the_check_catches_a_host_tensor_handed_to_a_collective():
     """The check itself: a flag made without a device in our code and all-reduced is reported,
     the same flag made on the runtime's device is not, nor one over a gloo group made on purpose."""
@@ -53,6 +54,7 @@ def checked_run(tmp_path_factory):
     return proc.stdout + proc.stderr, ck
 
 
+@pytest.mark.integration
 def test_no_host_tensor_reaches_a_collective(checked_run):
     output, _ = checked_run
     assert collective_devices.violations(output) == []
@@ -60,6 +62,7 @@ def test_no_host_tensor_reaches_a_collective(checked_run):
     assert len(counts) == 2 and min(counts) > 50, counts  # both ranks ran under the check
 
 
+@pytest.mark.integration
 def test_overlapped_param_gather_saves_the_parameters_of_one_step(checked_run, single_process_group):
     """fp32 with the distributed optimizer: each weight in the checkpoint equals its fp32 main copy.
     Without the gather before the save, half of every weight (the other rank's shard) is a step old."""
@@ -81,6 +84,7 @@ def test_overlapped_param_gather_saves_the_parameters_of_one_step(checked_run, s
                          ids=["megatron", "deepspeed"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.integration
 def test_first_steps_saves_evaluation_and_resume_on_nccl(tmp_path, engine):
     """Every collective of a step, a save (start-up probe included), an evaluation and a resume, on
     NCCL: with Transformer Engine installed also TE's FusedAdam through a plain bf16 optimizer."""
@@ -96,6 +100,7 @@ def test_first_steps_saves_evaluation_and_resume_on_nccl(tmp_path, engine):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.integration
 def test_overlapped_param_gather_saves_one_step_on_two_gpus(tmp_path, single_process_group):
     from megatron.core.dist_checkpointing import load_plain_tensors
 

@@ -1,148 +1,13 @@
-"""The move to megatron-core 0.19.2: checkpoints of the 0.16.1 stack still load, and every upstream behaviour
-that a patch of parallel/compat/ or a workaround relies on (docs/COMPAT.md) is held here, so that the next
-upgrade fails a test instead of changing training silently."""
+"""parallel/compat/: every upstream behaviour that a patch or a workaround relies on (docs/COMPAT.md) is held
+here, so that the next megatron-core or torch upgrade fails a test instead of changing training silently;
+and the CPU runtime's recompute builds nothing. What each behaviour protects is tested beside its owner
+(e.g. tests/pretrain/checkpoint/test_upgrade.py: checkpoints of the 0.16.1 stack still load)."""
 
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 
-import pytest
 import torch
-
-from tests.inprocess import train_here
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mcore016"  # tests/fixtures/make_mcore016_checkpoint.py
-TINY = ["--preset", "tiny", "--mock-data", "--global-batch-size", "2", "--micro-batch-size", "1",
-        "--seq-length", "64", "--lr", "3e-3"]
-
-
-def test_megatron_core_016_checkpoint_gives_the_same_logits():
-    """Weights saved by the 0.16.1 stack (commit 5a77f20): the main logits on the same tokens are unchanged."""
-    from megatron.core import parallel_state
-
-    from tools.lib.hf_verify import build_our_model, main_logits
-    from tests.helpers import one_rank_gloo_world
-
-    want = torch.load(FIXTURE / "logits.pt", weights_only=True)
-    with one_rank_gloo_world():
-        try:
-            chunk, cfg = build_our_model(str(FIXTURE / "checkpoint"), None)
-            with torch.no_grad():
-                got = main_logits(chunk, want["tokens"])[..., : cfg.vocab_size]
-        finally:
-            parallel_state.destroy_model_parallel()
-    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-5), (got - want["logits"]).abs().max()
-
-
-def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
-    """The 0.16.1 checkpoint is in GPTModel's key layout (model/key_layout.py): tools/export_hf.py reads it by
-    its keys, and transformers' model of the export computes the fixture's logits."""
-    from tools.lib.hf_verify import load_hf
-    from tools import export_hf
-
-    want = torch.load(FIXTURE / "logits.pt", weights_only=True)
-    export_hf.export(str(FIXTURE / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
-    hf, _ = load_hf(str(tmp_path / "hf"))
-    with torch.no_grad():
-        got = hf(input_ids=want["tokens"]).logits.float()
-    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-4), (got - want["logits"]).abs().max()
-
-
-def test_megatron_core_016_checkpoint_resumes_training():
-    """Optimizer state, data position and RNG of the 0.16.1 checkpoint: the resumed step 3 computes the
-    0.16.1 run's losses (its forward only reads what was loaded); step 4 follows 0.19.2's MTP weighting
-    (64/63 on the MTP gradients at sequence 64, docs/COMPAT.md), so it agrees to 1e-3."""
-    want = json.loads((FIXTURE / "resumed.json").read_text())
-    got = train_here([*TINY, "--train-iters", "4", "--load", str(FIXTURE / "checkpoint"),
-                      "--override-opt_param-scheduler"])
-    for tag in ("lm loss", "mtp loss"):
-        assert got[tag][3] == pytest.approx(want[tag]["3"], rel=1e-5), tag
-        assert got[tag][4] == pytest.approx(want[tag]["4"], rel=1e-3), tag
-
-
-def test_indexer_loss_keeps_the_recipes_scale():
-    """0.19.2's schedule sets DSAIndexerLossAutoScaler's scale on every micro-batch (to grad_scale_func(1))
-    unless `experimental_attention_variant_loss_scale_func` says who does: the recipe's token weight stands."""
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
-    train_here([*TINY, "--train-iters", "1", "--dsa-indexer-loss-coeff", "1.0"])
-    assert float(DSAIndexerLossAutoScaler.main_loss_backward_scale) == 64.0  # tokens per micro-batch
-
-
-def test_mla_rope_rotates_interleaved_pairs():
-    """0.19's apply_rotary_pos_emb rotates halves unless `mla_rotary_interleaved=True` (0.16 took it from
-    config.multi_latent_attention): ours passes it, and equals HF's interleaved RoPE."""
-    from megatron.core.models.common.embeddings import apply_rotary_pos_emb
-
-    from model.mcore_config import ModelOptions, to_transformer_config
-    from model.modules.rope import apply_mla_rope
-    from model.presets import get_preset
-    from tests.helpers import one_rank_gloo_world
-
-    config = to_transformer_config(get_preset("tiny"), ModelOptions())
-    s, d = 6, 8
-    t = torch.randn(s, 1, 2, d)
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    angles = torch.arange(s).float()[:, None] * inv[None]  # [s, d/2]
-    freqs = torch.cat([angles, angles], -1).view(s, 1, 1, d)
-    x1, x2 = t[..., 0::2], t[..., 1::2]  # HF's apply_rotary_pos_emb_interleave: pairs (0,1), (2,3), ...
-    cos, sin = angles.cos().view(s, 1, 1, -1), angles.sin().view(s, 1, 1, -1)
-    want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-    with one_rank_gloo_world():
-        group = torch.distributed.group.WORLD
-        assert torch.allclose(apply_mla_rope(t, freqs, config, group), want, atol=1e-6)
-        assert not torch.allclose(apply_rotary_pos_emb(t, freqs, config=config, cp_group=group), want, atol=1e-3)
-
-
-def test_ramp_is_ignored_without_a_step_schedule():
-    """0.19.2's init_num_microbatches_calculator drops rampup_batch_size silently (the trainer passes the
-    ramp as a step schedule, tests/data/test_data_reader.py::test_batch_ramp_is_megatrons_schedule)."""
-    from megatron.core import num_microbatches_calculator as nmc
-
-    nmc.init_num_microbatches_calculator(0, [4, 4, 64], 16, 1, 1)
-    try:
-        assert nmc.get_current_global_batch_size() == 16
-    finally:
-        nmc.destroy_num_microbatches_calculator()
-
-
-def test_mtp_layer_numbering_and_checkpoint_names(caplog):
-    """0.19.2's HybridModel numbers GLM layer i's two hybrid layers 2i + 1 and 2i + 2, the MTP layer's inner
-    layers 1 and 2 (`is_mtp_layer`), and keeps the MTP inner stack's name `mtp_model_layer` in checkpoints:
-    our MoE statistics and indexer-loss tracker count the MTP layer after the decoder's GLM layers, and the
-    sharded keys are the module names (model/hf_mapping.py's logical names)."""
-    from megatron.core import parallel_state
-
-    from model.builder import build_model
-    from model.mcore_config import ModelOptions, to_transformer_config
-    from model.modules.dsa import GLMSparseAttention
-    from model.presets import get_preset
-    from parallel import runtime as rt
-    from parallel.dims import ParallelDims
-    from pretrain.checkpoint.checkpointer import SHARDING_METADATA
-    from pretrain.metrics.moe_stats import routers
-    from tests.helpers import one_rank_gloo_world
-
-    cfg = get_preset("tiny")
-    with one_rank_gloo_world():
-        rt.init_model_parallel(ParallelDims(world_size=1), cfg.num_hidden_layers, 0)
-        try:
-            with caplog.at_level("WARNING"):
-                (chunk,) = build_model(cfg, to_transformer_config(cfg, ModelOptions()), use_te=False)
-            assert type(chunk).__name__ == "HybridModel" and "IS DEPRECATED" not in caplog.text, caplog.text
-            inner = chunk.mtp.layers[0].mtp_model_layer.layers
-            assert [(m.is_mtp_layer, m.layer_number) for m in inner] == [(True, 1), (True, 2)]
-            assert [i for i, _ in routers([chunk])] == [1, 2, 3, 4]
-            numbers = [m.layer_number for m in chunk.modules() if isinstance(m, GLMSparseAttention)]
-            assert numbers == [1, 3, 5, 7, 2 * cfg.num_hidden_layers + 1]
-            sharded = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-            for name, _ in chunk.named_parameters():
-                if name.startswith("mtp.") and ".experts." not in name:
-                    assert sharded[name].key == name
-        finally:
-            parallel_state.destroy_model_parallel()
 
 
 def test_upstream_shapes_the_patches_rely_on():
@@ -266,19 +131,3 @@ def test_selective_recompute_on_cpu_builds_nothing_and_matches(monkeypatch):
 
     for got, want in zip(grads(True), grads(False)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_deepspeed_param_groups_keep_megatrons_weight_decay_rule():
-    """0.19 moved the "no weight decay on biases and 1-D weights" overrides out of `_get_param_groups` (None
-    now means none): the DeepSpeed engine's groups must still exempt exactly the norms."""
-    pytest.importorskip("deepspeed")
-    from pretrain.config.arguments import parse_args
-    from pretrain.engine.deepspeed_zero import _param_groups
-    from tests.helpers import one_rank_gloo_world
-
-    module = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=True), torch.nn.LayerNorm(4))
-    with one_rank_gloo_world():
-        groups = _param_groups(module, parse_args([*TINY, "--weight-decay", "0.1"], world_size=1))
-    decay = {id(p): g["wd_mult"] for g in groups for p in g["params"]}
-    assert decay[id(module[0].weight)] == 1.0
-    assert decay[id(module[0].bias)] == decay[id(module[1].weight)] == decay[id(module[1].bias)] == 0.0

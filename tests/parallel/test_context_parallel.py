@@ -64,13 +64,13 @@ def test_microbatches_split_after_the_label_shift():
 
 
 # --- equivalence with one process -------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, grad_reference, tmp_path):
     grad_check.check_layout(name, *LAYOUTS[name], grad_reference, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_megatron_core_dsa_with_cp_matches_its_single_process(tmp_path):
     """--dsa-kernel-backend none (megatron-core's AbsorbedMLA + DSAttention, its all-gather CP): CP2 equals
     the same modules in one process, per weight. Against its own one-process run, not grad_reference

@@ -137,6 +137,7 @@ def test_arguments_refuse_before_work(capsys):
     assert "--mock-data" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_torchrun_with_impossible_layout_fails_fast_and_says_so_once(tmp_path):
     """Every rank finds the flag error; rank 1 first here: it must not exit before rank 0 has said it
     (torchrun ends rank 0 as soon as rank 1 exits). Rank 0 is made slower by a wrapper that sleeps
@@ -149,7 +150,7 @@ def test_torchrun_with_impossible_layout_fails_fast_and_says_so_once(tmp_path):
                     f"sys.argv[0] = {str(ROOT / 'launch' / 'pretrain.py')!r}\n"
                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     proc = torchrun(2, ["--preset", "tiny", "--mock-data", "--tensor-model-parallel-size", "3"], timeout=120,
-                    check=False, script=str(slow))
+                    check=False, script=str(slow), warm=False)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1, proc.stderr[-3000:]

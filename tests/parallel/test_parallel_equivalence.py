@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from tests import grad_check
+from tests.conftest import gpu_only
+from tests.helpers import TE
 
 LAYOUTS = {
     # the production recipe's overlap: grad reduce-scatter started by DDP's hooks, param all-gather by
@@ -46,7 +48,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, grad_reference, tmp_path):
     grad_check.check_layout(name, *LAYOUTS[name], grad_reference, tmp_path)
@@ -87,14 +89,14 @@ def shared_reference(tmp_path_factory):
     return scalars, grads
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_index_share_layout_matches_single_process(shared_reference, tmp_path):
     """PP 2 x VPP (an empty virtual chunk) x TP 2 + SP x CP 2 x EP 2, full recompute: 8 ranks. With the
     recompute's replay switched off it fails (measured: the indexer loss at iteration 2 differs)."""
     grad_check.check_layout("shared-pp2-vpp-tp2-cp2-ep2", 8, [*SHARED, *SHARED_LAYOUT], shared_reference, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_reference, tmp_path):
     """PP 2 from --hybrid-layer-pattern 'D-DEDED|E/DE': the first stage ends on layer 3's attention (a shared
     layer, beside its full layer 2), the second runs layer 3's MoE and the MTP layer; full recompute, one
@@ -102,3 +104,17 @@ def test_a_stage_that_starts_on_a_moe_half_matches_single_process(shared_referen
     grad_check.check_layout("pp2-split-shared", 2, [*SHARED, "--pipeline-model-parallel-size", "2",
                                                     "--hybrid-layer-pattern", "D-DEDED|E/DE",
                                                     "--recompute-granularity", "full"], shared_reference, tmp_path)
+
+
+@gpu_only
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the flex dispatcher needs TP x EP > 1: two GPUs")
+@pytest.mark.parametrize("backend", ["deepep", "hybridep"])
+@pytest.mark.integration
+def test_flex_dispatcher_matches_one_process(backend, te_reference, tmp_path):
+    """--moe-token-dispatcher-type flex (DeepEP / HybridEP, the deep_ep package) at EP 2, per weight."""
+    pytest.importorskip("deep_ep")
+    scalars, ranks = grad_check.train(tmp_path, 2, [*grad_check.RUN, *TE, "--expert-model-parallel-size", "2",
+                                                    "--moe-token-dispatcher-type", "flex",
+                                                    "--moe-flex-dispatcher-backend", backend])
+    grad_check.assert_same_scalars(backend, te_reference[0], scalars)
+    grad_check.assert_same_gradients(backend, te_reference[1][0], ranks, tol=1e-3)

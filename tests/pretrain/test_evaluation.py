@@ -22,6 +22,7 @@ TRAINING_TAGS = ("lm loss", "mtp loss", "grad-norm", "learning-rate", "moe/load-
                  "moe/dropped-tokens-fraction")
 
 
+@pytest.mark.integration
 def test_evaluation_changes_no_training_number(tiny_reference, tmp_path):
     proc = torchrun(1, [*TINY_RUN, "--eval-interval", "3", "--eval-iters", "2", "--log-validation-ppl-to-tensorboard",
                         "--tensorboard-dir", str(tmp_path)])
@@ -60,6 +61,7 @@ SHARD_RUN = ["--preset", "tiny", "--vocab-size", "2000", "--train-iters", "2", "
              "--lr", "0", "--min-lr", "0", "--moe-router-bias-update-rate", "0"]  # weights stay put
 
 
+@pytest.mark.integration
 def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path, capsys):
     # The validation set is the training set: its first batch is training step 1's, on unchanged weights.
     # (In this process: the launch is another test's business.) A model run earlier in the process left
@@ -80,8 +82,9 @@ def test_validation_on_shards_and_eod_mask_loss(shards, tmp_path, capsys):
     assert abs(p["lm loss"][1] - m["lm loss"][1]) > 1e-5 * p["lm loss"][1]
 
 
+@pytest.mark.integration
 def test_startup_error_is_one_line_naming_the_fix(shards):
-    proc = torchrun(2, ["--preset", "tiny", "--data-path", shards, "--train-iters", "1"], check=False)
+    proc = torchrun(2, ["--preset", "tiny", "--data-path", shards, "--train-iters", "1"], check=False, warm=False)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 only

@@ -114,6 +114,7 @@ def ce_and_e2e():
     return {kind: train_here([*grad_check.RUN, *MTP3, "--mtp-loss-type", kind]) for kind in ("ce", "e2e_tv")}
 
 
+@pytest.mark.integration
 def test_acceptance_logged_for_both_loss_types(ce_and_e2e):
     for kind, scalars in ce_and_e2e.items():
         for tag in (*ACCEPTANCE, *(f"{t} validation" for t in ACCEPTANCE)):
@@ -150,6 +151,7 @@ def test_refusals_name_the_flag():
 GLM52_MTP = ["--mtp-num-layers", "7", "--mtp-use-repeated-layer", "--mtp-loss-type", "e2e_tv", "--mtp-detach-heads"]
 
 
+@pytest.mark.integration
 def test_glm52_mtp_trains_on_real_text(text_shards):
     """GLM-5.2's settings (7 recurrent depths of one MTP layer, e2e_tv, detached heads) on real token shards:
     the objective falls and the draft's acceptance rises, every depth's alpha and the length logged."""

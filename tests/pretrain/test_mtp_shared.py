@@ -40,6 +40,7 @@ def mtp3_reference(tmp_path_factory) -> tuple[dict, dict]:
     return scalars, grads
 
 
+@pytest.mark.integration
 def test_one_layer_of_parameters_and_a_loss_per_depth(mtp3_reference):
     scalars, grads = mtp3_reference
     mtp = sorted(k for k in grads["grads"] if k.startswith("mtp."))
@@ -67,7 +68,7 @@ def test_refusals_name_the_flag():
                                 "Ett|ttmL", *MTP3, world_size=2)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, mtp3_reference, tmp_path):
     nproc, extra = LAYOUTS[name]
@@ -83,7 +84,7 @@ E2E_LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--con
               "--expert-tensor-parallel-size", "1"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_e2e_tv_on_packed_documents_matches_single_process(tmp_path):
     """TP 2 + SP x CP 2 x PP 2 x EP 2 (8 ranks) against one process, documents crossing the CP chunks."""
     from tests.data.test_packed_documents import packed_run_args
@@ -96,7 +97,7 @@ def test_e2e_tv_on_packed_documents_matches_single_process(tmp_path):
     grad_check.assert_same_gradients("e2e-tv-tp2-cp2-pp2-ep2", want_grads, got_grads)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_trains_and_exports_one_mtp_layer(tmp_path):
     tiny = get_preset("tiny")
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"

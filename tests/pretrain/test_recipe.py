@@ -19,6 +19,7 @@ def test_token_schedules_parse():
         TokenSchedule.parse("0.3,oops", "--mtp-loss-scaling-factor")
 
 
+@pytest.mark.integration
 def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance():
     from tests.inprocess import train_here
 
@@ -40,6 +41,19 @@ def test_expert_bias_and_sequence_aux_loss_lower_load_imbalance():
     assert set(s0["moe/dropped-tokens-fraction"].values()) == {0.0}  # dropless by default
 
 
+def test_indexer_loss_keeps_the_recipes_scale():  # in its own world: before single_process_group's is up
+    """0.19.2's schedule sets DSAIndexerLossAutoScaler's scale on every micro-batch (to grad_scale_func(1))
+    unless `experimental_attention_variant_loss_scale_func` says who does: the recipe's token weight stands."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+    from tests.inprocess import train_here
+
+    train_here(["--preset", "tiny", "--mock-data", "--global-batch-size", "2", "--micro-batch-size", "1",
+                "--seq-length", "64", "--lr", "3e-3", "--train-iters", "1", "--dsa-indexer-loss-coeff", "1.0"])
+    assert float(DSAIndexerLossAutoScaler.main_loss_backward_scale) == 64.0  # tokens per micro-batch
+
+
+@pytest.mark.integration
 def test_capacity_factor_drops_are_counted_over_expert_parallel_ranks(tmp_path):
     # Capacity 0.5 x the balanced load per expert keeps at most half of the assignments.
     torchrun(2, [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2",
@@ -67,6 +81,7 @@ def initial_weights(tmp_path_factory):
 
 @pytest.mark.parametrize("nproc, engine", [(1, []), (2, ["--dp-engine", "deepspeed", "--zero-stage", "2"])],
                          ids=["megatron", "deepspeed-zero2"])
+@pytest.mark.integration
 def test_dsa_warmup_trains_only_the_indexer(tmp_path, initial_weights, single_process_group, nproc, engine):
     from megatron.core.dist_checkpointing import load_plain_tensors
 

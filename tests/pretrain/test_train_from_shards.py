@@ -18,6 +18,7 @@ def args(manifest, tokenizer, *extra):
             "--global-batch-size", "8", "--lr", "3e-3", *extra]
 
 
+@pytest.mark.integration
 def test_trains_and_resumes_exactly_from_shards(shards, tmp_path):
     manifest, tokenizer = shards
     ck = tmp_path / "ck"
@@ -37,6 +38,7 @@ def test_tokenizer_mismatch_is_refused(shards, data_tokenizer_dir):
         pass
 
 
+@pytest.mark.integration
 def test_batch_ramp_and_mtp_schedule_from_shards_resume_exactly(shards, tmp_path):
     # Megatron's ramp: +2 sequences every 12 / ((8 - 4) / 2) = 6 consumed samples, up to 8:
     # consumed 0 -> 4, 4 -> 4, 8 -> 6, 14 -> 8. The MTP weight drops after 1000 tokens (64 per sequence):

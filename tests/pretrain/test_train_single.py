@@ -3,6 +3,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here runs torchrun or trains end to end
+
 ITERS = 8
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from model import fp8_blocks
 from model.presets import get_preset
 from tests.helpers import ROOT, child_env, torchrun
+from tests.pretrain.checkpoint.test_upgrade import MCORE016
 from tools import export_hf
 
 TINY = get_preset("tiny")
@@ -59,6 +60,7 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+@pytest.mark.integration
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, tokenizer_dir, dtype):
     out = tmp_path / "hf"
     proc = run_cli("--load", ckpt, "--output", out, "--dtype", dtype, "--verify", "--tokenizer", tokenizer_dir)
@@ -92,6 +94,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, ckpt, token
         assert (have - want).norm() <= 0.06 * want.norm()
 
 
+@pytest.mark.integration
 def test_shards_index_and_tensor_formats(tmp_path, ckpt):
     out = tmp_path / "hf"
     limit = 100_000
@@ -128,6 +131,7 @@ def test_shards_index_and_tensor_formats(tmp_path, ckpt):
     assert config["architectures"] == ["GlmMoeDsaForCausalLM"] and "quantization_config" not in config
 
 
+@pytest.mark.integration
 def test_fp8_blocks_are_within_e4m3_error_of_the_source(tmp_path, ckpt):
     export_hf.export(str(ckpt), str(tmp_path / "fp32"), dtype="fp32", progress=False)
     export_hf.export(str(ckpt), str(tmp_path / "fp8"), dtype="fp8", progress=False)
@@ -169,6 +173,7 @@ def test_fp8_quantize_handles_ragged_and_zero_blocks():
     assert (back - w).abs().max() <= w.abs().max() * 2**-4
 
 
+@pytest.mark.integration
 def test_interrupted_export_leaves_nothing_complete_looking(tmp_path, ckpt):
     out = tmp_path / "hf"
     # A hard kill (no cleanup runs) after the first shard is written.
@@ -202,6 +207,7 @@ def test_interrupted_export_leaves_nothing_complete_looking(tmp_path, ckpt):
     assert (out / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_refusals_name_the_path(tmp_path, ckpt, capsys):
     def error(*args) -> str:
         assert export_hf.main([str(a) for a in args]) == 2
@@ -225,3 +231,17 @@ def test_refusals_name_the_path(tmp_path, ckpt, capsys):
     assert str(out) in msg and "--force" in msg and (out / "keep.txt").exists()
     assert export_hf.main(["--load", str(ckpt), "--output", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_megatron_core_016_checkpoint_exports_to_the_same_logits(tmp_path):
+    """The 0.16.1 checkpoint is in GPTModel's key layout (model/key_layout.py): tools/export_hf.py reads it by
+    its keys, and transformers' model of the export computes the fixture's logits."""
+    from tools.lib.hf_verify import load_hf
+    from tools import export_hf
+
+    want = torch.load(MCORE016 / "logits.pt", weights_only=True)
+    export_hf.export(str(MCORE016 / "checkpoint"), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = hf(input_ids=want["tokens"]).logits.float()
+    assert torch.allclose(got, want["logits"], rtol=0, atol=1e-4), (got - want["logits"]).abs().max()

@@ -14,12 +14,15 @@ from safetensors.torch import save_file
 
 from model import fp8_blocks
 from pretrain.checkpoint import checkpointer as checkpointing
-from tests.helpers import ROOT, child_env, free_port
+from tests.conftest import gpu_only
+from tests.helpers import ROOT, TE, child_env, free_port, run_logged, run_tool
 from tests.inprocess import train_here
 from tests.tools.test_export_hf import read_all as tensors
 from tests.tools.test_export_hf import tiny_checkpoint
 from tools import export_hf
 from tools import import_hf as tools_import_hf
+
+pytestmark = pytest.mark.integration  # every test here runs torchrun or trains end to end
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,30 @@ def test_import_refuses_incomplete_models_and_nonempty_save(tmp_path, exported, 
     assert tools_import_hf.main(["--hf", str(exported / "hf"), "--save", str(tmp_path / "full")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "full") in err and "--force" in err and (tmp_path / "full" / "keep.txt").exists()
+
+
+@gpu_only
+def test_local_backend_export_verify_and_hf_import_into_a_te_run_and_back(tmp_path):
+    """The local backend on CUDA -> export --verify (model on CUDA) -> import_hf (local backend) -> TE
+    run from it -> its checkpoint resumed by the local backend: weights move across backends both ways."""
+    run = ["--preset", "tiny", "--mock-data", "--global-batch-size", "4", "--seed", "1234"]
+    local = tmp_path / "local"
+    stdout, scalars = run_logged(tmp_path, "local", [*run, "--transformer-impl", "local", "--train-iters", "3",
+                                                     "--save", str(local)])
+    assert "linear: torch" in stdout, stdout[-2000:]
+    assert scalars["lm loss"][3] < scalars["lm loss"][1]
+    hf = tmp_path / "hf"
+    out = run_tool("tools/export_hf.py", "--load", local, "--output", hf, "--dtype", "fp32", "--verify")
+    assert "max_abs_logit_diff" in out, out
+    imported = tmp_path / "imported"
+    run_tool("tools/import_hf.py", "--hf", hf, "--save", imported)
+    from_hf = ["--model-config", str(hf / "config.json"), "--mock-data", "--global-batch-size", "4", "--seed", "1234"]
+    te_ckpt = tmp_path / "te_ckpt"
+    first = ["--train-iters", "2", "--exit-interval", "1", "--load", str(imported)]  # the schedule of "back"
+    _, te = run_logged(tmp_path, "te", [*from_hf, *TE, *first, "--save", str(te_ckpt)])
+    _, ref = run_logged(tmp_path, "ref", [*from_hf, "--transformer-impl", "local", *first])
+    # the same weights give the same first loss on either backend (fp32; TE's GEMMs may use TF32)
+    assert te["lm loss"][1] == pytest.approx(ref["lm loss"][1], rel=2e-3)
+    _, back = run_logged(tmp_path, "back", [*from_hf, "--transformer-impl", "local", "--train-iters", "2",
+                                            "--load", str(te_ckpt)])
+    assert torch.isfinite(torch.tensor(back["lm loss"][2]))

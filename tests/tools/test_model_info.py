@@ -11,6 +11,7 @@ from tests.fixtures_dist import single_process_group  # noqa: F401 (fixture)
 from tests.helpers import ROOT
 
 
+@pytest.mark.integration
 def test_model_info_tool_prints_glm5_figures():
     out = subprocess.run([sys.executable, "tools/model_info.py", "--preset", "glm5"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
@@ -23,6 +24,7 @@ def test_model_info_tool_prints_glm5_figures():
     assert info["weights_bytes_bf16"] == 2 * info["params_total_with_mtp"]
 
 
+@pytest.mark.integration
 def test_model_info_refuses_unknown_preset():
     proc = subprocess.run([sys.executable, "tools/model_info.py", "--preset", "glm6"], cwd=ROOT,
                           capture_output=True, text=True)
@@ -51,6 +53,7 @@ def test_count_matches_the_built_tiny_model(single_process_group, preset):
     assert built == count_parameters(cfg)["params_total_with_mtp"]
 
 
+@pytest.mark.integration
 def test_recipe_file_gives_memory_per_gpu_and_total_tokens():
     out = subprocess.run([sys.executable, "tools/model_info.py", "--recipe", "launch/recipes/glm5-576xh100.args"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout

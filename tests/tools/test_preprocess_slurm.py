@@ -31,7 +31,7 @@ def documents(manifest_path: str) -> list[bytes]:
     return sorted(doc.tobytes() for doc in iter_documents(load_manifest(manifest_path)))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_array_killed_task_resubmitted_then_merged(slurm, tmp_path, data_stdlib_files, data_tokenizer_dir):
     files = [str(f) for f in data_stdlib_files]
     reference = tmp_path / "single"

@@ -70,6 +70,7 @@ def _expected_params(model, pp_stage: int) -> int:
     return total
 
 
+@pytest.mark.integration
 def test_each_rank_holds_the_one_process_model_divided_by_the_layout(simulated, single_process_group):
     from model.builder import build_model
     from model.mcore_config import ModelOptions, to_transformer_config
@@ -81,6 +82,7 @@ def test_each_rank_holds_the_one_process_model_divided_by_the_layout(simulated, 
         assert r["params"] == r["params_estimate"], r  # the accounting counts the same, exactly
 
 
+@pytest.mark.integration
 def test_built_memory_agrees_with_the_accounting(simulated):
     for r in simulated:
         for key in ("weight_gb", "grad_gb", "optimizer_gb"):
@@ -90,6 +92,7 @@ def test_built_memory_agrees_with_the_accounting(simulated):
     assert all(r["optimizer_gb"] < 12 * r["params"] / min(dense_dp, expert_dp) / 2**30 for r in simulated)
 
 
+@pytest.mark.integration
 def test_muon_state_of_a_data_parallel_group_sums_to_the_accounting(small_config):
     """--optimizer muon: megatron-core's layer-wise distributed optimizer gives each data-parallel rank whole
     parameters (at this size the embedding alone makes one rank's share 1.6x the mean), so the accounting's

@@ -91,6 +91,7 @@ def interpreted_indexer() -> None:
 
 
 @needs_triton
+@pytest.mark.integration
 def test_kernels_read_no_global_that_the_compiler_refuses():
     """Compiled Triton (not its interpreter) refuses a module global inside a @triton.jit function unless
     it is a `tl.constexpr` (found on an H200: a plain float constant broke every CUDA run)."""
@@ -112,12 +113,14 @@ def test_kernels_read_no_global_that_the_compiler_refuses():
 
 
 @needs_triton
+@pytest.mark.integration
 def test_sparse_mla_kernel_matches_torch_interpreted():
     """Forward and backward, fp32 and bf16 inputs (upcast in the kernel), -1 slots included."""
     run_interpreted("interpreted_sparse_mla")
 
 
 @needs_triton
+@pytest.mark.integration
 def test_indexer_kernel_scores_and_topk_match_torch_interpreted():
     """Score tiles at a CP rank's positions (causal -inf where they belong) and the running top-k."""
     run_interpreted("interpreted_indexer")

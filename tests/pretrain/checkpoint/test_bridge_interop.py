@@ -106,6 +106,7 @@ def finetuned(tmp_path_factory):
     return save, scalars, out.getvalue()
 
 
+@pytest.mark.integration
 def test_finetune_from_bridge_takes_the_model_config_from_run_config(finetuned):
     save, scalars, out = finetuned
     assert f"loaded checkpoint {WITH_MTP} at iteration 0" in out
@@ -120,6 +121,7 @@ def test_finetune_from_bridge_takes_the_model_config_from_run_config(finetuned):
     assert saved["model_config"]["num_nextn_predict_layers"] == 1  # run_config.yaml's mtp_num_layers
 
 
+@pytest.mark.integration
 def test_glm5_config_on_a_bridge_checkpoint_without_mtp_starts_mtp_fresh(capsys):
     """GLM5Bridge leaves MTP out by default; with GLM-5's config (one MTP layer) the layer starts fresh and
     the load says so (it was a raw KeyError: mtp.layers.0.enorm.weight from model not in state dict).

@@ -11,6 +11,8 @@ from tests.conftest import TINY_RUN
 from tests.helpers import read_scalars, torchrun
 from tests.inprocess import refused, train_here, trainer
 
+pytestmark = pytest.mark.integration  # every test here runs torchrun or trains end to end
+
 
 @pytest.fixture(scope="module")
 def saved_at_3(tmp_path_factory):
@@ -45,7 +47,6 @@ def test_exact_resume_ignoring_a_partial_checkpoint(saved_at_3, tmp_path, tiny_r
         assert resumed[it] == pytest.approx(full[it], rel=1e-6, abs=1e-6), it
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [
     # interleaved PP=2 saves two model chunks per rank (model0, model1); TP2 x PP2 works the same way. Each '|'
     # cuts a GLM layer between its attention and its MLP/MoE: its halves' keys are saved by two stages
@@ -60,7 +61,6 @@ def test_reshard_to_one_process(tmp_path, tiny_reference, nproc, layout):
         assert resumed[it] == pytest.approx(tiny_reference["lm loss"][it], rel=2e-3), it
 
 
-@pytest.mark.slow
 def test_plain_optimizer_checkpoint_resumes_under_ep2_with_the_distributed_optimizer(saved_at_3, tmp_path,
                                                                                    tiny_reference):
     # fp32: the distributed optimizer's main parameters come from the saved weights, Adam moments and

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from pretrain.checkpoint.checkpointer import CheckpointError
+from tests.conftest import gpu_only
+from tests.helpers import TE, gpu_tiny_args, run_logged
 from tests.inprocess import one_rank, trainer  # noqa: F401 (fixture)
 from tools import export_hf
 
@@ -162,3 +164,15 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(saved, tmp_pat
     with pytest.raises(CheckpointError, match="--ckpt-step 1"):
         with trainer([*RUN, "--load", str(ck)]):
             pass
+
+
+@gpu_only
+@pytest.mark.integration
+def test_an_fp8_checkpoint_resumes_its_fp8_state_passing_the_allowlist(tmp_path, fp8_tiny_config):
+    """TE's FP8 extra state is a pickled byte tensor; a load unpickles it first with megatron-core's allowlist
+    (pretrain/checkpoint/extra_state.py) and refuses anything else: a real FP8 run's state must pass."""
+    common = [*gpu_tiny_args(fp8_tiny_config), *TE, "--fp8-recipe", "delayed", "--train-iters", "3"]  # last wins
+    ckpt = tmp_path / "ckpt"
+    run_logged(tmp_path, "first", [*common, "--save", str(ckpt), "--save-interval", "2", "--exit-interval", "2"])
+    stdout, resumed = run_logged(tmp_path, "resumed", [*common, "--load", str(ckpt)])
+    assert "loaded checkpoint" in stdout and sorted(resumed["lm loss"]) == [3]

@@ -34,6 +34,7 @@ def test_stage_flags_are_refused_by_name_before_any_work(argv, message):
         config_from_args(build_parser().parse_args([*TINY_RUN, *argv]), 1)
 
 
+@pytest.mark.integration
 def test_finetune_and_no_load_optim(tmp_path, capsys):
     """--finetune: the weights, at iteration 0; --no-load-optim: weights, iteration and data position, with a
     fresh optimizer and LR schedule -- another optimizer too, which a full resume refuses."""
@@ -54,6 +55,7 @@ def test_finetune_and_no_load_optim(tmp_path, capsys):
     assert "fresh: the optimizer state and LR schedule (--no-load-optim)" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_a_new_data_configuration_starts_its_data_position_fresh(text_shards, tmp_path, capsys):
     """The old blend's position is never applied to a new one: with another blend (or sequence length) the first
     batch after the load is that data's first batch -- the one a --finetune run of the same weights reads."""
@@ -90,7 +92,7 @@ def short_documents(text_shards, data_stdlib_files, tmp_path_factory) -> str:
     return str(work / "shards" / "manifest.json")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_three_stages_each_continue_where_the_last_ended(text_shards, short_documents, tmp_path, capsys):
     """GLM-5's order on the tiny model and real text: short context (every key attended), then a longer context
     of packed short documents with per-document attention and positions and a fresh optimizer and schedule,

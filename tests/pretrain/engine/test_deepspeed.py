@@ -46,6 +46,7 @@ def _assert_same(ours, reference, iterations):
             assert ours[tag][it] == pytest.approx(reference[tag][it], rel=RTOL), (tag, it)
 
 
+@pytest.mark.integration
 def test_zero2_with_experts_matches_the_distributed_optimizer_and_resumes_exactly(
         distributed_optimizer, tmp_path):
     ck = tmp_path / "ck"
@@ -73,6 +74,7 @@ def test_zero2_with_experts_matches_the_distributed_optimizer_and_resumes_exactl
         pass
 
 
+@pytest.mark.integration
 def test_zero1_with_tensor_and_sequence_parallel_and_offload_matches(distributed_optimizer, tmp_path):
     # Norm and router weights see different tokens on each TP rank: their grads are summed over TP.
     _, ours = _train(tmp_path, "tp", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -122,3 +124,17 @@ def test_apex_fused_rmsnorm_is_used_when_importable_and_reported(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: torch's
     assert origin(LocalBackend().layer_norm()) == "torch RMSNorm"
+
+
+def test_deepspeed_param_groups_keep_megatrons_weight_decay_rule():
+    """0.19 moved the "no weight decay on biases and 1-D weights" overrides out of `_get_param_groups` (None
+    now means none): the DeepSpeed engine's groups must still exempt exactly the norms."""
+    from pretrain.engine.deepspeed_zero import _param_groups
+    from tests.helpers import one_rank_gloo_world
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=True), torch.nn.LayerNorm(4))
+    with one_rank_gloo_world():
+        groups = _param_groups(module, parse_args([*TINY_RUN, "--weight-decay", "0.1"], world_size=1))
+    decay = {id(p): g["wd_mult"] for g in groups for p in g["params"]}
+    assert decay[id(module[0].weight)] == 1.0
+    assert decay[id(module[0].bias)] == decay[id(module[1].weight)] == decay[id(module[1].bias)] == 0.0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import gpu_only
+from tests.helpers import TE, assert_loss_falls, gpu_tiny_args, run_logged
 from tests.inprocess import train_here, trainer
 
 QUINTIC = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
@@ -96,7 +98,7 @@ def _args(manifest, tokenizer, *extra):
             "--global-batch-size", "8", "--lr", "1e-2", "--optimizer", "muon", *extra]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_learns_real_text_and_resumes_exactly(text_shards, tmp_path):
     manifest, tokenizer = text_shards
     ck = tmp_path / "ck"
@@ -135,7 +137,18 @@ def test_resume_with_another_optimizer_is_refused_by_name(tmp_path):
         pass
 
 
-@pytest.mark.slow
+RESHARD_RUN = ["--optimizer", "muon", "--muon-fp32-matmul-prec", "high", "--train-iters", "5", "--lr-decay-iters", "8"]
+
+
+@pytest.fixture(scope="module")
+def muon_one_process():
+    """The uninterrupted one-process run that every resharded resume must continue as."""
+    from tests.conftest import TINY_RUN
+
+    return train_here([*TINY_RUN, *RESHARD_RUN])["lm loss"]
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("nproc, layout, resume", [
     (2, ["--expert-model-parallel-size", "2"], None),
     # to another multi-process layout: EP 2 x PP 2 (4 ranks) -> PP 2 (2 ranks, both experts on each)
@@ -143,16 +156,14 @@ def test_resume_with_another_optimizer_is_refused_by_name(tmp_path):
      (2, ["--pipeline-model-parallel-size", "2"])),
     (2, ["--use-distributed-optimizer"], None),  # megatron-core's layer-wise optimizer: each rank holds whole matrices' state
 ], ids=["ep2-to-1", "ep2xpp2-to-pp2", "dp2-distributed-optimizer-to-1"])
-def test_muon_state_reshards(tmp_path, nproc, layout, resume):
+def test_muon_state_reshards(tmp_path, nproc, layout, resume, muon_one_process):
     """Saved at one layout, resumed at another (one process, or `resume`'s ranks): the momentum buffers of every
     matrix (each expert's on its rank, each stage's) and Adam's moments are resharded by global name, and the run
     continues as the one-process run does."""
     from tests.conftest import TINY_RUN
     from tests.helpers import read_scalars, torchrun
 
-    run = [*TINY_RUN, "--optimizer", "muon", "--muon-fp32-matmul-prec", "high", "--train-iters", "5",
-           "--lr-decay-iters", "8"]
-    full = train_here(run)["lm loss"]
+    run, full = [*TINY_RUN, *RESHARD_RUN], muon_one_process
     ck = tmp_path / "ck"
     torchrun(nproc, [*run, *layout, "--save", str(ck), "--exit-interval", "3"])
     if resume is None:
@@ -165,7 +176,7 @@ def test_muon_state_reshards(tmp_path, nproc, layout, resume):
         assert resumed[it] == pytest.approx(full[it], rel=2e-3), it
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_layer_wise_distributed_optimizer_resumes_exactly_and_from_one_process(tmp_path):
     """`--use-distributed-optimizer` with Muon (megatron-core's layer-wise optimizer: each rank keeps the state
     of whole matrices): a run resumed at its own layout continues exactly, and a one-process checkpoint continues
@@ -192,3 +203,13 @@ def test_layer_wise_distributed_optimizer_resumes_exactly_and_from_one_process(t
     from_one = read_scalars(tmp_path / "from_one")["lm loss"]
     for it in (4, 5):
         assert from_one[it] == pytest.approx(full[it], rel=2e-3), it
+
+
+@gpu_only
+@pytest.mark.integration
+def test_muon_with_the_layer_wise_distributed_optimizer_trains_in_bf16_with_te(tmp_path, fp8_tiny_config):
+    """`--optimizer muon --use-distributed-optimizer` under bf16 and TE: megatron-core's layer-wise optimizer wraps
+    its optimizers itself there (the CPU suite proves the fp32 path per weight)."""
+    _, scalars = run_logged(tmp_path, "muon", [*gpu_tiny_args(fp8_tiny_config), *TE, "--optimizer", "muon",
+                                               "--use-distributed-optimizer"])
+    assert_loss_falls(scalars["lm loss"], "muon + distributed optimizer")

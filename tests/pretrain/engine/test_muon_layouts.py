@@ -11,6 +11,8 @@ import pytest
 
 from tests import grad_check
 
+pytestmark = pytest.mark.integration  # every test here runs torchrun or trains end to end
+
 # --adam-eps 1e-6: Adam's first update of an element is lr * g / (|g| + eps), so an element below eps carries its
 # gradient's absolute fp32 noise into the update multiplied by lr / eps (a k_norm bias element at g = 3e-10 moved by
 # 5e-12 under TP 2 -- 7e-6 of that gradient's norm -- moved the update by 1.2e-4 of its norm at eps 1e-8); 1e-6 keeps
@@ -34,7 +36,6 @@ def muon_reference(tmp_path_factory) -> tuple[dict, dict]:
     return scalars, dump
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, muon_reference, tmp_path):
     nproc, extra = LAYOUTS[name]

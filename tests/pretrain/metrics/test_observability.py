@@ -1,6 +1,6 @@
 """Timers, memory, norms, the profiler, Weights & Biases and the pictures (docs/OBSERVABILITY.md), each read
 back from what it wrote: TensorBoard event files, the log lines, the trace file's events, the W&B offline
-run's history, the PNG. The CUDA-only parts (CUDA memory, nsys ranges) are in tests/pretrain/test_gpu.py."""
+run's history, the PNG. The CUDA-only parts (CUDA memory, nsys ranges) are `gpu`-marked, at the end."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pretrain.config.arguments import parse_args
 from pretrain.metrics.heatmap import LOG2_RANGE, LUT
 from pretrain.metrics.timing import TIMERS_TO_LOG
 from tests import collective_devices
-from tests.conftest import TINY_RUN
-from tests.helpers import ROOT, child_env, one_rank_gloo_world, read_scalars, read_wandb_history, torchrun
+from tests.conftest import TINY_RUN, gpu_only
+from tests.helpers import ROOT, child_env, one_rank_gloo_world, read_scalars, read_wandb_history, run_logged, torchrun
 from tests.inprocess import trainer
 
 ITERS = 4
@@ -87,6 +87,7 @@ def test_every_timer_megatron_core_starts_is_logged():
     assert len(names) > 15 and names <= set(TIMERS_TO_LOG), sorted(names - set(TIMERS_TO_LOG))
 
 
+@pytest.mark.integration
 def test_level_2_timers_are_plausible_in_tensorboard_and_the_log(full):
     s = full["scalars"]
     for name in ("forward-backward", "forward-compute", "backward-compute", "batch-generator", "all-grads-sync",
@@ -108,6 +109,7 @@ def test_level_2_timers_are_plausible_in_tensorboard_and_the_log(full):
     assert "elapsed time per iteration (ms):" in full["stdout"]
 
 
+@pytest.mark.integration
 def test_cpu_memory_is_the_resident_set_under_its_own_tags(full):
     s = full["scalars"]
     assert not [tag for tag in s if tag.startswith(("mem-allocated", "mem-reserved", "mem-max-allocated"))]
@@ -122,6 +124,7 @@ def test_cpu_memory_is_the_resident_set_under_its_own_tags(full):
         assert 100e6 < s["memory/max-rss-gb"][it] * 2**30 <= peak * (1 + 1e-6)
 
 
+@pytest.mark.integration
 def test_params_norm_and_zeros_in_grad_are_the_models(full):
     s, measured = full["scalars"], full["measured"]
     assert sorted(s["params-norm"]) == list(range(1, ITERS + 1))
@@ -132,6 +135,7 @@ def test_params_norm_and_zeros_in_grad_are_the_models(full):
     assert f"params norm: {s['params-norm'][ITERS]:.3f}" in last and "num zeros:" in last
 
 
+@pytest.mark.integration
 def test_throughput_and_validation_ppl(full):
     s = full["scalars"]
     tokens = 8 * 64  # global batch x sequence
@@ -145,6 +149,7 @@ def test_throughput_and_validation_ppl(full):
     assert s["lm loss validation ppl"][4] == pytest.approx(math.exp(s["lm loss validation"][4]), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_wandb_offline_run_holds_the_tensorboard_scalars(full):
     history, tb = read_wandb_history(full["dir"] / "wandb"), full["scalars"]
     assert set(history) == set(tb)  # the same tags, from the same rank
@@ -153,6 +158,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(full):
     assert sorted(history["lm loss"]) == list(range(1, ITERS + 1))
 
 
+@pytest.mark.integration
 def test_pytorch_profiler_trace_holds_the_profiled_iteration(full):
     (trace,) = (full["dir"] / "tb" / "profile").glob("rank0.*.pt.trace.json")
     events = json.loads(trace.read_text())["traceEvents"]
@@ -163,6 +169,7 @@ def test_pytorch_profiler_trace_holds_the_profiled_iteration(full):
     assert len(ops) > 1000 and {"aten::mm", "aten::add_"} & {e["name"] for e in ops}
 
 
+@pytest.mark.integration
 def test_expert_load_heatmap_matches_the_load_imbalance(full):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -203,6 +210,7 @@ def level_0(tmp_path_factory):
     return tb, stdout, started
 
 
+@pytest.mark.integration
 def test_level_0_runs_no_timer_in_a_step(level_0):
     tb, stdout, started = level_0
     assert started == []  # megatron's DummyTimer everywhere: no device sync, barrier or gather per step
@@ -214,6 +222,7 @@ def test_level_0_runs_no_timer_in_a_step(level_0):
     assert "lm loss PPL:" in stdout
 
 
+@pytest.mark.integration
 def test_plot_run_overlays_two_runs(full, level_0, tmp_path):
     from PIL import Image
 
@@ -236,6 +245,7 @@ def test_plot_run_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_pa
     assert "pip install -e .[plot]" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_two_ranks_report_min_max_over_ranks_and_one_params_norm(full, tmp_path):
     proc = torchrun(2, [*RUN, "--train-iters", "3", *LOGGED, "--timing-log-option", "all",
                         "--expert-model-parallel-size", "2", "--tensorboard-dir", str(tmp_path)],
@@ -311,3 +321,45 @@ def test_wandb_not_installed_names_the_extra(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args([*RUN, "--wandb-project", "p", "--wandb-save-dir", "w"], world_size=1)
     assert "pip install -e .[wandb]" in capsys.readouterr().err
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------
+@gpu_only
+@pytest.mark.integration
+def test_cuda_memory_tags_and_level_2_timers(tmp_path):
+    """--log-memory-to-tensorboard on CUDA: Megatron-LM's mem-* tags from torch.cuda.memory_stats (not the
+    CPU's resident-set tags), and level-2 timers with the device synchronised at each start and stop."""
+    _, s = run_logged(tmp_path, "memory", ["--preset", "tiny", "--mock-data", "--train-iters", "3",
+                                           "--global-batch-size", "4", "--log-memory-to-tensorboard",
+                                           "--timing-log-level", "2", "--log-timers-to-tensorboard"])
+    assert not [tag for tag in s if tag.startswith("mem-cpu")]
+    for it in (1, 2, 3):
+        allocated = s["mem-allocated-bytes"][it]
+        assert 1e6 < allocated <= s["mem-max-allocated-bytes"][it] and allocated <= s["mem-reserved-bytes"][it]
+        assert s["mem-allocated-count"][it] > 0
+        assert s["mem-peak-max-over-ranks-bytes"][it] == s["mem-max-allocated-bytes"][it]
+        assert 0 < s["forward-backward-time"][it] < s["iteration-time"][it]
+
+
+@gpu_only
+def test_nsys_ranges_start_before_and_stop_after_the_profiled_iterations(monkeypatch):
+    """--profile without --use-pytorch-profiler: cudaProfilerStart before iteration start+1 and cudaProfilerStop
+    after iteration end (Megatron-LM's nsys range), with NVTX ranges between, on the chosen rank only."""
+    from pretrain.metrics.config import ObservabilityConfig
+    from pretrain.metrics.profiling import StepProfiler
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append(("start", done)))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append(("stop", done)))
+    obs = ObservabilityConfig(profile=True, profile_step_start=2, profile_step_end=4, profile_ranks=(1,))
+    chosen, other = StepProfiler(obs, 1, None), StepProfiler(obs, 0, None)
+    for done in range(6):
+        for profiler in (chosen, other):
+            profiler.before_step(done)
+        nvtx = chosen._nvtx is not None
+        assert nvtx == (2 <= done < 4), done
+        torch.ones(4, device="cuda").sum()  # an operator inside or outside the range
+        done += 1
+        for profiler in (chosen, other):
+            profiler.after_step(done)
+    assert calls == [("start", 2), ("stop", 4)]
