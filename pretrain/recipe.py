@@ -152,7 +152,7 @@ class Recipe:
         self.indexer_layers = sum(t == "full" for t in types) + (tconfig.mtp_num_layers or 0)
         # megatron-core 0.19.2's schedule sets the indexer loss's scale on every micro-batch (to
         # grad_scale_func(1), a per-token weight) unless the config names who does: this recipe does,
-        # in scale_indexer_loss (tests/parallel/test_compat.py checks the schedule still asks this hook).
+        # in scale_indexer_loss (tests/pretrain/test_recipe.py checks the schedule still asks this hook).
         tconfig.experimental_attention_variant_loss_scale_func = self.keep_indexer_loss_scale
 
     def scale_indexer_loss(self, grad_scale_func, device: torch.device) -> None:

@@ -3,7 +3,7 @@
 
 megatron-core 0.19.2's `apply_rotary_pos_emb` de-interleaves (`cat(t[0::2], t[1::2])`) and rotates halves
 only when its argument `mla_rotary_interleaved` is True; it defaults to False, so a call that does not pass
-it silently rotates the wrong pairs. Every RoPE of ours goes through here (tests/parallel/test_compat.py
+it silently rotates the wrong pairs. Every RoPE of ours goes through here (tests/model/test_rope.py
 holds it to the formula).
 """
 

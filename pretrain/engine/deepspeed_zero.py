@@ -67,7 +67,7 @@ def _param_groups(module, cfg: TrainConfig) -> list[dict]:
     from megatron.core.optimizer import _get_param_groups, get_standard_config_overrides
 
     # megatron-core 0.19 applies its standard overrides (wd_mult 0 for biases and 1-D weights) in
-    # get_megatron_optimizer, not inside _get_param_groups: pass them (tests/parallel/test_compat.py)
+    # get_megatron_optimizer, not inside _get_param_groups: pass them (tests/pretrain/engine/test_deepspeed.py)
     config = optimizer_config(cfg)
     groups = [g for g in _get_param_groups([module], config, get_standard_config_overrides(config)) if g["params"]]
     for group in groups:

@@ -39,7 +39,7 @@ def run(tool: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_flash_import_export_verify(tmp_path):
     from safetensors.torch import load_file
 

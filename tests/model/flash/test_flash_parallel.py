@@ -20,7 +20,7 @@ def reference(tmp_path_factory):
     return scalars, grads
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name, nproc, extra", [
     # DP 2 for the dense weights with the distributed optimizer, EP 2 for the routed experts
     ("ep2-distopt", 2, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
