@@ -1,12 +1,13 @@
 """Every patch of third-party code, in one place: no module outside this package replaces, wraps or
 fills in an object of megatron-core, Transformer Engine, DeepSpeed or torch.
 
-A patch reaches into a library's internals (often private names), so each one is written against
-the version below and re-derived when that library is upgraded: megatron-core 0.19.2, DeepSpeed
-0.19.8, torch 2.13. Each upstream behaviour a patch relies on has a test that fails when it changes (the upstream
-functions' shapes in tests/parallel/test_compat.py, each behaviour beside the code that relies on it), so the next upgrade is mechanical; docs/COMPAT.md lists them with what the
-move from 0.16.1 dropped. Transformer Engine: none of its objects is patched (only megatron-core's
-stand-ins for it, when it is absent). Importing this package patches nothing.
+A patch reaches into a library's internals (often private names), so each one is written against the version
+below and re-derived when that library is upgraded: megatron-core 0.19.2, DeepSpeed 0.19.8, torch 2.13. Each
+upstream behaviour a patch relies on has a test that fails when it changes (the upstream functions' shapes in
+tests/parallel/test_compat.py, each behaviour beside the code that relies on it), so the next upgrade is
+mechanical; docs/COMPAT.md lists them with what the move from 0.16.1 dropped. Transformer Engine: none of its
+objects is patched (only megatron-core's stand-ins for it, when it is absent). Importing this package patches
+nothing.
 
 `patch_megatron()` (by parallel/runtime.init_model_parallel, before any model is built) applies the
 patches every run needs, GPU or CPU:
