@@ -2,6 +2,9 @@
 
     python tools/model_info.py --preset glm5 [--seq-length 4096]
     python tools/model_info.py --recipe launch/recipes/glm5-576xh100.args   # + memory per GPU, total tokens
+    python tools/model_info.py --preset glm5.3-flash --seq-length 131072 --world-size 2304 \
+        --pipeline-model-parallel-size 9 --expert-model-parallel-size 32 --context-parallel-size 8 \
+        --recompute-granularity full   # GLM-5.3-Flash: + its memory plan (model/accounting_flash.py)
 
 A recipe is a file of launch/pretrain.py flags (the SLURM config format) with a `# world-size: N` line.
 """
@@ -35,14 +38,15 @@ def main(argv=None) -> None:
     if args.recipe:
         print(json.dumps(recipe_info(args.recipe, p, overrides)))
         return
-    if overrides:
-        p.error(f"unrecognized arguments: {' '.join(overrides)}")
     seq = args.seq_length or DEFAULT_SEQ_LENGTH.get(args.preset, 4096)
     try:
         flash = flash_config(args)
-        if flash is not None:  # GLM-5.3-Flash: its own counts (model/accounting_flash.py)
-            print(json.dumps({"preset": None if args.model_config else args.preset, **flash_info(flash, seq)}))
+        if flash is not None:  # GLM-5.3-Flash: its own counts (model/accounting_flash.py), its memory plan
+            info = {"preset": None if args.model_config else args.preset, **flash_info(flash, seq)}
+            print(json.dumps({**info, **flash_memory(flash, seq, p, overrides)}))
             return
+        if overrides:
+            p.error(f"unrecognized arguments: {' '.join(overrides)}")
         cfg = GLM5Config.load_hf_json(args.model_config) if args.model_config else get_preset(args.preset)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
@@ -56,6 +60,46 @@ def flash_config(args) -> GLM5FlashConfig | None:
         d = read_hf_json(args.model_config)
         return GLM5FlashConfig.from_hf_dict(d) if d.get("model_type") in FLASH_MODEL_TYPES else None
     return FLASH_PRESETS.get(args.preset)
+
+
+def flash_memory(cfg: GLM5FlashConfig, seq: int, parser, argv: list[str]) -> dict:
+    """GLM-5.3-Flash's memory plan (model/accounting_flash.py memory_plan) for the layout flags in `argv`
+    (Megatron-LM's names; --world-size the GPUs); {} without --world-size. --context-parallel-size is what CP
+    would need: Flash refuses CP for training today."""
+    from model.accounting_flash import memory_plan
+
+    f = argparse.ArgumentParser(prog="model_info.py (GLM-5.3-Flash)")
+    f.add_argument("--world-size", type=int, default=None)
+    for flag in ("--pipeline-model-parallel-size", "--expert-model-parallel-size", "--context-parallel-size",
+                 "--micro-batch-size", "--recompute-num-layers"):
+        f.add_argument(flag, type=int, default=1)
+    f.add_argument("--global-batch-size", type=int, default=None)
+    f.add_argument("--hybrid-layer-pattern", default=None)
+    f.add_argument("--recompute-granularity", choices=["full"], default=None)
+    f.add_argument("--no-use-distributed-optimizer", dest="distributed_optimizer", action="store_false")
+    f.add_argument("--absorbed-mla", action="store_true",
+                   help="assume a sparse kernel that keeps each key's MLA latent, not per-head keys and values")
+    a, rest = f.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.world_size is None:
+        return {}
+    pp, ep, cp, mbs = (a.pipeline_model_parallel_size, a.expert_model_parallel_size, a.context_parallel_size,
+                       a.micro_batch_size)
+    if a.world_size % (pp * cp) or seq % cp:
+        parser.error(f"--world-size {a.world_size} / --seq-length {seq}: not divisible by PP x CP = {pp * cp} / CP {cp}")
+    dp = a.world_size // (pp * cp)
+    micro = a.global_batch_size // (mbs * dp) if a.global_batch_size else None
+    try:
+        plan = memory_plan(cfg, pp=pp, ep=ep, dp=dp, cp=cp, seq_length=seq // cp, micro_batch_size=mbs,
+                           distributed_optimizer=a.distributed_optimizer, full_recompute=a.recompute_granularity == "full",
+                           recompute_num_layers=a.recompute_num_layers, num_microbatches=micro,
+                           layout=a.hybrid_layer_pattern, absorbed_mla=a.absorbed_mla)
+    except ValueError as e:
+        parser.error(str(e))
+    return {"layout": {"tp": 1, "pp": pp, "cp": cp, "dp": dp, "ep": ep}, "sparse_attention_path": True, **plan,
+            **({"note": "CP > 1 is refused for GLM-5.3-Flash training today (model/mcore_config_flash.py)"}
+               if cp > 1 else {})}
 
 
 def total_samples(iters: int, gbs: int, ramp: list[int] | None) -> tuple[int, int]:
