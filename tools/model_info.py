@@ -4,7 +4,7 @@
     python tools/model_info.py --recipe launch/recipes/glm5-576xh100.args   # + memory per GPU, total tokens
     python tools/model_info.py --preset glm5.3-flash --seq-length 131072 --world-size 2304 \
         --pipeline-model-parallel-size 9 --expert-model-parallel-size 32 --context-parallel-size 8 \
-        --recompute-granularity full   # GLM-5.3-Flash: + its memory plan (model/accounting_flash.py)
+        --use-distributed-optimizer --recompute-granularity full   # GLM-5.3-Flash: + its memory plan
 
 A recipe is a file of launch/pretrain.py flags (the SLURM config format) with a `# world-size: N` line.
 """
@@ -76,7 +76,7 @@ def flash_memory(cfg: GLM5FlashConfig, seq: int, parser, argv: list[str]) -> dic
     f.add_argument("--global-batch-size", type=int, default=None)
     f.add_argument("--hybrid-layer-pattern", default=None)
     f.add_argument("--recompute-granularity", choices=["full"], default=None)
-    f.add_argument("--no-use-distributed-optimizer", dest="distributed_optimizer", action="store_false")
+    f.add_argument("--use-distributed-optimizer", dest="distributed_optimizer", action="store_true")
     f.add_argument("--absorbed-mla", action="store_true",
                    help="assume a sparse kernel that keeps each key's MLA latent, not per-head keys and values")
     a, rest = f.parse_known_args(argv)

@@ -141,7 +141,8 @@ def test_model_info_prints_the_flash_plan(capsys):
 
     tool.main(["--preset", "glm5.3-flash-tiny", "--seq-length", "64", "--world-size", "4",
                "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-               "--hybrid-layer-pattern", "G-GE|GEDEGE", "--recompute-granularity", "full"])
+               "--hybrid-layer-pattern", "G-GE|GEDEGE", "--recompute-granularity", "full",
+               "--use-distributed-optimizer"])
     info = json.loads(capsys.readouterr().out)
     want = memory_plan(TINY, pp=2, ep=2, dp=2, seq_length=64, full_recompute=True, layout="G-GE|GEDEGE")
     assert info["layout"]["dp"] == 2 and info["memory_gb_total_estimate"] == want["memory_gb_total_estimate"]
