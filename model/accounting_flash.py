@@ -162,6 +162,13 @@ def kda_activation_bytes(c: GLM5FlashConfig, seq_length: int, micro_batch_size: 
             "kda_out": t * 8 * qkv}
 
 
+def kda_torch_extra_bytes(c: GLM5FlashConfig, seq_length: int, micro_batch_size: int = 1) -> int:
+    """What the torch reference rule (model/modules/kda_rule.py chunk_kda) keeps beyond the fused kernel's
+    tensors: per chunk and head, the fp32 decay [C, C, d_k] and the two einsums' products of that shape
+    (flash-linear-attention's chunk_kda never materialises them): 3 x 4 x C x heads x d_k bytes per token."""
+    return 12 * KDA_CHUNK * c.linear_qkv_dim * seq_length * micro_batch_size
+
+
 def selected_keys(c: GLM5FlashConfig) -> int:
     """Keys each query's sparse attention takes: index_topk tokens of the chosen pools (+ its open pool's)."""
     return c.index_topk + (c.index_kpool - 1 if c.index_kpool_always_select_tail else 0)
@@ -245,9 +252,10 @@ def memory_per_gpu(c: GLM5FlashConfig, *, pp: int, ep: int, dp: int, seq_length:
     over DP by the distributed optimizer, experts over expert-DP = DP / EP), and the activations of the
     micro-batches in flight on the stage (`in_flight_microbatches`). Full recompute (megatron's uniform method,
     groups of `recompute_num_layers` hybrid layers): each group keeps its input, the N mHC streams, and
-    backward recomputes one group whole. The sparse path is assumed (a kernel over the selected keys, the
-    indexer blockwise); `dense_path_extra_gb` is what our torch path's dense masked attention and whole
-    indexer scores add on top; `absorbed_mla` as dsa_activation_bytes' `absorbed`."""
+    backward recomputes one group whole. The fused paths are assumed (a sparse kernel over the selected keys,
+    the indexer blockwise, KDA's chunked kernel); `dense_path_extra_gb` is what our torch path's dense masked
+    attention and whole indexer scores add on top, `kda_torch_extra_gb` the torch reference rule's;
+    `absorbed_mla` as dsa_activation_bytes' `absorbed`."""
     from model.accounting import in_flight_microbatches
 
     if tp != 1:
@@ -272,6 +280,9 @@ def memory_per_gpu(c: GLM5FlashConfig, *, pp: int, ep: int, dp: int, seq_length:
         per_microbatch = sum(layers)
         activations = in_flight * per_microbatch
     working = extra = 0
+    if "G" in kinds:  # the torch reference rule's [C, C, d_k] tensors: one layer's under full recompute
+        kda_extra = kda_torch_extra_bytes(c, seq_length, micro_batch_size)
+        kda_extra *= 1 if full_recompute else in_flight * kinds.count("G")
     if "D" in kinds:  # the running DSA layer's indexer; the dense path's whole scores and masked softmax
         idx = indexer_working_bytes(c, seq_length, micro_batch_size, cp)
         working = idx["indexer_inputs"] + idx["scores_blockwise"]
@@ -287,7 +298,8 @@ def memory_per_gpu(c: GLM5FlashConfig, *, pp: int, ep: int, dp: int, seq_length:
            "optimizer_gb": 12 * partition / GIB, "activations_gb_estimate": (activations + working) / GIB,
            "activation_gb_per_microbatch": per_microbatch / GIB, "in_flight_microbatches": in_flight,
            "kda_state_gb_per_layer": kda_state_bytes(c, micro_batch_size) / GIB,
-           "dense_path_extra_gb": extra / GIB}
+           "dense_path_extra_gb": extra / GIB,
+           **({"kda_torch_extra_gb": kda_extra / GIB} if "G" in kinds else {})}
     out["memory_gb_total_estimate"] = sum(out[k] for k in ("weights_gb", "grads_gb", "optimizer_gb",
                                                            "activations_gb_estimate"))
     return out

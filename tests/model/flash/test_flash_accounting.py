@@ -146,3 +146,41 @@ def test_model_info_prints_the_flash_plan(capsys):
     info = json.loads(capsys.readouterr().out)
     want = memory_plan(TINY, pp=2, ep=2, dp=2, seq_length=64, full_recompute=True, layout="G-GE|GEDEGE")
     assert info["layout"]["dp"] == 2 and info["memory_gb_total_estimate"] == want["memory_gb_total_estimate"]
+
+
+def _saved_bytes(fn, *inputs) -> int:
+    """Bytes of the distinct storages autograd saves for backward running `fn` (the inputs' own apart)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    for x in inputs:
+        seen.pop(x.untyped_storage().data_ptr(), None)
+    return sum(seen.values())
+
+
+def test_counts_match_what_autograd_saves_on_the_tiny_modules():
+    """The torch modules' saved tensors, measured: mHC within 10% of hc_activation_bytes; the torch KDA mixer
+    within 20% of the plan's tensors plus the reference rule's [C, C, d_k] ones."""
+    from model.accounting_flash import hc_activation_bytes, kda_activation_bytes, kda_torch_extra_bytes
+    from model.modules.hyper_connection import HyperConnection
+    from model.modules.kda import KimiDeltaAttention
+
+    torch.manual_seed(0)
+    seq = 128
+    kda = KimiDeltaAttention(TINY, backend="torch").to(torch.bfloat16)
+    x = torch.randn(seq, 1, TINY.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    counted = sum(kda_activation_bytes(TINY, seq).values()) + kda_torch_extra_bytes(TINY, seq)
+    assert 0.8 < _saved_bytes(kda, x) / counted < 1.2
+    hc = HyperConnection.of(TINY).to(torch.bfloat16)
+    streams = torch.randn(seq, 1, TINY.hc_mult, TINY.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+
+    def layer(s):
+        block_input, post, comb = hc(s)
+        return HyperConnection.merge(2 * block_input, s, post, comb)
+
+    assert 0.9 < _saved_bytes(layer, streams) / sum(hc_activation_bytes(TINY, seq).values()) < 1.1
