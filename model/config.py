@@ -199,8 +199,9 @@ class GLM5Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "GLM5Config":
-        if d.get("model_type") in ("glm5_next", "glm5_next_text"):
-            from model.config_flash import refuse_to_build
+        from model.config_flash import is_flash, refuse_to_build
+
+        if is_flash(d):
 
             raise refuse_to_build(f"config.json has model_type={d['model_type']!r}")
         if d.get("model_type", cls.model_type) != cls.model_type:

@@ -231,5 +231,17 @@ NOT_YET = ("GLM-5.3-Flash (glm5_next) is read by model/config_flash.py (GLM5Flas
            "model/specs_flash.py; this GLM-5 path (GLM5Config, glm_moe_dsa) does not take it")
 
 
+def is_flash(config: dict) -> bool:
+    """Whether an HF config dict (a config.json, a checkpoint's model_config) is GLM-5.3-Flash's."""
+    return config.get("model_type") in MODEL_TYPES
+
+
+def config_from_hf_dict(config: dict):
+    """The family's config an HF config dict describes: GLM5FlashConfig for glm5_next, else GLM5Config."""
+    from model.config import GLM5Config
+
+    return GLM5FlashConfig.from_hf_dict(config) if is_flash(config) else GLM5Config.from_hf_dict(config)
+
+
 def refuse_to_build(where: str) -> ValueError:
     return ValueError(f"{where}: {NOT_YET}")

@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import fp8_blocks, hf_mapping, key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
+from model.config_flash import is_flash  # noqa: E402
 from parallel.compat.torch_checkpoint import CheckpointDataRefused, read_checkpoints_as_data, refusal_in  # noqa: E402
 from pretrain.checkpoint.integrity import advice, damage  # noqa: E402
 from pretrain.checkpoint.checkpointer import CheckpointError, iter_dir, read_run_state  # noqa: E402
@@ -281,7 +282,7 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--output {out} exists and is not empty; pass --force to replace it")
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
-    if flash_hf.is_flash(state["model_config"]):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
+    if is_flash(state["model_config"]):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
         summary = flash_hf.export_flash(load, output, iteration, dtype, verify, force, tok_files)
         print(f"export_hf: note: {summary['note']}", file=sys.stderr)
         return summary

@@ -32,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model import fp8_blocks, hf_mapping  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
+from model.config_flash import is_flash  # noqa: E402
 from pretrain.checkpoint.output_guard import check_output  # noqa: E402
 from tools.lib import flash_hf  # noqa: E402
 
@@ -165,7 +166,7 @@ def import_hf(args) -> Path:
 
     check_output("--save", args.save, {"--hf": args.hf})  # never the input, nor a checkpoint, whatever --force says
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())
-    if flash_hf.is_flash(hf_config):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
+    if is_flash(hf_config):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
         final, notes = flash_hf.import_flash(args, hf_config)
         if notes["note"]:
             print(f"import_hf: note: {notes['note']}", file=sys.stderr)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.accounting import flops_per_token, memory_per_gpu, model_info  # noqa: E402
 from model.accounting_flash import model_info as flash_info  # noqa: E402
 from model.config import GLM5Config, read_hf_json  # noqa: E402
-from model.config_flash import MODEL_TYPES as FLASH_MODEL_TYPES  # noqa: E402
+from model.config_flash import is_flash  # noqa: E402
 from model.config_flash import GLM5FlashConfig  # noqa: E402
 from model.presets import DEFAULT_SEQ_LENGTH, FLASH_PRESETS, PRESETS, get_preset  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
@@ -58,7 +58,7 @@ def flash_config(args) -> GLM5FlashConfig | None:
     """The GLM-5.3-Flash config a --preset or a glm5_next --model-config names, None for GLM-5's."""
     if args.model_config:
         d = read_hf_json(args.model_config)
-        return GLM5FlashConfig.from_hf_dict(d) if d.get("model_type") in FLASH_MODEL_TYPES else None
+        return GLM5FlashConfig.from_hf_dict(d) if is_flash(d) else None
     return FLASH_PRESETS.get(args.preset)
 
 

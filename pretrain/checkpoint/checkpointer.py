@@ -260,11 +260,9 @@ def _data_changes(saved: dict | None, ours: dict) -> str:
 
 
 def _dims(model_config: dict) -> hf_mapping.Dims:
-    from model.config import GLM5Config
-    from model.config_flash import MODEL_TYPES, GLM5FlashConfig
+    from model.config_flash import config_from_hf_dict
 
-    config_class = GLM5FlashConfig if model_config.get("model_type") in MODEL_TYPES else GLM5Config
-    return hf_mapping.Dims.of(config_class.from_hf_dict(model_config), padded_vocab_size=0)  # the indexer's only
+    return hf_mapping.Dims.of(config_from_hf_dict(model_config), padded_vocab_size=0)  # the indexer's only
 
 
 def _rank_state_globals() -> list:

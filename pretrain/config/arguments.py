@@ -189,12 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_config(args) -> GLM5Config:
     if args.model_config:
         from model.config import read_hf_json
-        from model.config_flash import MODEL_TYPES, GLM5FlashConfig
+        from model.config_flash import config_from_hf_dict
 
-        if read_hf_json(args.model_config).get("model_type") in MODEL_TYPES:  # GLM-5.3-Flash
-            cfg = GLM5FlashConfig.load_hf_json(args.model_config)
-        else:
-            cfg = GLM5Config.load_hf_json(args.model_config)
+        cfg = config_from_hf_dict(read_hf_json(args.model_config))  # GLM-5's or GLM-5.3-Flash's
     elif args.load and (bridge := bridge_model_config(args.load)) is not None:
         cfg = bridge  # a Megatron-Bridge checkpoint's run_config.yaml (over --preset)
     else:

@@ -30,12 +30,6 @@ VISION_NOTE = ("the vision tower (model.visual.*) is not trained here: the expor
                "transformers initialises a vision tower at random when it loads it")
 
 
-def is_flash(config: dict) -> bool:
-    from model.config_flash import MODEL_TYPES
-
-    return config.get("model_type") in MODEL_TYPES
-
-
 def _one_process(cfg, flag_values: dict):
     for flag, value in flag_values.items():
         if value not in (None, 1):
