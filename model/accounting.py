@@ -332,6 +332,14 @@ def mtp_loss_bytes(loss_type: str, depths: int, bf16: bool = True) -> float:
     raise ValueError(f"mtp_loss_type {loss_type!r}: choose ce or e2e_tv")
 
 
+def optimizer_state_bytes(partition: float, bf16: bool = True, adam_partition: float | None = None) -> float:
+    """The optimizer's state for this rank's `partition` of the parameters: fp32 main params (only for bf16
+    weights: fp32 weights are their own), Adam's two fp32 moments on `adam_partition` (default: all of it),
+    one fp32 momentum (Muon's) on the rest."""
+    adam = partition if adam_partition is None else adam_partition
+    return (4 if bf16 else 0) * partition + 8 * adam + 4 * (partition - adam)
+
+
 def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: int, seq_length: int,
                    micro_batch_size: int, distributed_optimizer: bool, full_recompute: bool = False,
                    zero_stage: int = 0, offload_optimizer: bool = False, cp: int = 1, pp_rank: int = 0,
@@ -370,12 +378,10 @@ def memory_per_gpu(c: GLM5Config, *, tp: int, pp: int, ep: int, etp: int, dp: in
     local, partition = local_dense + local_experts, local_dense / shard_dense + local_experts / shard_experts
     grads = {0: 4 * local, 1: 2 * local + 4 * partition, 2: 4 * partition}[zero_stage]
     gib = 2**30
-    # fp32 main params exist only for bf16 weights (fp32 weights are their own main params); Adam keeps
-    # two fp32 moments per parameter, Muon one (its momentum)
     if optimizer not in ("adam", "muon"):
         raise ValueError(f"optimizer {optimizer!r}: choose adam or muon")
     adam_partition = partition if optimizer == "adam" else p["adam_side"] / shard_dense
-    optimizer_gb = ((4 if bf16 else 0) * partition + 8 * adam_partition + 4 * (partition - adam_partition)) / gib
+    optimizer_gb = optimizer_state_bytes(partition, bf16, adam_partition) / gib
     tokens = seq_length * micro_batch_size
     granularity = "full" if full_recompute else recompute_granularity
     in_flight = in_flight_microbatches(pp, pp_rank, vpp, num_microbatches, microbatch_group_size)

@@ -256,7 +256,7 @@ def memory_per_gpu(c: GLM5FlashConfig, *, pp: int, ep: int, dp: int, seq_length:
     the indexer blockwise, KDA's chunked kernel); `dense_path_extra_gb` is what our torch path's dense masked
     attention and whole indexer scores add on top, `kda_torch_extra_gb` the torch reference rule's;
     `absorbed_mla` as dsa_activation_bytes' `absorbed`."""
-    from model.accounting import in_flight_microbatches
+    from model.accounting import in_flight_microbatches, optimizer_state_bytes
 
     if tp != 1:
         raise ValueError(f"tensor parallel {tp}: GLM-5.3-Flash trains at TP 1 (model/mcore_config_flash.py)")
@@ -295,7 +295,7 @@ def memory_per_gpu(c: GLM5FlashConfig, *, pp: int, ep: int, dp: int, seq_length:
         working += 4 * tokens * padded_vocab_size(c.vocab_size, divisible_by=DEFAULT_VOCAB_DIVISIBLE_BY, tp=1)
     out = {"pp_stage": pp_rank, "params_per_gpu": local,
            "weights_gb": (2 * local + 4 * p["expert_bias"]) / GIB, "grads_gb": 4 * local / GIB,
-           "optimizer_gb": 12 * partition / GIB, "activations_gb_estimate": (activations + working) / GIB,
+           "optimizer_gb": optimizer_state_bytes(partition) / GIB, "activations_gb_estimate": (activations + working) / GIB,
            "activation_gb_per_microbatch": per_microbatch / GIB, "in_flight_microbatches": in_flight,
            "kda_state_gb_per_layer": kda_state_bytes(c, micro_batch_size) / GIB,
            "dense_path_extra_gb": extra / GIB,
