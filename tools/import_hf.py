@@ -166,27 +166,26 @@ def import_hf(args) -> Path:
 
     check_output("--save", args.save, {"--hf": args.hf})  # never the input, nor a checkpoint, whatever --force says
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())
-    if is_flash(hf_config):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
-        final, notes = flash_hf.import_flash(args, hf_config)
-        if notes["note"]:
-            print(f"import_hf: note: {notes['note']}", file=sys.stderr)
-        return final
-    cfg = GLM5Config.from_hf_dict(hf_config)
-    hf = HfTensors(args.hf)
-    convs = hf_mapping.conversions(cfg)
-    check_names(hf, convs)
     save = Path(args.save)
     if save.exists() and any(save.iterdir()) and not args.force:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --force to replace it")
-
-    runtime, dims = _init(args, cfg)
-    options = ModelOptions(params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16)
-    tconfig = to_transformer_config(cfg, options, dims)
-    chunks = build_model(cfg, tconfig, use_te=False)
-    by_name = {c.megatron: c for c in convs}
-    tdims = hf_mapping.Dims.of(cfg, padded_vocab_size=tconfig.padded_vocab_size)
-    for chunk in chunks:
-        fill_chunk(chunk, hf, by_name, tdims, ck.SHARDING_METADATA)
+    if is_flash(hf_config):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
+        cfg, chunks, runtime, dims, note = flash_hf.import_flash(args, hf_config)
+        if note:
+            print(f"import_hf: note: {note}", file=sys.stderr)
+    else:
+        cfg = GLM5Config.from_hf_dict(hf_config)
+        hf = HfTensors(args.hf)
+        convs = hf_mapping.conversions(cfg)
+        check_names(hf, convs)
+        runtime, dims = _init(args, cfg)
+        options = ModelOptions(params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16)
+        tconfig = to_transformer_config(cfg, options, dims)
+        chunks = build_model(cfg, tconfig, use_te=False)
+        by_name = {c.megatron: c for c in convs}
+        tdims = hf_mapping.Dims.of(cfg, padded_vocab_size=tconfig.padded_vocab_size)
+        for chunk in chunks:
+            fill_chunk(chunk, hf, by_name, tdims, ck.SHARDING_METADATA)
 
     if runtime.rank == 0 and save.exists():
         shutil.rmtree(save)  # --force

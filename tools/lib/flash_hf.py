@@ -79,18 +79,14 @@ def read_text_tensors(hf_dir: str) -> tuple[dict, list[str]]:
 
 
 @torch.no_grad()
-def import_flash(args, hf_config: dict) -> tuple[Path, dict]:
+def import_flash(args, hf_config: dict):
+    """(config, model chunks with the --hf text weights, runtime, layout, note) for tools/import_hf.py to save."""
     from model.config_flash import GLM5FlashConfig
     from model.flash_hf_mapping import hybrid_from_hf
-    from pretrain.checkpoint import checkpointer as ck
     from parallel.dims import ParallelDims
-    from pretrain.checkpoint.run_state import Progress, layout_of
 
     cfg = GLM5FlashConfig.from_hf_dict(hf_config)
     text, skipped = read_text_tensors(args.hf)
-    save = Path(args.save)
-    if save.exists() and any(save.iterdir()) and not args.force:
-        raise FileExistsError(f"--save {save} exists and is not empty; pass --force to replace it")
     runtime = _one_process(cfg, {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
                                  "--pipeline-model-parallel-size": args.pipeline_model_parallel_size,
                                  "--expert-model-parallel-size": args.expert_model_parallel_size})
@@ -103,14 +99,8 @@ def import_flash(args, hf_config: dict) -> tuple[Path, dict]:
     missing = [k for k in missing if not k.endswith(("_extra_state", "local_tokens_per_expert"))]
     if missing or unexpected:
         raise ValueError(f"--hf {args.hf}: model tensors not filled {missing[:3]}, unexpected {unexpected[:3]}")
-    if save.exists():
-        shutil.rmtree(save)  # --force
-    parts = ck.CheckpointParts(model=[model], progress=Progress())
     # the config carries the source's vision_config (not its weights): the export describes the same model
-    run_info = dict(model_config=cfg.to_hf_dict(), layout=layout_of(ParallelDims(world_size=1)), weights_only=True,
-                    distributed_optimizer=False, source={"hf": str(Path(args.hf).resolve())})
-    final = ck.save(str(save), parts, run_info, runtime.device)
-    return final, {"vision_tensors_left_out": len(skipped), "note": VISION_NOTE if skipped else None}
+    return cfg, [model], runtime, ParallelDims(world_size=1), VISION_NOTE if skipped else None
 
 
 def load_our_model(load: str, iteration: int | None):
