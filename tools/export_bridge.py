@@ -34,7 +34,7 @@ from model import key_layout  # noqa: E402
 from model.config import GLM5Config  # noqa: E402
 from parallel.compat.torch_checkpoint import read_checkpoints_as_data  # noqa: E402
 from pretrain.checkpoint import bridge_format  # noqa: E402
-from pretrain.checkpoint.output_guard import check_output  # noqa: E402
+from pretrain.checkpoint.output_guard import check_output, replace_output  # noqa: E402
 from pretrain.checkpoint.run_state import RUN_STATE, TRACKER, CheckpointError, iter_dir, read_run_state  # noqa: E402
 
 OURS_ONLY = {RUN_STATE, "rank_state"}  # per-rank RNG/data state and our run state: Bridge reads neither
@@ -93,10 +93,7 @@ def export(load: str, save: str, iteration: int | None = None, force: bool = Fal
         torch.save(train_state, target / bridge_format.TRAIN_STATE)
         torch.save(train_state, partial / bridge_format.LATEST_TRAIN_STATE)
         (partial / TRACKER).write_text(str(iteration))
-        if out.exists():
-            check_output("--save", out, {"--load": load})  # again: nothing may have appeared meanwhile
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
+        replace_output("--save", partial, out, {"--load": load})
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

@@ -47,7 +47,7 @@ from pretrain.checkpoint.integrity import advice, damage  # noqa: E402
 from pretrain.checkpoint.checkpointer import CheckpointError, iter_dir, read_run_state  # noqa: E402
 from tools.lib import flash_hf  # noqa: E402
 from tools.lib.hf_verify import VerificationError, verify_export  # noqa: E402
-from pretrain.checkpoint.output_guard import check_output  # noqa: E402
+from pretrain.checkpoint.output_guard import check_output, replace_output  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: unquantized ones in bf16
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
@@ -283,7 +283,7 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
         raise FileExistsError(f"--output {out} exists and is not empty; pass --force to replace it")
     tok_files = tokenizer_files(tokenizer) if tokenizer else []
     if is_flash(state["model_config"]):  # GLM-5.3-Flash: its own path (tools/lib/flash_hf.py)
-        summary = flash_hf.export_flash(load, output, iteration, dtype, verify, force, tok_files)
+        summary = flash_hf.export_flash(load, output, iteration, dtype, verify, tok_files)
         print(f"export_hf: note: {summary['note']}", file=sys.stderr)
         return summary
     cfg = GLM5Config.from_hf_dict(state["model_config"])
@@ -321,10 +321,7 @@ def export(load: str, output: str, *, iteration: int | None = None, dtype: str =
                 if (refused := refusal_in(e)) is None:
                     raise
                 raise CheckpointError(f"--load {load}: iteration {iteration}: {refused}") from None
-        check_output("--output", out, {"--load": load, "--tokenizer": tokenizer})  # still, before replacing
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
+        replace_output("--output", partial, out, {"--load": load, "--tokenizer": tokenizer})
         return summary
     finally:
         if partial.exists():

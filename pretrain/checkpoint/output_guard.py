@@ -1,12 +1,14 @@
 """What a tool may replace: never its own input, nor a directory that holds a checkpoint, whatever --force
 says (tools/export_hf.py --output, tools/import_hf.py --save). A replaced output is written beside it and
-renamed in place at the end (the tools' own atomic writes); this module only decides whether it may be.
+renamed in place at the end (the tools' atomic writes): this module decides whether it may be, and
+`replace_output` does the renaming, asking again first.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from pretrain.checkpoint.run_state import TRACKER
@@ -48,3 +50,12 @@ def check_output(flag: str, output: str | Path, inputs: dict[str, str | Path | N
         if found is not None:
             raise ValueError(f"{flag} {output} holds a checkpoint ({found}): it is never replaced, --force or not; "
                              f"choose another {flag}")
+
+
+def replace_output(flag: str, partial: Path, output: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Put the finished `partial` in `output`'s place (whatever was there goes), the guard asked again first:
+    nothing that may not be replaced has appeared there meanwhile."""
+    check_output(flag, output, inputs)
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(partial, output)

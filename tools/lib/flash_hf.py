@@ -134,8 +134,9 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor):
 
 
 @torch.no_grad()
-def export_flash(load: str, output: str, iteration: int | None, dtype: str, verify: bool, force: bool,
+def export_flash(load: str, output: str, iteration: int | None, dtype: str, verify: bool,
                  tokenizer_files: list[Path] = ()) -> dict:
+    """tools/export_hf.py's export for a GLM-5.3-Flash checkpoint (which has checked --output already)."""
     from safetensors.torch import save_file
 
     from model.flash_hf_mapping import hybrid_to_hf, text_to_files
@@ -143,8 +144,6 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
     if dtype == "fp8":
         raise ValueError("--dtype fp8: GLM-5.3-Flash exports bf16 or fp32 so far")
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --force to replace it")
     model, cfg, iteration = load_our_model(load, iteration)
     store = torch.float32 if dtype == "fp32" else torch.bfloat16
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("_extra_state", "local_tokens_per_expert"))}
@@ -162,12 +161,9 @@ def export_flash(load: str, output: str, iteration: int | None, dtype: str, veri
                    "tokenizer_files": [f.name for f in tokenizer_files], "note": VISION_NOTE}
         if verify:
             summary["verify"] = verify_flash(model, cfg, str(partial), store)
-        from pretrain.checkpoint.output_guard import check_output
+        from pretrain.checkpoint.output_guard import replace_output
 
-        check_output("--output", out, {"--load": load})  # as tools/export_hf.py: again, before replacing
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
+        replace_output("--output", partial, out, {"--load": load})
         return summary
     finally:
         if partial.exists():
